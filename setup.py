@@ -1,0 +1,39 @@
+"""fairseq-knnvq: KNN-to-simplex-vertex regularised smoothed vector quantization for fairseq."""
+from setuptools import find_packages, setup
+
+setup(
+    name="fairseq-knnvq",
+    version="0.1.0",
+    description=(
+        "A fairseq plugin that fixes code collapse in smoothed vector quantization "
+        "with a KNN-to-simplex-vertex regulariser"
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10,<3.13",
+    packages=find_packages(include=["fairseq_knnvq", "fairseq_knnvq.*"]),
+    include_package_data=True,
+    package_data={"fairseq_knnvq": ["py.typed"]},
+    install_requires=[
+        "torch>=2.0",
+        "numpy",
+        # The official fairseq wheel does not import on Python >= 3.11 (dataclass
+        # mutable-default error); ve-fairseq is a wheel build of fairseq main that does.
+        "ve-fairseq==0.12.3; python_version >= '3.11'",
+        "fairseq>=0.12.2; python_version < '3.11'",
+        "hydra-core>=1.3.2",
+        "omegaconf>=2.3",
+        "soundfile",
+        "sentencepiece",
+        "Pillow",
+        "editdistance",
+        "tqdm",
+    ],
+    extras_require={
+        "plots": ["matplotlib"],
+        "dev": ["pytest", "matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [],
+    },
+)
