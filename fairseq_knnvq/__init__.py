@@ -1,0 +1,26 @@
+"""fairseq-knnvq: KNN-to-simplex-vertex regularised smoothed vector quantization.
+
+This folder is a fairseq user dir: ``common.user_dir=$(python -m fairseq_knnvq)``.
+fairseq imports it after importing itself and then auto-imports ``models/`` and
+``tasks/``; criterions must be imported here. The core in ``quantization/`` never
+imports fairseq, so the fairseq parts are registered only when fairseq is already
+loaded (or when :func:`register_with_fairseq` is called).
+"""
+import os
+import sys
+
+__version__ = "0.1.0"
+
+PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def register_with_fairseq() -> None:
+    """Imports the models, tasks and criterions so that fairseq's registries know them.
+
+    Safe to call more than once. Needed when this package was imported before fairseq
+    in the same process: fairseq then skips the user dir's auto-imports."""
+    from . import criterions, models, tasks  # noqa: F401
+
+
+if "fairseq" in sys.modules:
+    register_with_fairseq()

@@ -1,0 +1,1 @@
+"""Console scripts: data preparation, inference/WER and reports."""

@@ -1,0 +1,425 @@
+"""``knnvq-manifest``: write fairseq audio manifests (``*.tsv``) for a folder of audio.
+
+A manifest is what fairseq's ``audio_pretraining`` / ``audio_finetuning`` tasks read
+(``{data}/{split}.tsv``)::
+
+    /absolute/root
+    relative/path/to/file.flac<TAB>num_frames
+    ...
+
+This is fairseq's ``examples/wav2vec/wav2vec_manifest.py`` with the same options and
+the same seeded train/valid split, plus what that script leaves to the user:
+
+* files are checked before anything is written: an unreadable file, a sample rate
+  other than ``--sample-rate`` or more than one channel stops with a message naming
+  the files and the fix, instead of a training run failing (or silently training on
+  wrong-rate audio) hours later;
+* ``--resample`` converts such files to ``--sample-rate`` mono 16-bit audio under
+  ``--dest`` (polyphase filtering, ``scipy.signal.resample_poly``), and the manifest
+  then points at that folder;
+* ``--split-name NAME`` writes one ``NAME.tsv`` for a whole folder (e.g. ``valid.tsv``
+  from LibriSpeech's ``dev-other``), the usual way to get a fixed validation set;
+* output is sorted and deterministic, and written atomically (temporary file, then
+  rename), so an interrupted or failed run never leaves half a manifest behind.
+
+The functions here are reused by ``knnvq-prepare-librispeech``. Nothing here imports
+fairseq or torchaudio: audio I/O is ``soundfile``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import soundfile
+
+DEFAULT_SAMPLE_RATE = 16000
+# How many problem files an error message lists before it says "... and N more".
+MAX_LISTED_PROBLEMS = 10
+
+
+class ManifestError(Exception):
+    """A problem with the input that the user has to fix; the message says how."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioEntry:
+    """One line of a manifest.
+
+    ``relative_path`` is relative to the manifest root (POSIX separators, as fairseq
+    joins it with ``os.path.join``); ``source_path`` is the original file, which
+    differs from ``root / relative_path`` only when the file was resampled. Callers
+    that look for files next to the audio (LibriSpeech transcripts) use it.
+    """
+
+    relative_path: str
+    num_frames: int
+    source_path: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """An absolute root folder and the audio files under it, in manifest order."""
+
+    root: Path
+    entries: tuple[AudioEntry, ...]
+
+    def to_text(self) -> str:
+        lines = [f"{self.root}\n"]
+        lines += [f"{entry.relative_path}\t{entry.num_frames}\n" for entry in self.entries]
+        return "".join(lines)
+
+    @property
+    def total_frames(self) -> int:
+        return sum(entry.num_frames for entry in self.entries)
+
+
+@dataclasses.dataclass(frozen=True)
+class _AudioCheck:
+    """What ``soundfile.info`` says about one file, or why it could not say."""
+
+    path: Path
+    num_frames: int = 0
+    sample_rate: int = 0
+    channels: int = 0
+    format: str = ""
+    read_error: str | None = None
+
+    def needs_conversion(self, sample_rate: int) -> bool:
+        return self.read_error is None and (self.sample_rate != sample_rate or self.channels != 1)
+
+    def describe_mismatch(self, sample_rate: int) -> str:
+        reasons = []
+        if self.sample_rate != sample_rate:
+            reasons.append(f"sample rate {self.sample_rate} Hz, expected {sample_rate} Hz")
+        if self.channels != 1:
+            reasons.append(f"{self.channels} channels, expected 1 (mono)")
+        return "; ".join(reasons)
+
+
+def parse_extensions(extensions: str | Iterable[str]) -> tuple[str, ...]:
+    """``"flac"``, ``"flac,wav"`` or ``["flac", ".wav"]`` -> ``(".flac", ".wav")``."""
+    if isinstance(extensions, str):
+        extensions = extensions.split(",")
+    parsed = tuple(sorted({"." + ext.strip().lstrip(".").lower() for ext in extensions if ext.strip()}))
+    if not parsed:
+        raise ManifestError("no audio extension given (e.g. --ext flac)")
+    return parsed
+
+
+def find_audio_files(
+    root: Path,
+    extensions: str | Iterable[str] = "flac",
+    path_must_contain: str | None = None,
+    exclude_dirs: Iterable[Path] = (),
+) -> list[Path]:
+    """All audio files under ``root`` with one of ``extensions``, sorted.
+
+    Hidden files and folders (names starting with ".") are skipped: they are
+    temporary or staging files, e.g. a half-written ``.x.partial.flac``. Symlinked
+    folders are followed (once each). ``path_must_contain`` keeps only files whose
+    absolute path contains that text, as in fairseq's script.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise ManifestError(f"{root} is not a folder")
+    suffixes = parse_extensions(extensions)
+    excluded = {Path(d).resolve() for d in exclude_dirs}
+    visited: set[Path] = set()
+    found: list[Path] = []
+    for dir_path, dir_names, file_names in os.walk(root, followlinks=True):
+        real_dir = Path(dir_path).resolve()
+        if real_dir in visited or real_dir in excluded:
+            dir_names[:] = []  # a symlink loop, or our own output folder
+            continue
+        visited.add(real_dir)
+        dir_names[:] = [name for name in dir_names if not name.startswith(".")]
+        for file_name in file_names:
+            if file_name.startswith(".") or not file_name.lower().endswith(suffixes):
+                continue
+            path = Path(dir_path, file_name)
+            if path_must_contain and path_must_contain not in str(path):
+                continue
+            found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _check_audio_file(path: Path) -> _AudioCheck:
+    try:
+        info = soundfile.info(str(path))
+    except (soundfile.SoundFileError, RuntimeError, OSError, ValueError) as error:
+        return _AudioCheck(path=path, read_error=str(error).strip() or type(error).__name__)
+    return _AudioCheck(
+        path=path,
+        num_frames=int(info.frames),
+        sample_rate=int(info.samplerate),
+        channels=int(info.channels),
+        format=str(info.format),
+    )
+
+
+def _list_problems(lines: Sequence[str]) -> str:
+    shown = "\n".join(f"  {line}" for line in lines[:MAX_LISTED_PROBLEMS])
+    if len(lines) > MAX_LISTED_PROBLEMS:
+        shown += f"\n  ... and {len(lines) - MAX_LISTED_PROBLEMS} more"
+    return shown
+
+
+def resample_audio_file(source: Path, destination: Path, sample_rate: int) -> int:
+    """Write ``source`` as ``sample_rate`` Hz mono 16-bit PCM to ``destination``.
+
+    Channels are averaged, then resampled with a polyphase filter. The format follows
+    ``destination``'s extension (FLAC, WAV, ...). Written atomically. Returns the
+    number of frames written: ``ceil(frames * sample_rate / source_rate)``.
+    """
+    # Lazily: scipy is only needed for the (rare) conversion path and is slow to import.
+    from scipy.signal import resample_poly
+    import numpy as np
+
+    audio, source_rate = soundfile.read(str(source), dtype="float64", always_2d=True)
+    mono = audio.mean(axis=1)
+    if source_rate != sample_rate:
+        common = math.gcd(sample_rate, source_rate)
+        mono = resample_poly(mono, sample_rate // common, source_rate // common)
+    # The anti-aliasing filter can overshoot full scale a little; clip instead of wrap.
+    mono = np.clip(mono, -1.0, 1.0)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    output_format = destination.suffix.lstrip(".").upper()  # "FLAC", "WAV", ...
+    file_descriptor, partial_name = tempfile.mkstemp(
+        prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent
+    )
+    os.close(file_descriptor)
+    try:
+        soundfile.write(partial_name, mono, sample_rate, subtype="PCM_16", format=output_format)
+        os.replace(partial_name, destination)
+    except BaseException:
+        Path(partial_name).unlink(missing_ok=True)
+        raise
+    return int(mono.shape[0])
+
+
+def _link_or_copy(source: Path, destination: Path) -> None:
+    """Make ``destination`` a symlink to ``source`` (a copy where links are not allowed)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.with_name(f".{destination.name}.partial-link")
+    partial.unlink(missing_ok=True)
+    try:
+        os.symlink(source.resolve(), partial)
+    except OSError:
+        import shutil
+
+        shutil.copyfile(source, partial)
+    os.replace(partial, destination)
+
+
+def build_manifest(
+    root: Path,
+    extensions: str | Iterable[str] = "flac",
+    path_must_contain: str | None = None,
+    sample_rate: int = DEFAULT_SAMPLE_RATE,
+    resample_dir: Path | None = None,
+    exclude_dirs: Iterable[Path] = (),
+) -> Manifest:
+    """Find and check the audio files under ``root`` and describe them as a manifest.
+
+    Every file must be readable, mono and at ``sample_rate``. Files that are readable
+    but at another rate or with several channels are an error unless ``resample_dir``
+    is given; then they are converted into ``resample_dir`` (which mirrors ``root``'s
+    folder tree), the other files are linked there, and the manifest's root is
+    ``resample_dir``. Nothing is converted when all files already fit.
+
+    Raises ``ManifestError`` naming the offending files and the fix.
+    """
+    root = Path(root).resolve()
+    excluded = list(exclude_dirs) + ([resample_dir] if resample_dir is not None else [])
+    paths = find_audio_files(root, extensions, path_must_contain, exclude_dirs=excluded)
+    if not paths:
+        filter_note = f" whose path contains {path_must_contain!r}" if path_must_contain else ""
+        raise ManifestError(
+            f"no audio files with extension {', '.join(parse_extensions(extensions))}{filter_note} "
+            f"found under {root} (hidden files are skipped; choose the extension with --ext)"
+        )
+
+    checks = [_check_audio_file(path) for path in paths]
+    unreadable = [c for c in checks if c.read_error is not None]
+    if unreadable:
+        raise ManifestError(
+            f"{len(unreadable)} of {len(checks)} audio files cannot be read:\n"
+            + _list_problems([f"{c.path}: {c.read_error}" for c in unreadable])
+            + "\nRemove or replace them, or leave them out with --path-must-contain / --ext."
+        )
+    mismatched = [c for c in checks if c.needs_conversion(sample_rate)]
+    if mismatched and resample_dir is None:
+        raise ManifestError(
+            f"{len(mismatched)} of {len(checks)} audio files are not {sample_rate} Hz mono:\n"
+            + _list_problems([f"{c.path}: {c.describe_mismatch(sample_rate)}" for c in mismatched])
+            + f"\nPass --resample to convert them to {sample_rate} Hz mono 16-bit copies under "
+            "--dest (the manifest then points at those), or convert them yourself."
+        )
+
+    if not mismatched:
+        entries = tuple(
+            AudioEntry(c.path.relative_to(root).as_posix(), c.num_frames, c.path) for c in checks
+        )
+        return Manifest(root=root, entries=entries)
+
+    assert resample_dir is not None
+    mirror_root = Path(resample_dir).resolve()
+    converted_entries = []
+    for check in checks:
+        relative = check.path.relative_to(root)
+        target = mirror_root / relative
+        if check.needs_conversion(sample_rate):
+            if not soundfile.check_format(target.suffix.lstrip(".").upper(), "PCM_16"):
+                target = target.with_suffix(".flac")  # e.g. OGG has no 16-bit PCM
+            num_frames = resample_audio_file(check.path, target, sample_rate)
+        else:
+            _link_or_copy(check.path, target)
+            num_frames = check.num_frames
+        converted_entries.append(
+            AudioEntry(target.relative_to(mirror_root).as_posix(), num_frames, check.path)
+        )
+    print(
+        f"converted {len(mismatched)} of {len(checks)} files to {sample_rate} Hz mono under {mirror_root}",
+        file=sys.stderr,
+    )
+    return Manifest(root=mirror_root, entries=tuple(converted_entries))
+
+
+def split_train_valid(manifest: Manifest, valid_percent: float, seed: int) -> tuple[Manifest, Manifest]:
+    """Seeded random train/valid split, drawn as fairseq's ``wav2vec_manifest.py`` does.
+
+    One ``random.Random(seed).random()`` draw per file in manifest order; a file goes
+    to valid when the draw is ``<= valid_percent``.
+    """
+    if not 0.0 <= valid_percent <= 1.0:
+        raise ManifestError(f"--valid-percent must be between 0 and 1, got {valid_percent}")
+    rand = random.Random(seed)
+    train: list[AudioEntry] = []
+    valid: list[AudioEntry] = []
+    for entry in manifest.entries:
+        (train if rand.random() > valid_percent else valid).append(entry)
+    return Manifest(manifest.root, tuple(train)), Manifest(manifest.root, tuple(valid))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    file_descriptor, partial_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(file_descriptor, "w", encoding="utf-8", newline="\n") as partial:
+            partial.write(text)
+        os.chmod(partial_name, 0o644)  # mkstemp makes files private; manifests are not
+        os.replace(partial_name, path)
+    except BaseException:
+        Path(partial_name).unlink(missing_ok=True)
+        raise
+
+
+def write_files_atomically(files: Mapping[Path, str]) -> None:
+    """Write several text files, each atomically, after all of them are computed."""
+    for path, text in files.items():
+        atomic_write_text(path, text)
+
+
+def read_manifest(path: Path) -> Manifest:
+    """Read a manifest written by this module or by fairseq's script."""
+    with open(path, encoding="utf-8") as manifest_file:
+        root = Path(next(manifest_file).strip())
+        entries = []
+        for line in manifest_file:
+            if not line.strip():
+                continue
+            relative_path, num_frames = line.rstrip("\n").split("\t")
+            entries.append(AudioEntry(relative_path, int(num_frames), root / relative_path))
+    return Manifest(root, tuple(entries))
+
+
+def describe(name: str, manifest: Manifest, sample_rate: int) -> str:
+    hours = manifest.total_frames / sample_rate / 3600
+    return f"{name}: {len(manifest.entries)} files, {hours:.3f} h"
+
+
+def resample_folder(dest: Path, sample_rate: int, name: str | None = None) -> Path:
+    """Where converted audio goes under ``dest``: one folder per rate (and per split)."""
+    folder = Path(dest) / f"resampled_{sample_rate}hz"
+    return folder / name if name else folder
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="knnvq-manifest",
+        description=(
+            "Write fairseq audio manifests (train.tsv/valid.tsv, or one NAME.tsv) for "
+            "all audio files under ROOT: line 1 the absolute root, then "
+            "'relative/path<TAB>num_frames'."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("root", type=Path, help="folder searched recursively for audio files")
+    parser.add_argument("--dest", type=Path, default=Path("."), help="output folder")
+    parser.add_argument("--ext", default="flac", help="audio extension(s), e.g. flac, wav or flac,wav")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument(
+        "--valid-percent",
+        type=float,
+        default=0.01,
+        help="share of files (0-1) drawn at random into valid.tsv; the rest go to train.tsv",
+    )
+    which.add_argument(
+        "--split-name",
+        default=None,
+        help="write every file into one NAME.tsv instead of a train/valid split",
+    )
+    parser.add_argument("--seed", type=int, default=42, help="seed of the train/valid draw")
+    parser.add_argument("--path-must-contain", default=None, help="keep only files whose path contains this")
+    parser.add_argument("--sample-rate", type=int, default=DEFAULT_SAMPLE_RATE, help="required sample rate (Hz)")
+    parser.add_argument(
+        "--resample",
+        action="store_true",
+        help="convert files at another rate or with several channels into DEST/resampled_<rate>hz/",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Manifest]:
+    """Build and write the manifests that ``args`` ask for; returns them by split name."""
+    dest: Path = args.dest.resolve()
+    if args.sample_rate <= 0:
+        raise ManifestError(f"--sample-rate must be positive, got {args.sample_rate}")
+    manifest = build_manifest(
+        args.root,
+        extensions=args.ext,
+        path_must_contain=args.path_must_contain,
+        sample_rate=args.sample_rate,
+        resample_dir=resample_folder(dest, args.sample_rate, args.split_name) if args.resample else None,
+    )
+    if args.split_name:
+        manifests = {args.split_name: manifest}
+    else:
+        train, valid = split_train_valid(manifest, args.valid_percent, args.seed)
+        # Like fairseq's script: no valid.tsv at all when nothing is asked for.
+        manifests = {"train": train, "valid": valid} if args.valid_percent > 0 else {"train": train}
+    write_files_atomically({dest / f"{name}.tsv": m.to_text() for name, m in manifests.items()})
+    for name, written in manifests.items():
+        print(f"wrote {dest / f'{name}.tsv'} ({describe(name, written, args.sample_rate)})", file=sys.stderr)
+    return manifests
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except ManifestError as error:
+        raise SystemExit(f"knnvq-manifest: error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

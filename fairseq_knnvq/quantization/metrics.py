@@ -1,0 +1,208 @@
+"""Codebook metrics from sums that add up across batches and workers.
+
+Averaging per-batch or per-worker perplexities is wrong (perplexity is not linear), so
+everything here is kept as sums, :class:`CodeUsage`, that can be added together or
+all-reduced, and the metrics are derived once at the end:
+
+- usage: share of the G*M entries chosen (hard argmax) at least once
+- code perplexity: ``sum_g exp(H(counts_g / N))`` of the hard choices
+- prob perplexity: ``sum_g exp(H(mean_n p_n))`` of the soft probabilities
+- tightness: mean ``max_m p_{n,m}`` and mean ``d_L2`` to the nearest vertex,
+  ``1 - 2 max_m p_{n,m} + ||p_n||^2``, of the smoothed vectors
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Dict, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .regularizers import as_rows, at_least_float32, entropy_perplexity
+
+
+@dataclass
+class CodeUsage:
+    """Summable statistics of one codebook with G groups of M entries.
+
+    ``counts`` (G, M) int64: hard choices per entry. The other fields are optional sums
+    over the N vectors: ``prob_sums`` (G, M) of ``softmax(logits)``, ``smoothed_sums``
+    (G,) of ``max_m p`` and ``vertex_l2_sums`` (G,) of the distance to the nearest vertex
+    for the smoothed vectors ``p``.
+    """
+
+    counts: Tensor
+    prob_sums: Optional[Tensor] = None
+    max_prob_sums: Optional[Tensor] = None
+    vertex_l2_sums: Optional[Tensor] = None
+
+    @property
+    def groups(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def entries(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def num_vectors(self) -> int:
+        """Vectors counted per group (N)."""
+        return int(self.counts[0].sum())
+
+    @classmethod
+    def empty(cls, groups: int, entries: int, device=None) -> "CodeUsage":
+        return cls(
+            counts=torch.zeros(groups, entries, dtype=torch.long, device=device),
+            prob_sums=torch.zeros(groups, entries, dtype=torch.float64, device=device),
+            max_prob_sums=torch.zeros(groups, dtype=torch.float64, device=device),
+            vertex_l2_sums=torch.zeros(groups, dtype=torch.float64, device=device),
+        )
+
+    @classmethod
+    @torch.no_grad()
+    def from_logits(
+        cls,
+        logits: Tensor,
+        smoothed_logits: Optional[Tensor] = None,
+        mask: Optional[Tensor] = None,
+    ) -> "CodeUsage":
+        """Statistics of one batch: hard codes ``argmax logits``, soft probabilities
+        ``softmax(logits)``, tightness of ``softmax(smoothed_logits)`` (default: logits).
+        Shapes as for :func:`~fairseq_knnvq.quantization.knn_vertex_loss`."""
+        rows, valid = as_rows(logits.detach(), mask)
+        if valid is not None:
+            rows = rows[valid]
+        groups, entries = rows.shape[1], rows.shape[2]
+        counts = count_codes(rows.argmax(-1), entries)
+        prob_sums = F.softmax(at_least_float32(rows), dim=-1).sum(0).double()
+        if smoothed_logits is None:
+            smoothed = rows
+        else:
+            smoothed, _ = as_rows(smoothed_logits.detach(), mask)
+            if valid is not None:
+                smoothed = smoothed[valid]
+        max_prob_sums, vertex_l2_sums = tightness_sums(F.softmax(at_least_float32(smoothed), dim=-1))
+        return cls(
+            counts=counts,
+            prob_sums=prob_sums.reshape(groups, entries),
+            max_prob_sums=max_prob_sums,
+            vertex_l2_sums=vertex_l2_sums,
+        )
+
+    def __add__(self, other: "CodeUsage") -> "CodeUsage":
+        if self.counts.shape != other.counts.shape:
+            raise ValueError(
+                f"cannot add usage of codebooks {tuple(self.counts.shape)} and "
+                f"{tuple(other.counts.shape)}"
+            )
+        summed = {}
+        for f in fields(self):
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            summed[f.name] = None if a is None or b is None else a + b.to(a.device)
+        return CodeUsage(**summed)
+
+    def to_flat(self) -> Tensor:
+        """All fields in one float64 vector (for a single all-reduce)."""
+        parts = [self.counts.double().flatten()]
+        for name in ("prob_sums", "max_prob_sums", "vertex_l2_sums"):
+            value = getattr(self, name)
+            if value is None:
+                raise ValueError(f"to_flat needs every field; {name} is missing")
+            parts.append(value.double().flatten())
+        return torch.cat(parts)
+
+    @classmethod
+    def from_flat(cls, flat: Tensor, groups: int, entries: int) -> "CodeUsage":
+        gm = groups * entries
+        expected = 2 * gm + 2 * groups
+        if flat.numel() != expected:
+            raise ValueError(f"expected {expected} values for a {groups}x{entries} codebook")
+        return cls(
+            counts=flat[:gm].round().long().view(groups, entries),
+            prob_sums=flat[gm : 2 * gm].view(groups, entries),
+            max_prob_sums=flat[2 * gm : 2 * gm + groups],
+            vertex_l2_sums=flat[2 * gm + groups :],
+        )
+
+    def all_reduce(self, group=None) -> "CodeUsage":
+        """Sums over the workers of ``torch.distributed`` (a no-op in one process)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        flat = self.to_flat()
+        dist.all_reduce(flat, group=group)
+        return CodeUsage.from_flat(flat, self.groups, self.entries)
+
+    def stats(self) -> Dict[str, float]:
+        return codebook_stats(self)
+
+
+@torch.no_grad()
+def tightness_sums(probs: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-group sums over rows ``(N, G, M)`` of ``max_m p`` and of the squared distance
+    to the nearest vertex, ``1 - 2 max_m p + ||p||^2``."""
+    max_p = probs.max(-1).values
+    vertex_l2 = 1.0 - 2.0 * max_p + probs.pow(2).sum(-1)
+    return max_p.sum(0).double(), vertex_l2.sum(0).double()
+
+
+def count_codes(indices: Tensor, num_entries: int) -> Tensor:
+    """Histogram ``(G, M)`` of integer codes ``(N, G)`` (or ``(N,)`` for one group)."""
+    if indices.dtype.is_floating_point:
+        raise ValueError("code indices must be integers")
+    if indices.dim() == 1:
+        indices = indices.unsqueeze(1)
+    indices = indices.reshape(-1, indices.shape[-1])
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_entries):
+        raise ValueError(f"code indices must lie in [0, {num_entries})")
+    groups = indices.shape[1]
+    offsets = torch.arange(groups, device=indices.device) * num_entries
+    flat = (indices + offsets).flatten()
+    return torch.bincount(flat, minlength=groups * num_entries).view(groups, num_entries)
+
+
+def codebook_stats(
+    codes: Union[CodeUsage, Tensor], num_entries: Optional[int] = None
+) -> Dict[str, float]:
+    """Codebook metrics.
+
+    ``codes`` is a :class:`CodeUsage`, a count histogram ``(G, M)`` / ``(M,)`` (leave
+    ``num_entries`` out), or integer code indices ``(N,)`` / ``(..., G)`` together with
+    ``num_entries`` (M). Returns ``usage``, ``used_entries``, ``num_entries`` (G*M),
+    ``code_perplexity`` and, when the soft sums are known, ``prob_perplexity``,
+    ``tightness_max_prob`` and ``tightness_vertex_l2``.
+    """
+    if isinstance(codes, CodeUsage):
+        usage = codes
+    elif torch.is_tensor(codes):
+        if num_entries is None:
+            counts = codes if codes.dim() == 2 else codes.reshape(1, -1)
+            if codes.dim() not in (1, 2) or codes.dtype.is_floating_point:
+                raise ValueError("a count histogram must be an integer tensor (G, M) or (M,)")
+            usage = CodeUsage(counts=counts.long())
+        else:
+            if num_entries < 1:
+                raise ValueError(f"num_entries must be >= 1, got {num_entries}")
+            usage = CodeUsage(counts=count_codes(codes, num_entries))
+    else:
+        raise ValueError(f"codes must be a CodeUsage or a tensor, got {type(codes).__name__}")
+
+    counts = usage.counts.double()
+    total = counts.sum(-1, keepdim=True)
+    used = int((usage.counts > 0).sum())
+    out: Dict[str, float] = {
+        "usage": used / counts.numel(),
+        "used_entries": float(used),
+        "num_entries": float(counts.numel()),
+        "code_perplexity": float(entropy_perplexity(counts / total.clamp_min(1.0))),
+    }
+    n = float(total[0, 0]) if counts.numel() else 0.0
+    if usage.prob_sums is not None and n > 0:
+        out["prob_perplexity"] = float(entropy_perplexity(usage.prob_sums.double() / n))
+    if usage.max_prob_sums is not None and n > 0:
+        out["tightness_max_prob"] = float(usage.max_prob_sums.sum()) / (n * usage.groups)
+    if usage.vertex_l2_sums is not None and n > 0:
+        out["tightness_vertex_l2"] = float(usage.vertex_l2_sums.sum()) / (n * usage.groups)
+    return out

@@ -1,0 +1,382 @@
+"""Quantizers: the KNN-regularised smoothed quantizer and the classic VQ-VAE baseline.
+
+:class:`SmoothedVectorQuantizer` is a drop-in for fairseq's ``GumbelVectorQuantizer``:
+same constructor arguments first, same parameter names (so state dicts load), same
+forward keys. Per group g it computes logits ``l = W z + b``, a smoothed code-selection
+vector ``p`` on the simplex (:mod:`.smoothing`) and the quantized vector ``q_g = p^T C_g``
+as a matrix product (fairseq instead multiplies an N x G*M x d broadcast and sums it).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .metrics import CodeUsage, count_codes, tightness_sums
+from .regularizers import (
+    as_rows,
+    check_finite,
+    check_knn_args,
+    entropy_perplexity,
+    knn_vertex_loss,
+    masked_mean_probs,
+)
+from .smoothing import TemperatureSchedule, TemperatureSpec, check_smoothing, smooth
+
+REGULARIZERS = ("knn", "diversity", "none")
+KNN_INPUTS = ("smoothed", "probs")
+
+
+def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+    return value
+
+
+class CodebookIndexing:
+    """fairseq's helpers over the V**G combined codewords (used for codebook negatives)."""
+
+    vars: Tensor
+    groups: int
+    num_vars: int
+    combine_groups: bool
+
+    def get_codebook_indices(self) -> Tensor:
+        if getattr(self, "codebook_indices", None) is None:
+            combos = torch.tensor(
+                list(itertools.product(range(self.num_vars), repeat=self.groups)),
+                dtype=torch.long,
+                device=self.vars.device,
+            )
+            if not self.combine_groups:
+                combos = combos + torch.arange(self.groups, device=combos.device) * self.num_vars
+            self.codebook_indices = combos.flatten()
+        return self.codebook_indices
+
+    def codebook(self) -> Tensor:
+        indices = self.get_codebook_indices()
+        return self.vars.squeeze(0).index_select(0, indices).view(self.num_vars**self.groups, -1)
+
+    def sample_from_codebook(self, b: int, n: int) -> Tensor:
+        indices = self.get_codebook_indices().view(-1, self.groups)
+        if n >= indices.size(0):
+            raise ValueError(f"sample size {n} is not smaller than the codebook ({indices.size(0)})")
+        chosen = indices[torch.randint(low=0, high=indices.size(0), size=(b * n,))]
+        return self.vars.squeeze(0).index_select(0, chosen.flatten()).view(b, n, -1)
+
+    def to_codebook_index(self, indices: Tensor) -> Tensor:
+        result = indices.new_zeros(indices.shape[:-1])
+        for i in range(self.groups):
+            result += indices[..., i] * (self.num_vars ** (self.groups - i - 1))
+        return result
+
+
+class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
+    """Smoothed vector quantizer with a choice of smoothing and regulariser.
+
+    Args (fairseq's ``GumbelVectorQuantizer`` first):
+        dim: input channels.
+        num_vars: entries per group (M).
+        temp: ``(start, end, decay)`` temperature schedule per update.
+        groups: G; the output concatenates one codeword per group.
+        combine_groups: share one codebook between the groups.
+        vq_dim: output dimension (divisible by ``groups``); default ``dim``.
+        time_first: input ``(B, T, C)`` if True, else ``(B, C, T)``.
+        activation, weight_proj_depth, weight_proj_factor: the logit projection.
+        hard: fairseq's flag; only used when ``smoothing`` is None
+            (True -> ``gumbel_hard``, False -> ``gumbel``).
+        std: codebook init, ``uniform_`` if 0 else ``normal_(0, std)``.
+        smoothing: ``softmax``, ``gumbel``, ``gumbel_hard`` or ``ste``.
+        regularizer: ``knn``, ``diversity`` (wav2vec 2.0) or ``none``.
+        knn_k, knn_distance: K and ``ce`` / ``l2`` of the KNN loss.
+        knn_input: ``smoothed`` (the vector used in the forward pass, e.g. the Gumbel
+            sample) or ``probs`` (the noise-free ``softmax(l / tau)``).
+        knn_global: pick each vertex's neighbours from the batch of all workers.
+        knn_chunk_size: vertices per chunk of the neighbour search (default automatic).
+        track_knn_loss: also report a detached KNN loss when the regulariser is not KNN,
+            so criteria can be compared on it.
+
+    ``forward(x, produce_targets=False, mask=None)`` (``mask``: ``(B, T)`` bool, True
+    where valid) returns fairseq's keys ``x``, ``num_vars``, ``code_perplexity``,
+    ``prob_perplexity``, ``temp`` (and ``targets``), plus ``knn_loss`` and/or
+    ``diversity_loss``, ``code_counts`` (G, M) and ``code_usage`` (:class:`CodeUsage`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_vars: int,
+        temp: TemperatureSpec = (2.0, 0.5, 0.999995),
+        groups: int = 2,
+        combine_groups: bool = False,
+        vq_dim: Optional[int] = None,
+        time_first: bool = True,
+        activation: nn.Module = nn.GELU(),
+        weight_proj_depth: int = 1,
+        weight_proj_factor: int = 1,
+        hard: bool = True,
+        std: float = 0,
+        *,
+        smoothing: Optional[str] = None,
+        regularizer: str = "knn",
+        knn_k: int = 8,
+        knn_distance: str = "ce",
+        knn_input: str = "smoothed",
+        knn_global: bool = False,
+        knn_chunk_size: Optional[int] = None,
+        track_knn_loss: bool = True,
+    ):
+        super().__init__()
+        vq_dim = dim if vq_dim is None else vq_dim
+        for name, value in (("dim", dim), ("num_vars", num_vars), ("groups", groups), ("vq_dim", vq_dim)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if vq_dim % groups:
+            raise ValueError(f"vq_dim {vq_dim} must be divisible by groups {groups}")
+        self.smoothing = check_smoothing(
+            smoothing if smoothing is not None else ("gumbel_hard" if hard else "gumbel")
+        )
+        self.regularizer = _check_choice("regularizer", regularizer, REGULARIZERS)
+        self.knn_input = _check_choice("knn_input", knn_input, KNN_INPUTS)
+        check_knn_args(knn_k, knn_distance)
+        self.knn_k, self.knn_distance = knn_k, knn_distance
+        self.knn_global, self.knn_chunk_size = knn_global, knn_chunk_size
+        self.track_knn_loss = track_knn_loss
+
+        self.groups = groups
+        self.combine_groups = combine_groups
+        self.input_dim = dim
+        self.num_vars = num_vars
+        self.time_first = time_first
+        self.hard = hard
+
+        # Parameter names, shapes and initialisation order follow fairseq, so a seeded
+        # construction gives the same weights and stock state dicts load.
+        num_codebooks = 1 if combine_groups else groups
+        self.vars = nn.Parameter(torch.empty(1, num_codebooks * num_vars, vq_dim // groups))
+        if std == 0:
+            nn.init.uniform_(self.vars)
+        else:
+            nn.init.normal_(self.vars, mean=0, std=std)
+        if weight_proj_depth > 1:
+            inner_dim = dim * weight_proj_factor
+            self.weight_proj = nn.Sequential(
+                *[
+                    nn.Sequential(nn.Linear(dim if i == 0 else inner_dim, inner_dim), activation)
+                    for i in range(weight_proj_depth - 1)
+                ],
+                nn.Linear(inner_dim, groups * num_vars),
+            )
+        else:
+            self.weight_proj = nn.Linear(dim, groups * num_vars)
+            nn.init.normal_(self.weight_proj.weight, mean=0, std=1)
+            nn.init.zeros_(self.weight_proj.bias)
+
+        self.temperature = TemperatureSchedule.parse(temp)
+        self.max_temp, self.min_temp, self.temp_decay = (
+            self.temperature.start,
+            self.temperature.end,
+            self.temperature.decay,
+        )
+        self.curr_temp = self.temperature.start
+        self.codebook_indices = None
+
+    def set_num_updates(self, num_updates: int) -> None:
+        """Called by fairseq's trainer through ``BaseFairseqModel.set_num_updates``."""
+        self.curr_temp = self.temperature(num_updates)
+
+    def extra_repr(self) -> str:
+        return (
+            f"groups={self.groups}, num_vars={self.num_vars}, smoothing={self.smoothing}, "
+            f"regularizer={self.regularizer}, knn_k={self.knn_k}, "
+            f"knn_distance={self.knn_distance}, knn_input={self.knn_input}"
+        )
+
+    def _codebooks(self) -> Tensor:
+        """``(G, M, d)``: one codebook per group."""
+        vars = self.vars.view(-1, self.num_vars, self.vars.shape[-1])
+        return vars.expand(self.groups, -1, -1) if self.combine_groups else vars
+
+    def _knn_loss(self, logits: Tensor, mask: Optional[Tensor]) -> Tensor:
+        if self.knn_global:
+            from .distributed import global_knn_vertex_loss
+
+            return global_knn_vertex_loss(
+                logits, k=self.knn_k, distance=self.knn_distance, mask=mask,
+                chunk_size=self.knn_chunk_size,
+            )
+        return knn_vertex_loss(
+            logits, k=self.knn_k, distance=self.knn_distance, mask=mask,
+            chunk_size=self.knn_chunk_size,
+        )
+
+    def forward(
+        self, x: Tensor, produce_targets: bool = False, mask: Optional[Tensor] = None
+    ) -> Dict[str, Any]:
+        if x.dim() != 3:
+            raise ValueError(
+                f"expected input (B, T, C) when time_first else (B, C, T), got {tuple(x.shape)}"
+            )
+        if not self.time_first:
+            x = x.transpose(1, 2)
+        bsz, tsz, fsz = x.shape
+        if fsz != self.input_dim:
+            raise ValueError(f"expected {self.input_dim} input channels, got {fsz}")
+        if mask is not None and tuple(mask.shape) != (bsz, tsz):
+            raise ValueError(f"mask must have shape {(bsz, tsz)}, got {tuple(mask.shape)}")
+        result: Dict[str, Any] = {"num_vars": self.num_vars * self.groups}
+
+        logits = self.weight_proj(x.reshape(-1, fsz)).view(bsz * tsz, self.groups, self.num_vars)
+        check_finite(logits)
+        flat_mask = None if mask is None else mask.reshape(-1)
+        logits32 = logits.float()
+
+        with torch.no_grad():
+            hard_codes = logits.argmax(-1)  # (BT, G)
+            counted = hard_codes if flat_mask is None else hard_codes[flat_mask]
+            counts = count_codes(counted, self.num_vars)
+            num_counted = counted.shape[0]
+            result["code_perplexity"] = entropy_perplexity(counts.float() / max(1, num_counted))
+
+        avg_probs = masked_mean_probs(logits32, flat_mask)
+        result["prob_perplexity"] = entropy_perplexity(avg_probs)
+        result["temp"] = self.curr_temp
+
+        selection, smoothed_logits = smooth(logits32, self.smoothing, self.curr_temp, self.training)
+        knn_logits = smoothed_logits if self.knn_input == "smoothed" else logits32 / self.curr_temp
+
+        if self.regularizer == "knn":
+            result["knn_loss"] = self._knn_loss(knn_logits, flat_mask)
+        elif self.track_knn_loss:
+            with torch.no_grad():
+                result["knn_loss"] = self._knn_loss(knn_logits, flat_mask)
+        if self.regularizer == "diversity":
+            num_vars = self.num_vars * self.groups
+            result["diversity_loss"] = (num_vars - result["prob_perplexity"]) / num_vars
+
+        with torch.no_grad():
+            rows, valid = as_rows(knn_logits, flat_mask)
+            probs = F.softmax(rows if valid is None else rows[valid], dim=-1)
+            max_prob_sums, vertex_l2_sums = tightness_sums(probs)
+        result["code_counts"] = counts
+        result["code_usage"] = CodeUsage(
+            counts=counts,
+            prob_sums=(avg_probs.detach() * num_counted).double(),
+            max_prob_sums=max_prob_sums,
+            vertex_l2_sums=vertex_l2_sums,
+        )
+
+        if produce_targets:
+            result["targets"] = selection.argmax(-1).view(bsz, tsz, self.groups).detach()
+
+        codebooks = self._codebooks()
+        # (G, BT, M) @ (G, M, d) -> (G, BT, d): the quantized vector p^T C per group.
+        quantized = torch.bmm(selection.to(codebooks.dtype).transpose(0, 1), codebooks)
+        quantized = quantized.transpose(0, 1).reshape(bsz, tsz, -1)
+        if not self.time_first:
+            quantized = quantized.transpose(1, 2)
+        result["x"] = quantized
+        return result
+
+    def forward_idx(self, x: Tensor):
+        res = self.forward(x, produce_targets=True)
+        return res["x"], res["targets"]
+
+
+class VQVAEQuantizer(nn.Module):
+    """Classic VQ-VAE quantizer (van den Oord et al. 2017), the straight-through baseline.
+
+    Each of G groups of the input picks its nearest codeword ``e = argmin ||z - e_m||``;
+    the output is ``z + sg(e - z)`` (straight-through), or with ``rotation_trick`` the
+    rotated and rescaled ``z`` of Fifty et al. (2024), which equals ``e`` in the forward
+    pass and carries the angle between z and e into the gradient. Losses:
+    ``codebook_loss = ||sg(z) - e||^2``, ``commitment_loss = ||z - sg(e)||^2`` and
+    ``vq_loss = codebook_loss + beta * commitment_loss``.
+
+    ``forward(z)`` takes ``(..., dim)`` and returns ``x`` (same shape), ``targets``
+    ``(..., G)``, the losses, ``num_vars``, ``code_perplexity``, ``code_counts`` and
+    ``code_usage``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_vars: int,
+        groups: int = 1,
+        beta: float = 0.25,
+        rotation_trick: bool = False,
+    ):
+        super().__init__()
+        if dim < 1 or num_vars < 1 or groups < 1:
+            raise ValueError("dim, num_vars and groups must be >= 1")
+        if dim % groups:
+            raise ValueError(f"dim {dim} must be divisible by groups {groups}")
+        self.dim, self.num_vars, self.groups = dim, num_vars, groups
+        self.beta, self.rotation_trick = beta, rotation_trick
+        self.codebooks = nn.Parameter(torch.empty(groups, num_vars, dim // groups))
+        nn.init.uniform_(self.codebooks, -1.0 / num_vars, 1.0 / num_vars)
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, num_vars={self.num_vars}, groups={self.groups}, "
+            f"beta={self.beta}, rotation_trick={self.rotation_trick}"
+        )
+
+    @staticmethod
+    def rotate_to(z: Tensor, e: Tensor, eps: float = 1e-8) -> Tensor:
+        """``lambda * R z`` with R the rotation taking z's direction onto e's and
+        ``lambda = ||e|| / ||z||``, both treated as constants: equals e in value."""
+        z_norm = z.norm(dim=-1, keepdim=True).clamp_min(eps)
+        e_norm = e.norm(dim=-1, keepdim=True).clamp_min(eps)
+        z_hat, e_hat = (z / z_norm).detach(), (e / e_norm).detach()
+        r = z_hat + e_hat
+        r = r / r.norm(dim=-1, keepdim=True).clamp_min(eps)
+        # R = I - 2 r r^T + 2 e_hat z_hat^T, applied without forming the matrix.
+        rotated = (
+            z
+            - 2.0 * r * (r * z).sum(-1, keepdim=True)
+            + 2.0 * e_hat * (z_hat * z).sum(-1, keepdim=True)
+        )
+        return rotated * (e_norm / z_norm).detach()
+
+    def forward(self, z: Tensor) -> Dict[str, Any]:
+        if z.dim() < 2 or z.shape[-1] != self.dim:
+            raise ValueError(f"expected input (..., {self.dim}), got {tuple(z.shape)}")
+        check_finite(z)
+        lead = z.shape[:-1]
+        zg = z.reshape(-1, self.groups, self.dim // self.groups).transpose(0, 1)  # (G, N, d)
+        codebooks = self.codebooks.to(z.dtype)
+        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, as one batched matrix product.
+        with torch.no_grad():
+            dist = (
+                zg.pow(2).sum(-1, keepdim=True)
+                - 2.0 * torch.bmm(zg, codebooks.transpose(1, 2))
+                + codebooks.pow(2).sum(-1).unsqueeze(1)
+            )
+            codes = dist.argmin(-1)  # (G, N)
+        chosen = torch.gather(
+            codebooks, 1, codes.unsqueeze(-1).expand(-1, -1, codebooks.shape[-1])
+        )  # (G, N, d)
+        codebook_loss = F.mse_loss(chosen, zg.detach())
+        commitment_loss = F.mse_loss(zg, chosen.detach())
+        if self.rotation_trick:
+            out = self.rotate_to(zg, chosen.detach())
+        else:
+            out = zg + (chosen - zg).detach()
+        counts = count_codes(codes.t(), self.num_vars)
+        code_perplexity = entropy_perplexity(counts.float() / max(1, codes.shape[1]))
+        return {
+            "x": out.transpose(0, 1).reshape(*lead, self.dim),
+            "targets": codes.t().reshape(*lead, self.groups),
+            "num_vars": self.num_vars * self.groups,
+            "codebook_loss": codebook_loss,
+            "commitment_loss": commitment_loss,
+            "vq_loss": codebook_loss + self.beta * commitment_loss,
+            "code_perplexity": code_perplexity,
+            "code_counts": counts,
+            "code_usage": CodeUsage(counts=counts),
+        }
