@@ -34,6 +34,9 @@ setup(
         "dev": ["pytest", "matplotlib"],
     },
     entry_points={
-        "console_scripts": [],
+        "console_scripts": [
+            "knnvq-manifest = fairseq_knnvq.cli.manifest:main",
+            "knnvq-prepare-librispeech = fairseq_knnvq.cli.prepare_librispeech:main",
+        ],
     },
 )

@@ -1,0 +1,350 @@
+"""``knnvq-prepare-librispeech``: manifests, labels and dictionaries for CTC fine-tuning.
+
+From a corpus in LibriSpeech's layout, where each audio folder
+``<speaker>/<chapter>/`` holds a ``<speaker>-<chapter>.trans.txt`` with lines
+``<utterance-id> TRANSCRIPT``, this writes what fairseq's ``audio_finetuning`` task
+reads (``{data}/{split}.tsv``, ``{data}/{split}.{labels}``, ``{data}/dict.{labels}.txt``),
+for each split named on the command line::
+
+    knnvq-prepare-librispeech /data/LibriSpeech --dest /data/manifests \\
+        --split train=train-clean-100 --split dev_other=dev-other --split test_clean=test-clean
+
+    <dest>/<name>.tsv     the audio manifest (same as ``knnvq-manifest --split-name``)
+    <name>.wrd            the transcript, one line per manifest line
+    <name>.ltr            letters separated by spaces, "|" between words and at the end,
+                          exactly as fairseq's examples/wav2vec/libri_labels.py:
+                          ``H E L L O | W O R L D |``
+    dict.ltr.txt          fairseq Dictionary ``<symbol> <count>``, counts descending,
+                          from the training split's labels
+
+Libri-Light's limited-supervision sets (``librispeech_finetuning/1h``, ``9h`` ...)
+use the same layout one or two folders deeper and work the same way
+(``--split train=librispeech_finetuning/1h``).
+
+``--units spm --spm-vocab N`` (or ``--units letter spm`` for both) trains a unigram
+sentencepiece model on the training transcripts, offline, and writes ``<name>.spm``
+(pieces separated by spaces), ``dict.spm.txt`` and ``spm_unigram<N>.model``/``.vocab``;
+fine-tune with ``task.labels=spm`` and ``criterion.post_process=sentencepiece``.
+
+Every manifest line must have a transcript; otherwise the run stops, naming the
+missing ones, before anything is written. All outputs are written atomically.
+Nothing here imports fairseq or torchaudio.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+from fairseq_knnvq.cli.manifest import (
+    DEFAULT_SAMPLE_RATE,
+    AudioEntry,
+    Manifest,
+    ManifestError,
+    build_manifest,
+    describe,
+    resample_folder,
+    write_files_atomically,
+)
+
+# Shown in error messages before "... and N more".
+MAX_LISTED_MISSING = 5
+UNIT_CHOICES = ("letter", "spm")
+WORD_BOUNDARY = "|"
+
+
+class PreparationError(ManifestError):
+    """A problem with the corpus or the options that the user has to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSpec:
+    """``--split NAME=DIR``: the output name (``train``, ``dev_other``) and its audio folder."""
+
+    name: str
+    audio_dir: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelledSplit:
+    """A split's manifest and the transcript of each of its entries, in the same order."""
+
+    name: str
+    manifest: Manifest
+    transcripts: tuple[str, ...]
+
+
+def parse_split(text: str) -> SplitSpec:
+    """Parse ``NAME=DIR`` (argparse ``type=``)."""
+    name, sep, directory = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not directory.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR (e.g. train=train-clean-100), got {text!r}")
+    if os.sep in name or "/" in name or name.startswith("."):
+        raise argparse.ArgumentTypeError(f"split name {name!r} must be a plain file name stem")
+    return SplitSpec(name=name, audio_dir=Path(directory.strip()))
+
+
+def letter_labels(transcript: str) -> str:
+    """``"HELLO WORLD"`` -> ``"H E L L O | W O R L D |"``, as fairseq's libri_labels.py."""
+    return " ".join(transcript.replace(" ", WORD_BOUNDARY)) + " " + WORD_BOUNDARY
+
+
+def utterance_id(audio_path: Path) -> str:
+    """LibriSpeech utterance id of an audio file: its name up to the first dot."""
+    return audio_path.name.split(".")[0]
+
+
+def read_transcripts(folder: Path) -> dict[str, str]:
+    """All ``*.trans.txt`` lines of one folder as ``{utterance_id: transcript}``.
+
+    LibriSpeech names the file ``<speaker>-<chapter>.trans.txt``; every such file in
+    the folder is read, so a differently named chapter file works too. Whitespace
+    inside a transcript is normalised to single spaces.
+    """
+    transcripts: dict[str, str] = {}
+    for trans_path in sorted(folder.glob("*.trans.txt")):
+        with open(trans_path, encoding="utf-8") as trans_file:
+            for line in trans_file:
+                fields = line.split()
+                if fields:
+                    transcripts[fields[0]] = " ".join(fields[1:])
+    return transcripts
+
+
+def attach_transcripts(name: str, manifest: Manifest) -> LabelledSplit:
+    """Pair every manifest entry with its transcript, or stop naming the missing ones."""
+    cache: dict[Path, dict[str, str]] = {}
+    transcripts: list[str] = []
+    missing: list[AudioEntry] = []
+    for entry in manifest.entries:
+        # The transcript sits next to the original audio (not next to a resampled copy).
+        folder = entry.source_path.parent
+        if folder not in cache:
+            cache[folder] = read_transcripts(folder)
+        text = cache[folder].get(utterance_id(entry.source_path), "")
+        if not text:
+            missing.append(entry)
+        transcripts.append(text)
+    if missing:
+        shown = ", ".join(str(entry.source_path) for entry in missing[:MAX_LISTED_MISSING])
+        more = f" ... and {len(missing) - MAX_LISTED_MISSING} more" if len(missing) > MAX_LISTED_MISSING else ""
+        raise PreparationError(
+            f"split {name!r}: {len(missing)} of {len(manifest.entries)} audio files have no (or an empty) "
+            f"transcript: {shown}{more}. Each audio folder needs a <speaker>-<chapter>.trans.txt "
+            "with a line '<utterance-id> TRANSCRIPT' for each of its audio files."
+        )
+    return LabelledSplit(name=name, manifest=manifest, transcripts=tuple(transcripts))
+
+
+def count_symbols(label_lines: Iterable[str]) -> collections.Counter[str]:
+    counts: collections.Counter[str] = collections.Counter()
+    for line in label_lines:
+        counts.update(line.split())
+    return counts
+
+
+def dictionary_text(counts: Mapping[str, int], order: Sequence[str] | None = None) -> str:
+    """fairseq ``Dictionary`` file: ``<symbol> <count>`` lines, most frequent first.
+
+    Ties are broken by ``order`` when given (e.g. sentencepiece ids), else by symbol,
+    so the file is deterministic.
+    """
+    rank = {symbol: i for i, symbol in enumerate(order)} if order is not None else None
+    symbols = list(order) if order is not None else list(counts)
+    key = (lambda s: (-counts.get(s, 0), rank[s])) if rank is not None else (lambda s: (-counts.get(s, 0), s))
+    return "".join(f"{symbol} {counts.get(symbol, 0)}\n" for symbol in sorted(symbols, key=key))
+
+
+@dataclasses.dataclass(frozen=True)
+class SentencePieceUnits:
+    """A trained sentencepiece model: its files (bytes) and a text -> pieces encoder."""
+
+    model_bytes: bytes
+    vocab_text: str
+    pieces: tuple[str, ...]  # ordinary pieces in id order (no <unk> or control symbols)
+    processor: object  # sentencepiece.SentencePieceProcessor
+
+    def encode(self, transcript: str) -> str:
+        return " ".join(self.processor.encode(transcript, out_type=str))  # type: ignore[attr-defined]
+
+
+def train_sentencepiece(transcripts: Sequence[str], vocab_size: int) -> SentencePieceUnits:
+    """Train a unigram sentencepiece model on ``transcripts`` (in a temporary folder)."""
+    import sentencepiece
+
+    with tempfile.TemporaryDirectory(prefix="knnvq-spm-") as work_dir:
+        prefix = Path(work_dir, "spm")
+        try:
+            sentencepiece.SentencePieceTrainer.train(
+                sentence_iterator=iter(transcripts),
+                model_prefix=str(prefix),
+                vocab_size=vocab_size,
+                model_type="unigram",
+                # Letters of a transcript are all wanted; none may become <unk>.
+                character_coverage=1.0,
+                # fairseq's Dictionary adds <s>, <pad>, </s>, <unk> itself.
+                bos_id=-1,
+                eos_id=-1,
+                pad_id=-1,
+                unk_id=0,
+                minloglevel=2,
+            )
+        except RuntimeError as error:
+            raise PreparationError(
+                f"sentencepiece could not train a {vocab_size}-piece model on the training "
+                f"transcripts ({error}); choose a smaller --spm-vocab"
+            ) from None
+        processor = sentencepiece.SentencePieceProcessor(model_file=f"{prefix}.model")
+        pieces = tuple(
+            processor.id_to_piece(i)
+            for i in range(processor.get_piece_size())
+            if not (processor.is_unknown(i) or processor.is_control(i) or processor.is_unused(i))
+        )
+        return SentencePieceUnits(
+            model_bytes=Path(f"{prefix}.model").read_bytes(),
+            vocab_text=Path(f"{prefix}.vocab").read_text(encoding="utf-8"),
+            pieces=pieces,
+            processor=processor,
+        )
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    file_descriptor, partial_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(file_descriptor, "wb") as partial:
+            partial.write(data)
+        os.chmod(partial_name, 0o644)
+        os.replace(partial_name, path)
+    except BaseException:
+        Path(partial_name).unlink(missing_ok=True)
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="knnvq-prepare-librispeech",
+        description=(
+            "Write fairseq fine-tuning data (NAME.tsv, NAME.wrd, NAME.ltr, dict.ltr.txt; "
+            "optionally sentencepiece units) for splits of a LibriSpeech-layout corpus."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("root", type=Path, help="corpus root; split folders are relative to it")
+    parser.add_argument("--dest", type=Path, required=True, help="output folder (fairseq's task.data)")
+    parser.add_argument(
+        "--split",
+        dest="splits",
+        type=parse_split,
+        action="append",
+        required=True,
+        metavar="NAME=DIR",
+        help="a split to write as NAME.*, from the audio under ROOT/DIR (repeatable), "
+        "e.g. --split train=train-clean-100 --split dev_other=dev-other",
+    )
+    parser.add_argument(
+        "--dict-from",
+        default=None,
+        help="split whose labels make the dictionaries (and train sentencepiece); "
+        "default: the split named 'train', else the first --split",
+    )
+    parser.add_argument(
+        "--units",
+        nargs="+",
+        choices=UNIT_CHOICES,
+        default=["letter"],
+        help="label units to write: letter (NAME.ltr), spm (NAME.spm), or both",
+    )
+    parser.add_argument("--spm-vocab", type=int, default=1000, help="sentencepiece vocabulary size")
+    parser.add_argument("--ext", default="flac", help="audio extension(s), e.g. flac or flac,wav")
+    parser.add_argument("--sample-rate", type=int, default=DEFAULT_SAMPLE_RATE, help="required sample rate (Hz)")
+    parser.add_argument(
+        "--resample",
+        action="store_true",
+        help="convert audio at another rate or with several channels into DEST/resampled_<rate>hz/NAME/",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, LabelledSplit]:
+    """Do everything ``args`` asks for; returns the labelled splits by name."""
+    root: Path = args.root.resolve()
+    dest: Path = args.dest.resolve()
+    specs: list[SplitSpec] = args.splits
+    names = [spec.name for spec in specs]
+    duplicates = sorted({name for name in names if names.count(name) > 1})
+    if duplicates:
+        raise PreparationError(f"split name(s) given more than once: {', '.join(duplicates)}")
+    dict_split = args.dict_from or ("train" if "train" in names else names[0])
+    if dict_split not in names:
+        raise PreparationError(f"--dict-from {dict_split!r} is not one of the splits: {', '.join(names)}")
+    units = list(dict.fromkeys(args.units))
+    if "spm" in units and args.spm_vocab < 2:
+        raise PreparationError(f"--spm-vocab must be at least 2, got {args.spm_vocab}")
+
+    # Read and check everything before writing anything.
+    splits: dict[str, LabelledSplit] = {}
+    for spec in specs:
+        audio_dir = spec.audio_dir if spec.audio_dir.is_absolute() else root / spec.audio_dir
+        if not audio_dir.is_dir():
+            raise PreparationError(f"split {spec.name!r}: {audio_dir} is not a folder")
+        try:
+            manifest = build_manifest(
+                audio_dir,
+                extensions=args.ext,
+                sample_rate=args.sample_rate,
+                resample_dir=resample_folder(dest, args.sample_rate, spec.name) if args.resample else None,
+                exclude_dirs=[resample_folder(dest, args.sample_rate)],
+            )
+        except ManifestError as error:
+            raise PreparationError(f"split {spec.name!r}: {error}") from None
+        splits[spec.name] = attach_transcripts(spec.name, manifest)
+
+    outputs: dict[Path, str] = {}
+    for name, split in splits.items():
+        outputs[dest / f"{name}.tsv"] = split.manifest.to_text()
+        outputs[dest / f"{name}.wrd"] = "".join(f"{text}\n" for text in split.transcripts)
+
+    if "letter" in units:
+        letters = {name: [letter_labels(text) for text in split.transcripts] for name, split in splits.items()}
+        for name, lines in letters.items():
+            outputs[dest / f"{name}.ltr"] = "".join(f"{line}\n" for line in lines)
+        outputs[dest / "dict.ltr.txt"] = dictionary_text(count_symbols(letters[dict_split]))
+
+    binary_outputs: dict[Path, bytes] = {}
+    if "spm" in units:
+        spm = train_sentencepiece(splits[dict_split].transcripts, args.spm_vocab)
+        pieces = {name: [spm.encode(text) for text in split.transcripts] for name, split in splits.items()}
+        for name, lines in pieces.items():
+            outputs[dest / f"{name}.spm"] = "".join(f"{line}\n" for line in lines)
+        outputs[dest / "dict.spm.txt"] = dictionary_text(count_symbols(pieces[dict_split]), order=spm.pieces)
+        model_stem = f"spm_unigram{args.spm_vocab}"
+        binary_outputs[dest / f"{model_stem}.model"] = spm.model_bytes
+        outputs[dest / f"{model_stem}.vocab"] = spm.vocab_text
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for path, data in binary_outputs.items():
+        atomic_write_bytes(path, data)
+    write_files_atomically(outputs)
+
+    for name, split in splits.items():
+        print(f"{describe(name, split.manifest, args.sample_rate)} -> {dest}/{name}.*", file=sys.stderr)
+    print(f"dictionaries from split {dict_split!r}; units: {', '.join(units)}", file=sys.stderr)
+    return splits
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except ManifestError as error:
+        raise SystemExit(f"knnvq-prepare-librispeech: error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()
