@@ -1,0 +1,249 @@
+"""SmoothedVectorQuantizer: exact parity with fairseq's GumbelVectorQuantizer, smoothing
+modes, the schedule, metrics and bad input; the VQ-VAE baseline."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fairseq.modules import GumbelVectorQuantizer
+
+from fairseq_knnvq.quantization import (
+    CodeUsage,
+    SmoothedVectorQuantizer,
+    TemperatureSchedule,
+    VQVAEQuantizer,
+    codebook_stats,
+    knn_vertex_loss,
+    smooth,
+)
+
+TEMP = (2.0, 0.5, 0.999995)
+
+
+def make_pair(depth=1, combine_groups=False, time_first=True, **ours):
+    args = dict(dim=64, num_vars=16, temp=TEMP, groups=2, combine_groups=combine_groups,
+                vq_dim=32, time_first=time_first, weight_proj_depth=depth, weight_proj_factor=2)
+    torch.manual_seed(11)
+    ref = GumbelVectorQuantizer(**args)
+    torch.manual_seed(11)
+    mine = SmoothedVectorQuantizer(**args, **ours)
+    return ref, mine
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+@pytest.mark.parametrize("combine_groups", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_parity_with_fairseq_gumbel_quantizer(depth, combine_groups, training):
+    ref, mine = make_pair(depth, combine_groups, smoothing="gumbel_hard", regularizer="diversity")
+    assert list(ref.state_dict()) == list(mine.state_dict())
+    for a, b in zip(ref.state_dict().values(), mine.state_dict().values()):
+        assert torch.equal(a, b)  # same seed, same weights
+    ref.train(training)
+    mine.train(training)
+    for num_updates in (0, 5000):
+        ref.set_num_updates(num_updates)
+        mine.set_num_updates(num_updates)
+        x = torch.randn(3, 7, 64)
+        torch.manual_seed(5)
+        r = ref(x, produce_targets=True)
+        torch.manual_seed(5)
+        o = mine(x, produce_targets=True)
+        torch.testing.assert_close(o["x"], r["x"], atol=1e-5, rtol=0)
+        assert torch.equal(o["targets"], r["targets"])
+        for key in ("code_perplexity", "prob_perplexity"):
+            assert o[key].item() == pytest.approx(r[key].item(), rel=1e-6)
+        assert o["temp"] == r["temp"] and o["num_vars"] == r["num_vars"]
+        # the diversity loss is the one the stock model derives from prob_perplexity
+        stock = (r["num_vars"] - r["prob_perplexity"]) / r["num_vars"]
+        assert o["diversity_loss"].item() == pytest.approx(stock.item(), rel=1e-6)
+
+
+def test_parity_gradients_and_time_last_layout():
+    ref, mine = make_pair(time_first=False, smoothing="gumbel_hard", regularizer="diversity")
+    x = torch.randn(2, 64, 9)
+    torch.manual_seed(2)
+    r = ref(x)
+    torch.manual_seed(2)
+    o = mine(x)
+    assert o["x"].shape == r["x"].shape == (2, 32, 9)
+    weights = torch.randn_like(r["x"])
+    (r["x"] * weights).sum().add(r["prob_perplexity"]).backward()
+    (o["x"] * weights).sum().add(o["prob_perplexity"]).backward()
+    for (name, a), b in zip(ref.named_parameters(), mine.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-4, rtol=1e-4, msg=name)
+
+
+def test_stock_state_dict_loads_strictly():
+    ref, _ = make_pair()
+    _, mine = make_pair(regularizer="knn")
+    mine.load_state_dict(ref.state_dict(), strict=True)
+    assert mine.codebook().shape == ref.codebook().shape
+    assert torch.equal(mine.codebook(), ref.codebook())
+
+
+def test_knn_output_is_the_loss_of_the_smoothed_vectors():
+    _, mine = make_pair(smoothing="gumbel", regularizer="knn", knn_k=4, knn_distance="l2")
+    x = torch.randn(4, 10, 64)
+    torch.manual_seed(3)
+    out = mine(x)
+    # rebuild the same Gumbel sample and compare
+    logits = mine.weight_proj(x.reshape(-1, 64)).view(-1, 2, 16)
+    torch.manual_seed(3)
+    _, smoothed = smooth(logits, "gumbel", mine.curr_temp, training=True)
+    expected = knn_vertex_loss(smoothed, k=4, distance="l2")
+    assert out["knn_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    out["knn_loss"].backward()
+    assert mine.weight_proj.weight.grad is not None and mine.weight_proj.weight.grad.abs().sum() > 0
+
+
+def test_knn_input_probs_is_noise_free():
+    _, mine = make_pair(smoothing="gumbel_hard", regularizer="knn", knn_input="probs")
+    x = torch.randn(2, 8, 64)
+    first, second = mine(x)["knn_loss"], mine(x)["knn_loss"]
+    assert first.item() == pytest.approx(second.item(), rel=1e-6)
+    logits = mine.weight_proj(x.reshape(-1, 64)).view(-1, 2, 16)
+    assert first.item() == pytest.approx(knn_vertex_loss(logits / mine.curr_temp).item(), rel=1e-6)
+
+
+def test_counts_mask_and_usage():
+    _, mine = make_pair(regularizer="none")
+    mine.eval()
+    x = torch.randn(3, 5, 64)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[2, 2:] = False
+    out = mine(x, produce_targets=True, mask=mask)
+    counts = out["code_counts"]
+    assert counts.shape == (2, 16) and counts.dtype == torch.long
+    assert counts.sum(1).tolist() == [int(mask.sum())] * 2
+    expected = torch.stack([torch.bincount(out["targets"][mask][:, g], minlength=16) for g in range(2)])
+    assert torch.equal(counts, expected)
+    stats = codebook_stats(out["code_usage"])
+    assert stats["usage"] == pytest.approx(float((counts > 0).float().mean()))
+
+
+def test_smoothing_modes():
+    torch.manual_seed(0)
+    logits = torch.randn(6, 2, 5, requires_grad=True)
+    tau = 0.7
+    p, s = smooth(logits, "softmax", tau)
+    torch.testing.assert_close(p, F.softmax(logits / tau, -1))
+    torch.testing.assert_close(s, logits / tau)
+
+    sel, s = smooth(logits, "ste", tau)
+    assert torch.equal(sel.detach(), F.one_hot(logits.argmax(-1), 5).float())
+    (g_ste,) = torch.autograd.grad((sel * torch.arange(5.0)).sum(), logits)
+    (g_soft,) = torch.autograd.grad((F.softmax(logits / tau, -1) * torch.arange(5.0)).sum(), logits)
+    torch.testing.assert_close(g_ste, g_soft)
+
+    torch.manual_seed(1)
+    sel, s = smooth(logits, "gumbel_hard", tau)
+    torch.manual_seed(1)
+    ref = F.gumbel_softmax(logits, tau=tau, hard=True)
+    torch.testing.assert_close(sel, ref)
+    assert torch.equal(sel.detach().argmax(-1), s.argmax(-1))
+
+    sel, _ = smooth(logits, "gumbel", tau, training=False)
+    assert torch.equal(sel, F.one_hot(logits.argmax(-1), 5).float())
+
+
+def test_temperature_schedule_matches_fairseq():
+    ref, mine = make_pair()
+    for updates in (0, 1, 1000, 10**6):
+        ref.set_num_updates(updates)
+        mine.set_num_updates(updates)
+        assert mine.curr_temp == ref.curr_temp
+    assert TemperatureSchedule.parse("(2, 0.5, 0.999995)")(10**7) == 0.5
+
+
+def test_usage_sums_equal_concatenated_batch():
+    torch.manual_seed(12)
+    a, b = torch.randn(40, 2, 9), torch.randn(25, 2, 9)
+    pooled = CodeUsage.from_logits(a) + CodeUsage.from_logits(b)
+    whole = CodeUsage.from_logits(torch.cat([a, b]))
+    s_pooled, s_whole = codebook_stats(pooled), codebook_stats(whole)
+    assert s_pooled.keys() == s_whole.keys()
+    for key in s_whole:
+        assert s_pooled[key] == pytest.approx(s_whole[key], rel=1e-6), key
+    # round trip through the flat form used for all-reduce
+    back = CodeUsage.from_flat(pooled.to_flat(), 2, 9)
+    assert codebook_stats(back) == pytest.approx(s_pooled)
+
+
+def test_codebook_stats_from_indices_and_counts():
+    indices = torch.tensor([[0, 1], [0, 1], [2, 1], [0, 3]])  # (N, G)
+    stats = codebook_stats(indices, num_entries=4)
+    assert stats["used_entries"] == 4 and stats["usage"] == 0.5
+    probs_g0 = torch.tensor([3, 0, 1, 0]) / 4
+    probs_g1 = torch.tensor([0, 3, 0, 1]) / 4
+    expected = sum(torch.exp(-(p * torch.log(p + 1e-7)).sum()) for p in (probs_g0, probs_g1))
+    assert stats["code_perplexity"] == pytest.approx(float(expected), rel=1e-6)
+    counts = torch.tensor([[3, 0, 1, 0], [0, 3, 0, 1]])
+    assert codebook_stats(counts) == pytest.approx(stats)
+    assert codebook_stats(torch.tensor([5, 0, 0]))["usage"] == pytest.approx(1 / 3)
+
+
+def test_tightness_of_onehot_and_uniform():
+    onehot = CodeUsage.from_logits(40.0 * torch.eye(4))
+    uniform = CodeUsage.from_logits(torch.zeros(4, 4))
+    assert codebook_stats(onehot)["tightness_max_prob"] == pytest.approx(1.0, abs=1e-6)
+    assert codebook_stats(onehot)["tightness_vertex_l2"] == pytest.approx(0.0, abs=1e-6)
+    assert codebook_stats(uniform)["tightness_max_prob"] == pytest.approx(0.25)
+    assert codebook_stats(uniform)["tightness_vertex_l2"] == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: SmoothedVectorQuantizer(8, 4, smoothing="hardmax"), "unknown smoothing"),
+        (lambda: SmoothedVectorQuantizer(8, 4, regularizer="entropy"), "unknown regularizer"),
+        (lambda: SmoothedVectorQuantizer(8, 4, knn_k=0), "k must be"),
+        (lambda: SmoothedVectorQuantizer(8, 4, knn_distance="cos"), "unknown knn distance"),
+        (lambda: SmoothedVectorQuantizer(8, 4, knn_input="noise"), "unknown knn_input"),
+        (lambda: SmoothedVectorQuantizer(8, 4, groups=3, vq_dim=8), "divisible"),
+        (lambda: SmoothedVectorQuantizer(8, 4, temp=(2, 0.5)), "temperature"),
+        (lambda: SmoothedVectorQuantizer(8, 4)(torch.randn(2, 3, 5)), "input channels"),
+        (lambda: SmoothedVectorQuantizer(8, 4)(torch.randn(2, 8)), "expected input"),
+        (lambda: SmoothedVectorQuantizer(8, 4)(torch.randn(2, 3, 8), mask=torch.ones(3, 2, dtype=torch.bool)), "mask"),
+        (lambda: codebook_stats(torch.tensor([0, 5]), num_entries=4), r"\[0, 4\)"),
+        (lambda: VQVAEQuantizer(8, 4)(torch.randn(3, 7)), "expected input"),
+    ],
+)
+def test_bad_arguments(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
+
+
+def test_vqvae_nearest_codeword_and_straight_through():
+    torch.manual_seed(13)
+    vq = VQVAEQuantizer(dim=6, num_vars=10, groups=2)
+    z = torch.randn(4, 5, 6, requires_grad=True)
+    out = vq(z)
+    codebooks = vq.codebooks.detach()
+    for g in range(2):
+        zg = z.detach().reshape(-1, 2, 3)[:, g]
+        brute = torch.cdist(zg, codebooks[g]).argmin(-1)
+        assert torch.equal(out["targets"].reshape(-1, 2)[:, g], brute)
+        torch.testing.assert_close(out["x"].detach().reshape(-1, 2, 3)[:, g], codebooks[g][brute])
+    out["x"].sum().backward()
+    torch.testing.assert_close(z.grad, torch.ones_like(z))  # straight-through: identity
+    chosen = out["x"].detach().reshape(-1, 2, 3)
+    expected = F.mse_loss(chosen, z.detach().reshape(-1, 2, 3))
+    assert out["codebook_loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out["vq_loss"].item() == pytest.approx(1.25 * expected.item(), rel=1e-5)
+
+
+def test_vqvae_rotation_trick_keeps_value_changes_gradient():
+    torch.manual_seed(14)
+    plain = VQVAEQuantizer(dim=4, num_vars=8)
+    rotated = VQVAEQuantizer(dim=4, num_vars=8, rotation_trick=True)
+    rotated.load_state_dict(plain.state_dict())
+    z = torch.randn(20, 4, requires_grad=True)
+    a, b = plain(z)["x"], rotated(z)["x"]
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    (g,) = torch.autograd.grad(b.sum(), z)
+    assert not torch.allclose(g, torch.ones_like(g))
+    # the map is lambda * R with R orthogonal: it scales a vector's norm by ||e|| / ||z||
+    v = torch.randn(4)
+    zi, ei = z[0].detach(), b[0].detach()
+    (jac,) = torch.autograd.grad(rotated.rotate_to(z[:1], b[:1].detach()), z, v.unsqueeze(0), retain_graph=False)
+    expected_norm = v.norm() * ei.norm() / zi.norm()
+    assert jac[0].norm().item() == pytest.approx(expected_norm.item(), rel=1e-4)
