@@ -325,15 +325,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             (staging / utterance.relative_dir()).mkdir(parents=True, exist_ok=True)
         with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             futures = {pool.submit(synthesise, u, staging, args.trim_threshold): u for u in utterances}
-            for future in concurrent.futures.as_completed(futures):
-                try:
+            try:
+                for future in concurrent.futures.as_completed(futures):
                     future.result()
-                except subprocess.CalledProcessError as error:
-                    stderr = (error.stderr or b"").decode(errors="replace").strip()
-                    raise SystemExit(
-                        f"synthesis of {futures[future].utterance_id} failed: "
-                        f"{' '.join(map(str, error.cmd[:1]))} exited {error.returncode}: {stderr}"
-                    ) from error
+            except subprocess.CalledProcessError as error:
+                stderr = (error.stderr or b"").decode(errors="replace").strip()
+                raise SystemExit(
+                    f"synthesis of {futures[future].utterance_id} failed: "
+                    f"{error.cmd[0]} exited {error.returncode}: {stderr}"
+                ) from error
+            finally:
+                # On failure or Ctrl-C, do not wait for the queued clips on the way out.
+                for pending in futures:
+                    pending.cancel()
         write_transcripts(staging, utterances)
         write_speakers_file(staging, voices, list(split_sizes))
         if out.exists():

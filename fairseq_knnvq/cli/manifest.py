@@ -42,6 +42,10 @@ import soundfile
 DEFAULT_SAMPLE_RATE = 16000
 # How many problem files an error message lists before it says "... and N more".
 MAX_LISTED_PROBLEMS = 10
+# What soundfile raises for a file it cannot read (SoundFileError is new in 0.11).
+_SOUNDFILE_READ_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, OSError, ValueError) + (
+    (soundfile.SoundFileError,) if hasattr(soundfile, "SoundFileError") else ()
+)
 
 
 class ManifestError(Exception):
@@ -88,7 +92,6 @@ class _AudioCheck:
     num_frames: int = 0
     sample_rate: int = 0
     channels: int = 0
-    format: str = ""
     read_error: str | None = None
 
     def needs_conversion(self, sample_rate: int) -> bool:
@@ -123,8 +126,10 @@ def find_audio_files(
 
     Hidden files and folders (names starting with ".") are skipped: they are
     temporary or staging files, e.g. a half-written ``.x.partial.flac``. Symlinked
-    folders are followed (once each). ``path_must_contain`` keeps only files whose
-    absolute path contains that text, as in fairseq's script.
+    folders are followed (once each). Folders in ``exclude_dirs`` below ``root`` are
+    skipped (our own converted copies when ``--dest`` is inside ``root``).
+    ``path_must_contain`` keeps only files whose absolute path contains that text, as
+    in fairseq's script.
     """
     root = Path(root).resolve()
     if not root.is_dir():
@@ -135,7 +140,7 @@ def find_audio_files(
     found: list[Path] = []
     for dir_path, dir_names, file_names in os.walk(root, followlinks=True):
         real_dir = Path(dir_path).resolve()
-        if real_dir in visited or real_dir in excluded:
+        if real_dir in visited or (real_dir in excluded and real_dir != root):
             dir_names[:] = []  # a symlink loop, or our own output folder
             continue
         visited.add(real_dir)
@@ -153,14 +158,13 @@ def find_audio_files(
 def _check_audio_file(path: Path) -> _AudioCheck:
     try:
         info = soundfile.info(str(path))
-    except (soundfile.SoundFileError, RuntimeError, OSError, ValueError) as error:
+    except _SOUNDFILE_READ_ERRORS as error:
         return _AudioCheck(path=path, read_error=str(error).strip() or type(error).__name__)
     return _AudioCheck(
         path=path,
         num_frames=int(info.frames),
         sample_rate=int(info.samplerate),
         channels=int(info.channels),
-        format=str(info.format),
     )
 
 
@@ -400,6 +404,8 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
         path_must_contain=args.path_must_contain,
         sample_rate=args.sample_rate,
         resample_dir=resample_folder(dest, args.sample_rate, args.split_name) if args.resample else None,
+        # Converted copies of earlier runs (any split name) are output, never input.
+        exclude_dirs=[resample_folder(dest, args.sample_rate)],
     )
     if args.split_name:
         manifests = {args.split_name: manifest}

@@ -198,7 +198,8 @@ def train_sentencepiece(transcripts: Sequence[str], vocab_size: int) -> Sentence
         except RuntimeError as error:
             raise PreparationError(
                 f"sentencepiece could not train a {vocab_size}-piece model on the training "
-                f"transcripts ({error}); choose a smaller --spm-vocab"
+                f"transcripts ({error}). Choose another --spm-vocab: at least one piece per "
+                "character of the transcripts plus <unk>, and at most what they support"
             ) from None
         processor = sentencepiece.SentencePieceProcessor(model_file=f"{prefix}.model")
         pieces = tuple(
