@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import re
@@ -126,6 +127,38 @@ def _strip_prefix(record: Mapping[str, object], tag: str) -> Dict[str, object]:
     return {(k[len(head):] if k.startswith(head) else k): v for k, v in record.items()}
 
 
+def parse_log_line(line: str) -> Optional[Tuple[str, Dict[str, float]]]:
+    """``(kind, values)`` of one fairseq JSON log line, else None. ``kind`` is
+    ``train_inner``, ``train`` or the validation subset; the values are floats, keys
+    without the ``<kind>_`` prefix of tagged records."""
+    start = line.find("{")
+    if start < 0:
+        return None
+    try:
+        record = json.loads(line[start:].strip())
+    except ValueError:
+        return None  # e.g. the config dump, which is a Python repr, not JSON
+    if not isinstance(record, dict):
+        return None
+    tag = _logger_name(line[:start])
+    if tag is None:  # bare JSON lines: tell the kinds apart by their keys
+        if any(k.startswith("train_") for k in record):
+            tag = "train"
+        elif "num_updates" in record:
+            tag = "train_inner"
+        else:
+            tag = next((k[: -len("_num_updates")] for k in record if k.endswith("_num_updates")), None)
+    if tag is None:
+        return None
+    if tag == "train_inner":
+        values = record
+    elif any(k.startswith(tag + "_") for k in record):
+        values = _strip_prefix(record, tag)
+    else:
+        return None  # some other JSON the program logged
+    return tag, {k: v for k, v in ((k, _numeric(v)) for k, v in values.items()) if v is not None}
+
+
 def parse_log_lines(lines: Iterable[str], name: str = "run", path: Path = Path("-")) -> RunLog:
     """Reads fairseq's JSON records from log lines; other lines are ignored.
 
@@ -134,32 +167,10 @@ def parse_log_lines(lines: Iterable[str], name: str = "run", path: Path = Path("
     run = RunLog(name=name, path=path)
     last_update = -math.inf
     for line in lines:
-        start = line.find("{")
-        if start < 0:
+        parsed = parse_log_line(line)
+        if parsed is None:
             continue
-        try:
-            record = json.loads(line[start:].strip())
-        except ValueError:
-            continue  # e.g. the config dump, which is a Python repr, not JSON
-        if not isinstance(record, dict):
-            continue
-        tag = _logger_name(line[:start])
-        if tag is None:  # bare JSON lines: tell the kinds apart by their keys
-            if any(k.startswith("train_") for k in record):
-                tag = "train"
-            elif "num_updates" in record:
-                tag = "train_inner"
-            else:
-                tag = next((k[: -len("_num_updates")] for k in record if k.endswith("_num_updates")), None)
-        if tag is None:
-            continue
-        if tag == "train_inner":
-            values = record
-        elif any(k.startswith(tag + "_") for k in record):
-            values = _strip_prefix(record, tag)
-        else:
-            continue  # some other JSON the program logged
-        numeric = {k: v for k, v in ((k, _numeric(v)) for k, v in values.items()) if v is not None}
+        tag, numeric = parsed
         update = numeric.get("num_updates")
         if update is not None:
             if update < last_update and tag == "train_inner":
@@ -244,6 +255,8 @@ def _pyplot():
             "(or pip install matplotlib)"
         ) from None
     matplotlib.use("Agg")  # files only, no display
+    # fairseq may have set the root logger to DEBUG; matplotlib's font search is noise.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
 
     return plt
@@ -520,6 +533,9 @@ def write_code_report(checkpoint: Path, manifest: Path, out: Path, name: Optiona
         "manifest": str(manifest),
         "files": len(files),
         "frames": frames,
+        # fairseq sets the checkpoint's update count on load, so this is the trained
+        # temperature, the one tightness is measured at (softmax(logits / temp)).
+        "temperature": float(getattr(model.quantizer, "curr_temp", float("nan"))),
         "groups": usage.groups,
         "entries": usage.entries,
         "stats": stats,
