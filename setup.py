@@ -37,6 +37,7 @@ setup(
         "console_scripts": [
             "knnvq-manifest = fairseq_knnvq.cli.manifest:main",
             "knnvq-prepare-librispeech = fairseq_knnvq.cli.prepare_librispeech:main",
+            "knnvq-infer = fairseq_knnvq.cli.infer_ctc:main",
             "knnvq-report = fairseq_knnvq.cli.report:main",
         ],
     },

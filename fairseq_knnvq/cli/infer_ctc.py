@@ -1,0 +1,445 @@
+"""``knnvq-infer``: decode a manifest with a CTC fine-tuned checkpoint and score it.
+
+::
+
+    knnvq-infer /exp/ft/checkpoint_best.pt --data /data/manifests --subset test_clean \\
+        --output-dir /exp/ft/decode
+
+reads ``{data}/{subset}.tsv`` and the reference labels ``{data}/{subset}.{labels}``
+(``labels`` defaults to the one the checkpoint was fine-tuned with, e.g. ``ltr``),
+decodes every utterance with CTC greedy (Viterbi) decoding and writes, in manifest
+order::
+
+    <output-dir>/hypo.<subset>.txt   one hypothesis per line (words)
+    <output-dir>/ref.<subset>.txt    the reference words of the same line
+    <output-dir>/wer.<subset>.json   WER and CER in percent, with the error and length
+                                     counts they are computed from
+
+Greedy decoding is what fairseq's ``ctc`` criterion does during validation: the most
+likely unit of every non-padded frame, repeats collapsed, the blank (the task's
+``blank_symbol``, else the dictionary's ``<s>``) dropped, the units joined and turned
+into words by the same ``post_process`` (``letter``: ``|`` is the word boundary;
+``sentencepiece``: ``\u2581`` starts a word). On the same checkpoint and subset the
+WER here therefore equals the ``wer`` that fine-tuning logs for that subset. WER is
+word-level edit distance over the number of reference words; CER is character-level
+edit distance (spaces between words count) over the number of reference characters.
+Both are summed over the subset before dividing, and reported in percent.
+
+The checkpoint is loaded with fairseq's own ``load_model_ensemble_and_task`` after
+this plugin is registered, so fine-tuned ``wav2vec2_knnvq`` models need no
+``--user-dir``; ``--user-dir`` imports other plugins. The data folder and labels given
+here replace those stored in the checkpoint, so a checkpoint still loads after it (or
+the data) has moved. Every output file is written atomically (a temporary file, then a
+rename), the JSON summary last.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from fairseq_knnvq.cli.manifest import ManifestError, read_manifest, write_files_atomically
+
+DEFAULT_MAX_TOKENS = 1_600_000  # audio samples per batch: 100 s at 16 kHz
+
+
+class InferenceError(Exception):
+    """A problem with the checkpoint, the data or the options that the user has to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorRate:
+    """Edit-distance errors summed over a subset and the reference length they divide."""
+
+    errors: int
+    reference_length: int
+
+    @property
+    def percent(self) -> float:
+        if self.reference_length == 0:
+            return 0.0 if self.errors == 0 else float("inf")
+        return 100.0 * self.errors / self.reference_length
+
+
+def word_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> ErrorRate:
+    import editdistance
+
+    errors = sum(editdistance.eval(ref.split(), hyp.split()) for ref, hyp in zip(references, hypotheses))
+    return ErrorRate(errors, sum(len(ref.split()) for ref in references))
+
+
+def char_error_rate(references: Sequence[str], hypotheses: Sequence[str]) -> ErrorRate:
+    """Characters of the words joined by single spaces (the convention of jiwer's cer)."""
+    import editdistance
+
+    def chars(text: str) -> str:
+        return " ".join(text.split())
+
+    errors = sum(editdistance.eval(chars(ref), chars(hyp)) for ref, hyp in zip(references, hypotheses))
+    return ErrorRate(errors, sum(len(chars(ref)) for ref in references))
+
+
+def ctc_greedy_units(frame_argmax: Sequence[int], blank: int) -> list[int]:
+    """Best path to units: collapse repeated frames, then drop the blank."""
+    units: list[int] = []
+    previous = None
+    for unit in frame_argmax:
+        if unit != previous and unit != blank:
+            units.append(unit)
+        previous = unit
+    return units
+
+
+def detect_post_process(symbols: Sequence[str]) -> str:
+    """How units become words, from the dictionary's symbols: ``|`` means letters
+    (fairseq's ``letter``), pieces starting with ``\u2581`` mean ``sentencepiece``,
+    anything else is taken as whole words (``none``)."""
+    if "|" in symbols:
+        return "letter"
+    if any(symbol.startswith("\u2581") for symbol in symbols):
+        return "sentencepiece"
+    return "none"
+
+
+def units_to_words(label_line: str, post_process: str) -> str:
+    """A line of units (``H E L L O | W O R L D |``) as words (``HELLO WORLD``)."""
+    from fairseq.data.data_utils import post_process as fairseq_post_process
+
+    return " ".join(fairseq_post_process(label_line.strip(), post_process).split())
+
+
+# --- checks of the inputs, before the model is built -------------------------------
+
+
+def load_checkpoint_state(path: Path, data_dir: Path | None, labels: str | None) -> dict[str, Any]:
+    """The checkpoint's state with the task's data folder and labels replaced."""
+    import torch
+    from fairseq import checkpoint_utils
+    from fairseq.data import Dictionary
+
+    if not path.is_file():
+        raise InferenceError(f"checkpoint {path} does not exist (give the .pt file that fine-tuning wrote)")
+    task_overrides: dict[str, Any] = {
+        # Decode whole utterances: a fine-tuning config's crop or minimum length would
+        # otherwise shorten or drop some of them.
+        "max_sample_size": None,
+        "min_sample_size": None,
+    }
+    if data_dir is not None:
+        task_overrides["data"] = str(data_dir)
+    if labels is not None:
+        task_overrides["labels"] = labels
+    try:
+        # A fine-tuned checkpoint pickles the task's target Dictionary ("task_state"),
+        # which torch >= 2.6's weights-only loading refuses unless it is allow-listed.
+        with torch.serialization.safe_globals([Dictionary]):
+            state = checkpoint_utils.load_checkpoint_to_cpu(str(path), arg_overrides={"task": task_overrides})
+    except Exception as error:  # torch.load raises many types for a file that is no checkpoint
+        raise InferenceError(f"{path} could not be read as a fairseq checkpoint: {type(error).__name__}: {error}") from None
+    if state.get("cfg") is None:
+        raise InferenceError(f"{path} has no 'cfg' entry: not a checkpoint written by fairseq's hydra training")
+    return state
+
+
+def check_models_registered(state: dict[str, Any], path: Path) -> None:
+    """Every model and task the checkpoint needs must be registered in this process."""
+    from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
+    from fairseq.tasks import TASK_REGISTRY
+
+    cfg = state["cfg"]
+    needed = [("model", cfg.model.get("_name"), MODEL_REGISTRY.keys() | ARCH_MODEL_REGISTRY.keys())]
+    needed.append(("task", cfg.task.get("_name"), TASK_REGISTRY.keys()))
+    pretrained = cfg.model.get("w2v_args", None)
+    if pretrained is not None:
+        needed.append(("pretrained model", pretrained.model.get("_name"), MODEL_REGISTRY.keys() | ARCH_MODEL_REGISTRY.keys()))
+        needed.append(("pretrained task", pretrained.task.get("_name"), TASK_REGISTRY.keys()))
+    missing = [f"{kind} '{name}'" for kind, name, registry in needed if name is not None and name not in registry]
+    if missing:
+        user_dir = cfg.common.get("user_dir") if cfg.get("common") is not None else None
+        trained_with = f" It was trained with common.user_dir={user_dir}." if user_dir else ""
+        raise InferenceError(
+            f"checkpoint {path} needs the fairseq {', '.join(missing)}, which no imported plugin "
+            f"registers.{trained_with} Pass --user-dir with the folder of the plugin that "
+            "defines it (fairseq-knnvq's own models are registered automatically when the "
+            "package is installed: pip install fairseq-knnvq)."
+        )
+    if cfg.task.get("labels") is None:
+        raise InferenceError(
+            f"checkpoint {path} is not a CTC fine-tuned model (its task "
+            f"'{cfg.task.get('_name')}' has no labels; model '{cfg.model.get('_name')}'). "
+            "Fine-tune it first (configs/finetuning/*.yaml) and decode the checkpoint that writes."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceData:
+    manifest_path: Path
+    label_path: Path
+    dictionary_path: Path
+    label_lines: tuple[str, ...]
+    audio_seconds: float
+
+
+def check_data(data_dir: Path, subset: str, labels: str, sample_rate: int) -> ReferenceData:
+    """The manifest, labels and dictionary exist, agree in length and name existing audio."""
+    manifest_path = data_dir / f"{subset}.tsv"
+    label_path = data_dir / f"{subset}.{labels}"
+    dictionary_path = data_dir / f"dict.{labels}.txt"
+    if not data_dir.is_dir():
+        raise InferenceError(f"data folder {data_dir} does not exist (give --data, the folder with {subset}.tsv)")
+    if not manifest_path.is_file():
+        raise InferenceError(
+            f"manifest {manifest_path} does not exist; write it with knnvq-prepare-librispeech "
+            f"(--split {subset}=...) or give the right --subset"
+        )
+    try:
+        manifest = read_manifest(manifest_path)
+    except (StopIteration, ValueError) as error:
+        raise InferenceError(
+            f"manifest {manifest_path} is not a fairseq manifest (line 1 the audio root, then "
+            f"'relative/path<TAB>num_frames' lines): {error or 'the file is empty'}"
+        ) from None
+    if not manifest.entries:
+        raise InferenceError(f"manifest {manifest_path} lists no audio files: nothing to decode")
+    missing_audio = [str(entry.source_path) for entry in manifest.entries if not entry.source_path.is_file()]
+    if missing_audio:
+        raise InferenceError(
+            f"{len(missing_audio)} audio files of {manifest_path} do not exist, e.g. {missing_audio[0]} "
+            "(line 1 of the manifest is the folder they are relative to)"
+        )
+    for path, what in ((label_path, "reference labels"), (dictionary_path, "label dictionary")):
+        if not path.is_file():
+            raise InferenceError(
+                f"{what} {path} does not exist; knnvq-prepare-librispeech writes it "
+                f"(--units letter for ltr, --units spm for spm), or pass --labels with the "
+                "label extension the model was fine-tuned with"
+            )
+    with open(label_path, encoding="utf-8") as label_file:
+        label_lines = tuple(line.rstrip("\n") for line in label_file)
+    if len(label_lines) != len(manifest.entries):
+        raise InferenceError(
+            f"{label_path} has {len(label_lines)} lines but {manifest_path} lists "
+            f"{len(manifest.entries)} audio files; both must come from the same preparation run"
+        )
+    audio_seconds = manifest.total_frames / sample_rate
+    return ReferenceData(manifest_path, label_path, dictionary_path, label_lines, audio_seconds)
+
+
+# --- decoding -----------------------------------------------------------------------
+
+
+def import_plugins(user_dir: str | None) -> None:
+    import fairseq  # noqa: F401  (the plugin registers its parts only once fairseq is loaded)
+    import fairseq_knnvq
+    from fairseq import utils
+
+    fairseq_knnvq.register_with_fairseq()
+    if user_dir is not None:
+        if not os.path.isdir(user_dir):
+            raise InferenceError(f"--user-dir {user_dir} is not a folder")
+        try:
+            utils.import_user_module(argparse.Namespace(user_dir=user_dir))
+        except ImportError as error:
+            raise InferenceError(f"--user-dir {user_dir} could not be imported: {error}") from None
+
+
+def build_model(state: dict[str, Any], path: Path, device: str):
+    from fairseq import checkpoint_utils
+
+    try:
+        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], state=state)
+    except FileNotFoundError as error:
+        raise InferenceError(f"loading {path}: {error}") from None
+    model = models[0].to(device).eval()
+    return model, cfg, task
+
+
+@dataclasses.dataclass(frozen=True)
+class Batching:
+    max_tokens: int | None
+    batch_size: int | None
+    required_batch_size_multiple: int
+
+
+def choose_batching(args: argparse.Namespace, dataset_cfg: Any) -> Batching:
+    """The options given, else the checkpoint's validation batching.
+
+    wav2vec 2.0's convolutional feature encoder (and its group norm) also sees the
+    zeros that pad short utterances in a batch, so a model's output depends slightly on
+    which utterances share a batch. Batching as fine-tuning validated reproduces the WER
+    it logged; ``--batch-size 1`` decodes every utterance without padding."""
+    if args.max_tokens is not None or args.batch_size is not None:
+        return Batching(args.max_tokens, args.batch_size, 1)
+    if dataset_cfg is None:
+        return Batching(DEFAULT_MAX_TOKENS, None, 1)
+    max_tokens = dataset_cfg.get("max_tokens_valid") or dataset_cfg.get("max_tokens")
+    batch_size = dataset_cfg.get("batch_size_valid") or dataset_cfg.get("batch_size")
+    if max_tokens is None and batch_size is None:
+        max_tokens = DEFAULT_MAX_TOKENS
+    return Batching(max_tokens, batch_size, dataset_cfg.get("required_batch_size_multiple") or 1)
+
+
+def decode_subset(model, task, subset: str, batching: Batching, device: str, progress: bool) -> list[list[int]]:
+    """Greedy CTC units of every utterance of ``subset``, in manifest order."""
+    import torch
+    import tqdm
+    from fairseq import utils
+
+    task.load_dataset(subset)
+    dataset = task.dataset(subset)
+    blank = task.target_dictionary.index(task.blank_symbol) if hasattr(task, "blank_symbol") else task.target_dictionary.bos()
+    iterator = task.get_batch_iterator(
+        dataset=dataset,
+        max_tokens=batching.max_tokens,
+        max_sentences=batching.batch_size,
+        max_positions=utils.resolve_max_positions(task.max_positions(), model.max_positions()),
+        ignore_invalid_inputs=False,
+        required_batch_size_multiple=batching.required_batch_size_multiple,
+        num_workers=0,
+    ).next_epoch_itr(shuffle=False)
+    results: list[list[int] | None] = [None] * len(dataset)
+    with torch.inference_mode(), tqdm.tqdm(total=len(dataset), unit="utt", desc=f"decoding {subset}", disable=not progress) as bar:
+        for sample in iterator:
+            if device != "cpu":
+                sample = utils.move_to_cuda(sample, device=torch.device(device))
+            net_output = model(**sample["net_input"])
+            frame_argmax = model.get_logits(net_output).argmax(dim=-1).transpose(0, 1)  # (B, T)
+            padding_mask = net_output.get("padding_mask")
+            for row, sample_id in enumerate(sample["id"].tolist()):
+                frames = frame_argmax[row]
+                if padding_mask is not None:
+                    frames = frames[~padding_mask[row]]
+                results[sample_id] = ctc_greedy_units(frames.tolist(), blank)
+            bar.update(len(sample["id"]))
+    not_decoded = [i for i, units in enumerate(results) if units is None]
+    if not_decoded:
+        raise InferenceError(f"{len(not_decoded)} utterances of {subset} were not decoded (first: line {not_decoded[0] + 2})")
+    return results  # type: ignore[return-value]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="knnvq-infer",
+        description="Decode a manifest with a CTC fine-tuned checkpoint (greedy/Viterbi) and report WER and CER.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("checkpoint", type=Path, help="fine-tuned checkpoint (.pt) written by fairseq-hydra-train")
+    parser.add_argument("--data", type=Path, default=None, help="folder with SUBSET.tsv, SUBSET.LABELS and dict.LABELS.txt (default: the checkpoint's task.data)")
+    parser.add_argument("--subset", required=True, help="manifest name to decode, e.g. dev_other or test_clean")
+    parser.add_argument("--labels", default=None, help="label extension, e.g. ltr or spm (default: the checkpoint's task.labels)")
+    parser.add_argument(
+        "--post-process",
+        default="auto",
+        choices=("auto", "letter", "sentencepiece", "none"),
+        help="how units become words; auto: letter if the dictionary has '|', sentencepiece if it has \u2581 pieces",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="audio samples per batch (default, with --batch-size: the checkpoint's validation batching, "
+        f"else {DEFAULT_MAX_TOKENS})",
+    )
+    parser.add_argument("--batch-size", type=int, default=None, help="utterances per batch at most; 1 decodes without padding")
+    parser.add_argument("--output-dir", type=Path, default=None, help="where the hypothesis, reference and WER files go (default: the checkpoint's folder)")
+    parser.add_argument("--user-dir", default=None, help="another fairseq plugin folder to import (fairseq-knnvq is always registered)")
+    parser.add_argument("--cpu", action="store_true", help="decode on the CPU even when a GPU is available")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Decode and score as ``args`` asks; returns the summary that is written as JSON."""
+    import torch
+
+    checkpoint: Path = args.checkpoint.resolve()
+    if args.max_tokens is not None and args.max_tokens <= 0:
+        raise InferenceError(f"--max-tokens must be positive, got {args.max_tokens}")
+    if args.batch_size is not None and args.batch_size <= 0:
+        raise InferenceError(f"--batch-size must be positive, got {args.batch_size}")
+    if not checkpoint.is_file():
+        raise InferenceError(f"checkpoint {checkpoint} does not exist (give the .pt file that fine-tuning wrote)")
+    import_plugins(args.user_dir)
+
+    data_dir = args.data.resolve() if args.data is not None else None
+    state = load_checkpoint_state(checkpoint, data_dir, args.labels)
+    check_models_registered(state, checkpoint)
+    task_cfg = state["cfg"].task
+    if data_dir is None:
+        data_dir = Path(task_cfg.data)
+    labels = task_cfg.labels
+    reference = check_data(data_dir, args.subset, labels, int(task_cfg.get("sample_rate", 16000)))
+
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
+    started = time.perf_counter()
+    model, _, task = build_model(state, checkpoint, device)
+    dictionary = task.target_dictionary
+    num_outputs = getattr(getattr(getattr(model, "w2v_encoder", None), "proj", None), "out_features", None)
+    if num_outputs is not None and num_outputs != len(dictionary):
+        raise InferenceError(
+            f"{reference.dictionary_path} has {len(dictionary)} entries but the model predicts "
+            f"{num_outputs} units: decode with the dictionary the model was fine-tuned with"
+        )
+    post_process = detect_post_process(dictionary.symbols) if args.post_process == "auto" else args.post_process
+
+    batching = choose_batching(args, state["cfg"].get("dataset"))
+    units = decode_subset(model, task, args.subset, batching, device, not args.no_progress)
+    decode_seconds = time.perf_counter() - started
+    hypotheses = [units_to_words(dictionary.string(torch.tensor(u, dtype=torch.long)), post_process) for u in units]
+    references = [units_to_words(line, post_process) for line in reference.label_lines]
+    wer = word_error_rate(references, hypotheses)
+    cer = char_error_rate(references, hypotheses)
+
+    summary = {
+        "checkpoint": str(checkpoint),
+        "data": str(data_dir),
+        "subset": args.subset,
+        "labels": labels,
+        "post_process": post_process,
+        "decoding": "ctc_greedy",
+        "num_utterances": len(references),
+        "wer": round(wer.percent, 4),
+        "cer": round(cer.percent, 4),
+        "num_word_errors": wer.errors,
+        "num_words": wer.reference_length,
+        "num_char_errors": cer.errors,
+        "num_chars": cer.reference_length,
+        "audio_seconds": round(reference.audio_seconds, 3),
+        "decode_seconds": round(decode_seconds, 3),
+        "device": device,
+        "max_tokens": batching.max_tokens,
+        "batch_size": batching.batch_size,
+    }
+    output_dir: Path = (args.output_dir or checkpoint.parent).resolve()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_files_atomically(
+        {
+            output_dir / f"hypo.{args.subset}.txt": "".join(f"{line}\n" for line in hypotheses),
+            output_dir / f"ref.{args.subset}.txt": "".join(f"{line}\n" for line in references),
+        }
+    )
+    # Last, so that a summary on disk always belongs to complete hypothesis files.
+    write_files_atomically({output_dir / f"wer.{args.subset}.json": json.dumps(summary, indent=2) + "\n"})
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run(args)
+    except (InferenceError, ManifestError) as error:
+        raise SystemExit(f"knnvq-infer: error: {error}") from None
+    print(
+        f"{summary['subset']}: WER {summary['wer']:.2f}% ({summary['num_word_errors']}/{summary['num_words']} words), "
+        f"CER {summary['cer']:.2f}%, {summary['num_utterances']} utterances",
+        file=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main()
