@@ -1,0 +1,266 @@
+"""The ``vq_image_autoencoder`` model: a convolutional VQ autoencoder for images.
+
+encoder (residual blocks, ``log2 f`` stride-2 downsamplings) -> latent grid
+(B, code_dim, H/f, W/f) -> quantizer on the B*(H/f)*(W/f) positions -> mirrored decoder.
+
+Quantizers (``quantizer``):
+- ``vqvae``: classic VQ-VAE, nearest codeword with straight-through (STE) gradients,
+  codebook + beta-commitment loss, optional rotation trick
+  (:class:`~fairseq_knnvq.quantization.VQVAEQuantizer`).
+- ``smoothed``: smoothed VQ (:class:`~fairseq_knnvq.quantization.SmoothedVectorQuantizer`)
+  with ``smoothing`` softmax / gumbel / gumbel_hard / ste and ``regularizer`` knn
+  (``knn_distance`` l2 or ce), diversity (wav2vec 2.0's perplexity loss) or none.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import BaseFairseqModel, register_model
+
+from ..quantization import (
+    KNN_DISTANCES,
+    REGULARIZERS,
+    SMOOTHING_MODES,
+    CodeUsage,
+    SmoothedVectorQuantizer,
+    VQVAEQuantizer,
+)
+
+QUANTIZERS = ("vqvae", "smoothed")
+DOWNSAMPLE_FACTORS = (4, 8, 16)
+
+
+@dataclass
+class VQImageAutoencoderConfig(FairseqDataclass):
+    downsample_factor: int = field(
+        default=8,
+        metadata={"help": "f: the latent grid is (H/f, W/f); one of 4, 8, 16"},
+    )
+    channels: int = field(
+        default=128, metadata={"help": "channels at full resolution; doubled per downsampling"}
+    )
+    max_channels: int = field(default=512, metadata={"help": "cap on the doubled channels"})
+    num_res_blocks: int = field(
+        default=2, metadata={"help": "residual blocks per resolution (encoder and decoder)"}
+    )
+    code_dim: int = field(
+        default=256,
+        metadata={"help": "channels of the latent grid and dimension of a codeword (all groups)"},
+    )
+    codebook_size: int = field(default=1024, metadata={"help": "M: entries per codebook group"})
+    codebook_groups: int = field(
+        default=1, metadata={"help": "G: codebook groups; each position picks one entry per group"}
+    )
+    quantizer: ChoiceEnum(QUANTIZERS) = field(
+        default="smoothed",
+        metadata={"help": "vqvae: nearest codeword with straight-through gradients; "
+                  "smoothed: smoothed VQ with a regulariser"},
+    )
+    smoothing: ChoiceEnum(SMOOTHING_MODES) = field(
+        default="gumbel", metadata={"help": "smoothed quantizer: how logits become a simplex point"}
+    )
+    regularizer: ChoiceEnum(REGULARIZERS) = field(
+        default="knn", metadata={"help": "smoothed quantizer: knn, diversity (wav2vec 2.0) or none"}
+    )
+    knn_k: int = field(default=8, metadata={"help": "K: smoothed vectors pulled onto each vertex"})
+    knn_distance: ChoiceEnum(KNN_DISTANCES) = field(
+        default="ce", metadata={"help": "distance to the vertex: ce (-log p_m) or l2"}
+    )
+    knn_input: ChoiceEnum(["smoothed", "probs"]) = field(
+        default="smoothed",
+        metadata={"help": "KNN acts on the smoothed vector of the forward pass (smoothed) or "
+                  "on the noise-free softmax(l / tau) (probs)"},
+    )
+    knn_global: bool = field(
+        default=False,
+        metadata={"help": "pick each vertex's neighbours from the batches of all workers"},
+    )
+    temperature: Tuple[float, float, float] = field(
+        default=(2.0, 0.5, 0.999995),
+        metadata={"help": "smoothing temperature (start, end, decay per update)"},
+    )
+    commitment_beta: float = field(
+        default=0.25, metadata={"help": "vqvae: weight of the commitment term inside vq_loss"}
+    )
+    rotation_trick: bool = field(
+        default=False, metadata={"help": "vqvae: rotation trick instead of the plain STE"}
+    )
+
+
+def group_norm(channels: int) -> nn.GroupNorm:
+    """GroupNorm with up to 32 groups of at least 2 channels each."""
+    groups = 1
+    for g in (32, 16, 8, 4, 2):
+        if channels % g == 0 and channels >= 2 * g:
+            groups = g
+            break
+    return nn.GroupNorm(groups, channels)
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            group_norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            group_norm(out_channels), nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.body(x)
+
+
+def stage_channels(cfg: VQImageAutoencoderConfig) -> list:
+    """Channels at each resolution, full resolution first."""
+    num_down = int(math.log2(cfg.downsample_factor))
+    return [min(cfg.channels * 2**i, cfg.max_channels) for i in range(num_down + 1)]
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VQImageAutoencoderConfig):
+        super().__init__()
+        chans = stage_channels(cfg)
+        layers = [nn.Conv2d(3, chans[0], 3, padding=1)]
+        for i in range(len(chans) - 1):
+            layers += [ResidualBlock(chans[i], chans[i]) for _ in range(cfg.num_res_blocks)]
+            layers.append(nn.Conv2d(chans[i], chans[i + 1], 4, stride=2, padding=1))
+        layers += [ResidualBlock(chans[-1], chans[-1]) for _ in range(cfg.num_res_blocks)]
+        layers += [group_norm(chans[-1]), nn.SiLU(), nn.Conv2d(chans[-1], cfg.code_dim, 1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VQImageAutoencoderConfig):
+        super().__init__()
+        chans = stage_channels(cfg)[::-1]
+        layers = [nn.Conv2d(cfg.code_dim, chans[0], 3, padding=1)]
+        layers += [ResidualBlock(chans[0], chans[0]) for _ in range(cfg.num_res_blocks)]
+        for i in range(len(chans) - 1):
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(chans[i], chans[i + 1], 3, padding=1)]
+            layers += [ResidualBlock(chans[i + 1], chans[i + 1]) for _ in range(cfg.num_res_blocks)]
+        layers += [group_norm(chans[-1]), nn.SiLU(), nn.Conv2d(chans[-1], 3, 3, padding=1)]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def hard_code_usage(counts: torch.Tensor) -> CodeUsage:
+    """Full summable statistics of a hard (onehot) selection: the VQ-VAE's selection
+    vector is exactly a vertex, so the soft sums are the counts, max p = 1 and the
+    distance to the nearest vertex is 0."""
+    num = counts.sum(-1).double()
+    return CodeUsage(
+        counts=counts,
+        prob_sums=counts.double(),
+        max_prob_sums=num,
+        vertex_l2_sums=torch.zeros_like(num),
+    )
+
+
+@register_model("vq_image_autoencoder", dataclass=VQImageAutoencoderConfig)
+class VQImageAutoencoder(BaseFairseqModel):
+    def __init__(self, cfg: VQImageAutoencoderConfig):
+        super().__init__()
+        if cfg.downsample_factor not in DOWNSAMPLE_FACTORS:
+            raise ValueError(
+                f"model.downsample_factor must be one of {DOWNSAMPLE_FACTORS}, got {cfg.downsample_factor}"
+            )
+        if cfg.code_dim % cfg.codebook_groups:
+            raise ValueError(
+                f"model.code_dim ({cfg.code_dim}) must be divisible by model.codebook_groups "
+                f"({cfg.codebook_groups})"
+            )
+        self.cfg = cfg
+        self.downsample_factor = cfg.downsample_factor
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        if cfg.quantizer == "vqvae":
+            self.quantizer = VQVAEQuantizer(
+                cfg.code_dim,
+                cfg.codebook_size,
+                groups=cfg.codebook_groups,
+                beta=cfg.commitment_beta,
+                rotation_trick=cfg.rotation_trick,
+            )
+        else:
+            self.quantizer = SmoothedVectorQuantizer(
+                cfg.code_dim,
+                cfg.codebook_size,
+                temp=tuple(cfg.temperature),
+                groups=cfg.codebook_groups,
+                combine_groups=False,
+                vq_dim=cfg.code_dim,
+                time_first=True,
+                smoothing=str(cfg.smoothing),
+                regularizer=str(cfg.regularizer),
+                knn_k=cfg.knn_k,
+                knn_distance=str(cfg.knn_distance),
+                knn_input=str(cfg.knn_input),
+                knn_global=cfg.knn_global,
+            )
+        self.num_updates = 0
+
+    @classmethod
+    def build_model(cls, cfg: VQImageAutoencoderConfig, task=None):
+        return cls(cfg)
+
+    def set_num_updates(self, num_updates: int) -> None:
+        super().set_num_updates(num_updates)
+        self.num_updates = num_updates
+
+    def check_images(self, images: torch.Tensor) -> None:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images (B, 3, H, W), got {tuple(images.shape)}")
+        f = self.downsample_factor
+        if images.shape[2] % f or images.shape[3] % f:
+            raise ValueError(
+                f"image height and width ({images.shape[2]}x{images.shape[3]}) must be "
+                f"multiples of model.downsample_factor={f}"
+            )
+
+    def quantize(self, latents: torch.Tensor) -> Dict[str, Any]:
+        """Quantizes a latent grid (B, C, h, w); ``x`` comes back in the same shape."""
+        bsz, chans, h, w = latents.shape
+        positions = latents.flatten(2).transpose(1, 2)  # (B, h*w, C)
+        if isinstance(self.quantizer, VQVAEQuantizer):
+            result = self.quantizer(positions)
+            result["code_usage"] = hard_code_usage(result["code_counts"])
+        else:
+            result = self.quantizer(positions, produce_targets=True)
+        result["x"] = result["x"].transpose(1, 2).reshape(bsz, -1, h, w)
+        # The selected entry per position and group (hard argmax in evaluation).
+        result["codes"] = result.pop("targets").reshape(bsz, h, w, -1)
+        return result
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        self.check_images(images)
+        return self.encoder(images)
+
+    def decode(self, quantized: torch.Tensor) -> torch.Tensor:
+        return self.decoder(quantized)
+
+    def training_losses(self) -> Tuple[str, ...]:
+        """The quantizer losses that train the model; others it returns (e.g. a KNN loss
+        tracked under another regulariser) are only for the logs."""
+        if self.cfg.quantizer == "vqvae":
+            return ("vq_loss",)
+        return {"knn": ("knn_loss",), "diversity": ("diversity_loss",)}.get(str(self.cfg.regularizer), ())
+
+    def forward(self, images: torch.Tensor) -> Dict[str, Any]:
+        """Returns the quantizer's outputs (losses, ``code_usage``, ``codes``
+        (B, h, w, G), perplexities, ``temp``) with ``x`` replaced by the reconstruction
+        (B, 3, H, W), and ``training_losses``: the keys of the losses to optimise."""
+        result = self.quantize(self.encode(images))
+        result["x"] = self.decode(result["x"])
+        result["training_losses"] = self.training_losses()
+        return result

@@ -1,0 +1,177 @@
+"""The image folder dataset and the image_autoencoding task on real files written with
+Pillow: listing, decoding, crops, shuffling, unreadable files, missing splits."""
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import fairseq  # noqa: F401  (first, so that the plugin registers its fairseq parts)
+import fairseq_knnvq  # noqa: F401
+from fairseq.data import data_utils
+
+from fairseq_knnvq.data.image_folder import (
+    ImageFolderDataset,
+    UnreadableImageLog,
+    find_split,
+    list_image_folder,
+    write_synthetic_image_folder,
+)
+from fairseq_knnvq.tasks.image_autoencoding import ImageAutoencodingConfig, ImageAutoencodingTask
+
+
+@pytest.fixture(scope="module")
+def image_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    write_synthetic_image_folder(str(root), {"train": 12, "val": 6}, size=40, seed=3)
+    return str(root)
+
+
+def write_corrupt(path):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+
+
+def test_synthetic_folder_is_imagenet_layout_and_structured(image_root):
+    paths = list_image_folder(os.path.join(image_root, "train"))
+    assert len(paths) == 12
+    assert {os.path.basename(os.path.dirname(p)) for p in paths} == {"shapes", "stripes", "checkers"}
+    assert any(p.endswith(".JPEG") for p in paths) and any(p.endswith(".png") for p in paths)
+    for p in paths:
+        pixels = np.asarray(Image.open(p).convert("RGB"), dtype=np.float64)
+        # Structured, not noise: neighbouring pixels are mostly equal or close.
+        assert np.abs(np.diff(pixels, axis=1)).mean() < 40
+
+
+def test_valid_split_finds_imagenet_val_folder(image_root):
+    assert find_split(image_root, "valid") == list_image_folder(os.path.join(image_root, "val"))
+
+
+def test_file_list_split(image_root, tmp_path):
+    train = list_image_folder(os.path.join(image_root, "train"))
+    lst = tmp_path / "mine.txt"
+    rel = os.path.relpath(train[0], tmp_path)
+    lst.write_text(f"# a comment\n{rel}\n\n{train[1]}\n")
+    assert find_split(str(tmp_path), "mine") == [train[0], train[1]]
+
+
+def test_missing_and_empty_splits_name_the_paths(image_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"split 'test' not found.*test/"):
+        find_split(image_root, "test")
+    (tmp_path / "train" / "cls").mkdir(parents=True)
+    (tmp_path / "train" / "cls" / "notes.txt").write_text("no images")
+    with pytest.raises(FileNotFoundError, match="holds no image file"):
+        find_split(str(tmp_path), "train")
+    (tmp_path / "valid.txt").write_text("# nothing\n")
+    with pytest.raises(FileNotFoundError, match="file list .* is empty"):
+        find_split(str(tmp_path), "valid")
+    with pytest.raises(FileNotFoundError, match="does not exist; set task.data"):
+        find_split(str(tmp_path / "nowhere"), "train")
+
+
+def test_resize_shorter_side_and_centre_crop(tmp_path):
+    # A 60x30 image: left half red, right half blue, a green column in the middle.
+    pixels = np.zeros((30, 60, 3), dtype=np.uint8)
+    pixels[:, :30] = (255, 0, 0)
+    pixels[:, 30:] = (0, 0, 255)
+    pixels[:, 29:31] = (0, 255, 0)
+    path = tmp_path / "wide.png"
+    Image.fromarray(pixels).save(path)
+    ds = ImageFolderDataset([str(path)], image_size=16, resize_size=20)
+    image = ds[0]["image"]
+    assert image.shape == (3, 16, 16) and image.dtype == torch.float32
+    assert image.min() >= -1 and image.max() <= 1
+    # Shorter side 30 -> 20 makes it 40x20; the centre 16x16 crop spans x 12..27 of 40,
+    # so red on the left, blue on the right, green in the middle columns.
+    assert image[0, :, 0].mean() > 0.9 and image[2, :, -1].mean() > 0.9
+    assert image[1, :, 7:9].mean() > 0.0
+
+
+def test_training_crops_are_random_per_epoch_and_reproducible(image_root):
+    paths = find_split(image_root, "train")
+    ds = ImageFolderDataset(paths, image_size=32, resize_size=40, augment=True, seed=5)
+    ds.set_epoch(1)
+    a = ds[0]["image"]
+    assert torch.equal(a, ds[0]["image"])  # same seed, epoch, index: same crop
+    again = ImageFolderDataset(paths, image_size=32, resize_size=40, augment=True, seed=5)
+    again.set_epoch(1)
+    assert torch.equal(a, again[0]["image"])
+    crops = set()
+    for epoch in range(1, 9):
+        ds.set_epoch(epoch)
+        crops.add(ds[0]["image"].numpy().tobytes())
+    assert len(crops) > 2
+    centre = ImageFolderDataset(paths, image_size=32, resize_size=40)
+    assert torch.equal(centre[0]["image"], centre[0]["image"])
+
+
+def test_shuffle_differs_per_epoch_seed():
+    ds = ImageFolderDataset(["x.png"] * 50, image_size=8, shuffle=True)
+    with data_utils.numpy_seed(1 + 1):
+        first = ds.ordered_indices()
+    with data_utils.numpy_seed(1 + 2):
+        second = ds.ordered_indices()
+    assert sorted(first) == list(range(50)) and not np.array_equal(first, second)
+    assert np.array_equal(ImageFolderDataset(["x.png"] * 5, image_size=8).ordered_indices(), np.arange(5))
+
+
+def test_unreadable_image_is_replaced_in_training_and_dropped_in_evaluation(image_root, tmp_path):
+    paths = find_split(image_root, "train")[:4]
+    bad = str(tmp_path / "cls" / "broken.JPEG")
+    write_corrupt(bad)
+    mixed = paths[:2] + [bad] + paths[2:]
+
+    ds = ImageFolderDataset(mixed, image_size=32, on_unreadable="replace")
+    item = ds[2]
+    assert item["unreadable"][0][0] == bad
+    assert torch.equal(item["image"], ds[3]["image"])  # the next readable image
+    batch = ds.collater([ds[i] for i in range(len(mixed))])
+    assert batch["net_input"]["images"].shape == (5, 3, 32, 32)
+    assert [p for p, _ in batch["unreadable"]] == [bad]
+
+    dropping = ImageFolderDataset(mixed, image_size=32, on_unreadable="drop")
+    batch = dropping.collater([dropping[i] for i in range(len(mixed))])
+    assert batch["net_input"]["images"].shape == (4, 3, 32, 32)
+    assert batch["id"].tolist() == [0, 1, 3, 4]
+
+    only_bad = ImageFolderDataset([bad, bad], image_size=32, on_unreadable="replace")
+    with pytest.raises(RuntimeError, match="could not read any of 2 consecutive images"):
+        only_bad[0]
+
+
+def test_unreadable_log_warns_once_per_file(caplog):
+    log = UnreadableImageLog()
+    with caplog.at_level(logging.WARNING):
+        log.note([("/data/a.JPEG", "OSError: broken")])
+        log.note([("/data/a.JPEG", "OSError: broken"), ("/data/b.JPEG", "OSError: broken")])
+    messages = [r.getMessage() for r in caplog.records if "unreadable image" in r.getMessage()]
+    assert len(messages) == 2 and "/data/a.JPEG" in messages[0] and "/data/b.JPEG" in messages[1]
+    assert len(log) == 2
+
+
+def test_bad_dataset_arguments():
+    with pytest.raises(ValueError, match="resize_size"):
+        ImageFolderDataset(["a.png"], image_size=32, resize_size=16)
+    with pytest.raises(ValueError, match="at least one image"):
+        ImageFolderDataset([], image_size=32)
+
+
+def test_task_loads_splits_and_batches_by_batch_size(image_root):
+    cfg = ImageAutoencodingConfig(data=image_root, image_size=32, resize_size=36, train_subset="train", seed=1)
+    task = ImageAutoencodingTask.setup_task(cfg)
+    task.load_dataset("train")
+    task.load_dataset("valid")
+    train, valid = task.dataset("train"), task.dataset("valid")
+    assert len(train) == 12 and len(valid) == 6
+    assert train.augment and train.shuffle and not valid.augment and not valid.shuffle
+    itr = task.get_batch_iterator(train, max_sentences=5, seed=1, epoch=1)
+    batches = list(itr.next_epoch_itr(shuffle=True))
+    assert sorted(b["net_input"]["images"].shape[0] for b in batches) == [2, 5, 5]
+    assert sorted(i for b in batches for i in b["id"].tolist()) == list(range(12))
+    with pytest.raises(ValueError, match="set dataset.batch_size"):
+        task.get_batch_iterator(train)
+    with pytest.raises(FileNotFoundError, match="split 'test' not found"):
+        task.load_dataset("test")
