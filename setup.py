@@ -39,6 +39,7 @@ setup(
             "knnvq-prepare-librispeech = fairseq_knnvq.cli.prepare_librispeech:main",
             "knnvq-infer = fairseq_knnvq.cli.infer_ctc:main",
             "knnvq-report = fairseq_knnvq.cli.report:main",
+            "knnvq-eval-image = fairseq_knnvq.cli.eval_image:main",
         ],
     },
 )
