@@ -164,7 +164,10 @@ def load_checkpoint(path: str, device: torch.device):
     from fairseq import checkpoint_utils
 
     fairseq_knnvq.register_with_fairseq()
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path])
+    try:
+        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([path])
+    except Exception as e:
+        raise ValueError(f"could not load checkpoint {path!r}: {type(e).__name__}: {e}") from e
     model = models[0]
     if not hasattr(model, "quantize") or not hasattr(model, "decode"):
         raise ValueError(f"{path!r} holds a {type(model).__name__}, not a vq_image_autoencoder checkpoint")
@@ -205,14 +208,16 @@ def evaluate(
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
     dev = torch.device(device)
+    paths = list_images(images)
     inception = InceptionFeatures(inception_weights, dev) if inception_weights else None
     model, cfg, task = load_checkpoint(checkpoint, dev)
     image_size = image_size or cfg.task.image_size
     resize_size = resize_size or cfg.task.get("resize_size", None)
     if resize_size is not None and resize_size < image_size:
         resize_size = image_size
-    paths = list_images(images)
     dataset = ImageFolderDataset(
         paths, image_size=image_size, resize_size=resize_size, augment=False, on_unreadable="drop"
     )
