@@ -247,6 +247,9 @@ def _series(records: Sequence[Mapping[str, float]], metric: str) -> Tuple[List[f
 
 
 def _pyplot():
+    # fairseq may have set the root logger to DEBUG; matplotlib's start-up and font
+    # search are noise there.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
         import matplotlib
     except ImportError:
@@ -255,8 +258,6 @@ def _pyplot():
             "(or pip install matplotlib)"
         ) from None
     matplotlib.use("Agg")  # files only, no display
-    # fairseq may have set the root logger to DEBUG; matplotlib's font search is noise.
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
 
     return plt
