@@ -208,3 +208,49 @@ def test_missing_matplotlib_says_how_to_install(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an environment without it gives
     with pytest.raises(report.ReportError, match=r"fairseq-knnvq\[plots\]"):
         report.write_curves_report([report.read_run(log)], tmp_path / "o")
+
+
+@pytest.mark.slow
+def test_code_histogram_of_a_pretrained_checkpoint(tiny_manifests: Path, tmp_path: Path, capsys) -> None:
+    """``codes`` on a checkpoint that fairseq-hydra-train wrote: its counts equal those
+    of fairseq's own ``Wav2Vec2Model.quantize`` over the same files."""
+    import soundfile
+    import torch
+    from fairseq_run import CONFIG_DIR, run_hydra_train
+
+    run_dir = tmp_path / "pretrain"
+    run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_ce",
+                    [f"task.data={tiny_manifests}", "optimization.max_update=2",
+                     f"checkpoint.save_dir={run_dir / 'checkpoints'}"], run_dir=run_dir)
+    checkpoint = run_dir / "checkpoints" / "checkpoint_last.pt"
+    manifest = tiny_manifests / "valid.tsv"
+    out = tmp_path / "report"
+    assert report.main(["codes", "--checkpoint", str(checkpoint), "--manifest", str(manifest),
+                        "--out", str(out), "--name", "knn", "--max-files", "12"]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "knn_code_counts.json").read_text())
+    with Image.open(out / "knn_code_counts.png") as image:
+        assert image.format == "PNG"
+
+    model, _ = report.load_pretrained(checkpoint)
+    files = report.read_manifest(manifest)[:12]
+    expected = torch.zeros(result["groups"], result["entries"], dtype=torch.long)
+    frames = 0
+    with torch.no_grad():
+        for path in files:
+            wav, _ = soundfile.read(str(path), dtype="float32")
+            _, targets = model.quantize(torch.from_numpy(wav).unsqueeze(0))  # (1, T, G)
+            frames += targets.shape[1]
+            for g in range(result["groups"]):
+                expected[g] += torch.bincount(targets[0, :, g], minlength=result["entries"])
+    assert result["files"] == 12 and result["frames"] == frames
+    assert result["counts"] == expected.tolist()
+    used = int((expected > 0).sum())
+    assert result["stats"]["used_entries"] == used
+    assert f"{used}/{result['groups'] * result['entries']} entries used" in printed
+    # The model was loaded at its trained update count (fairseq sets it on load).
+    assert result["temperature"] == pytest.approx(model.quantizer.curr_temp) and result["temperature"] < 2.0
+
+    assert report.main(["codes", "--checkpoint", str(manifest), "--manifest", str(manifest),
+                        "--out", str(out)]) == 2
+    assert "cannot load" in capsys.readouterr().err
