@@ -175,3 +175,36 @@ def test_task_loads_splits_and_batches_by_batch_size(image_root):
         task.get_batch_iterator(train)
     with pytest.raises(FileNotFoundError, match="split 'test' not found"):
         task.load_dataset("test")
+
+
+def test_worker_processes_see_each_epoch_and_report_unreadable_files(image_root, tmp_path):
+    """With data-loader workers the crops still follow (seed, epoch, index), and an
+    unreadable file found in a worker reaches the main process in the batch."""
+    root = tmp_path / "data"
+    write_synthetic_image_folder(str(root), {"train": 6}, size=40, seed=4)
+    bad = root / "train" / "shapes" / "zz_broken.JPEG"
+    write_corrupt(str(bad))
+    cfg = ImageAutoencodingConfig(data=str(root), image_size=32, resize_size=40, train_subset="train", seed=1)
+
+    def crops(num_workers):
+        task = ImageAutoencodingTask.setup_task(cfg)
+        task.load_dataset("train")
+        itr = task.get_batch_iterator(task.dataset("train"), max_sentences=4, seed=1, num_workers=num_workers, epoch=1)
+        per_epoch, unreadable = [], []
+        for _ in range(2):
+            batches = list(itr.next_epoch_itr(shuffle=True))
+            by_id = {}
+            for b in batches:
+                unreadable += [p for p, _ in b["unreadable"]]
+                for i, image in zip(b["id"].tolist(), b["net_input"]["images"]):
+                    by_id[i] = image
+            per_epoch.append(by_id)
+        return per_epoch, unreadable
+
+    in_process, bad_main = crops(0)
+    in_workers, bad_workers = crops(2)
+    for epoch in range(2):
+        for i in in_process[epoch]:
+            assert torch.equal(in_process[epoch][i], in_workers[epoch][i])
+    assert any(not torch.equal(in_workers[0][i], in_workers[1][i]) for i in in_workers[0])
+    assert bad_main == bad_workers == [str(bad), str(bad)]  # once per epoch
