@@ -1,0 +1,157 @@
+"""fairseq's wav2vec criterion plus the KNN term and pooled code-usage logging
+(``criterion._name=wav2vec_knnvq``).
+
+The loss is fairseq's own ``Wav2vecCriterion.forward`` (InfoNCE or BCE plus weighted
+extra losses); this class only supplies the weights and adds to the logging output:
+
+- weights ``loss_weights + [knn_weight]`` for the model's extra losses
+  ``[diversity, features_pen, knn]`` (see ``models/wav2vec2_knnvq.py``), so the stock
+  ``loss_weights: [0.1, 10]`` keep their meaning and the KNN term has its own weight;
+- ``knn_loss`` (the unweighted regulariser, also for variants that do not train on it)
+  and the code usage sums of :mod:`fairseq_knnvq.code_usage_logging`, from which
+  ``code_usage``, ``used_codes``, ``pooled_code_perplexity``, ``pooled_prob_perplexity``,
+  ``tightness_max_prob`` and ``tightness_vertex_l2`` are derived over all workers and,
+  in validation, over the whole subset.
+
+Every logging value is a sum, so the outputs are summed across workers (fairseq's fast
+all-reduce path, also the one that works for CPU/gloo training). fairseq's criterion
+averages keys such as ``temp`` or ``prob_perplexity`` by dividing by the number of
+logging outputs, which is the wrong count once outputs are summed; here every output
+carries a count, so the averages are the same for any number of workers.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+
+from fairseq import utils
+from fairseq.criterions import register_criterion
+from fairseq.criterions.wav2vec_criterion import Wav2vecCriterion, Wav2VecCriterionConfig
+
+from ..code_usage_logging import is_usage_key, log_code_usage, usage_logging_output
+
+# Counts the logging outputs that were summed into one, for averages (see module doc).
+COUNT_KEY = "_num_logging_outputs"
+# Keys fairseq's reduce_metrics sums instead of averaging.
+_SUMMED_KEYS = {"loss", "ntokens", "nsentences", "sample_size", "correct", "count"}
+# Logged by this criterion whether or not they are in log_keys.
+_ALWAYS_LOGGED = ("knn_loss", "code_usage")
+# Extra losses of wav2vec2_knnvq: [diversity, features_pen, knn].
+_NUM_EXTRA_LOSSES = 3
+
+
+@dataclass
+class Wav2VecKnnVqCriterionConfig(Wav2VecCriterionConfig):
+    knn_weight: float = field(
+        default=0.1,
+        metadata={
+            "help": "weight of the KNN-to-vertex loss (scaled by the sample size like the "
+            "other extra losses); loss_weights keep fairseq's meaning: [diversity, "
+            "features_pen]"
+        },
+    )
+
+
+class _NetOutputRecorder:
+    """Stands in for the model inside fairseq's criterion forward: passes every call
+    through and keeps the network output, which that forward does not return."""
+
+    def __init__(self, model):
+        self._model = model
+        self.net_output: Optional[Dict[str, Any]] = None
+
+    def __call__(self, *args, **kwargs):
+        self.net_output = self._model(*args, **kwargs)
+        return self.net_output
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def get_extra_losses(self, net_output):
+        losses = self._model.get_extra_losses(net_output)
+        if torch.is_tensor(losses) or len(losses) != _NUM_EXTRA_LOSSES:
+            raise ValueError(
+                "criterion wav2vec_knnvq needs a model whose extra losses are [diversity, "
+                "features_pen, knn], i.e. model._name=wav2vec2_knnvq; this model returned "
+                f"{1 if torch.is_tensor(losses) else len(losses)}. Use criterion._name=wav2vec "
+                "with other models."
+            )
+        return losses
+
+
+@register_criterion("wav2vec_knnvq", dataclass=Wav2VecKnnVqCriterionConfig)
+class Wav2vecKnnVqCriterion(Wav2vecCriterion):
+    def __init__(self, task, infonce=False, loss_weights=None, log_keys=None, knn_weight=0.1):
+        log_keys = [] if log_keys is None else list(log_keys)
+        for key in ("logits", "target"):
+            if key in log_keys:
+                raise ValueError(
+                    f"criterion wav2vec_knnvq cannot log {key!r}: its logging outputs are "
+                    f"summed across workers and {key!r} is an array; remove it from "
+                    "criterion.log_keys"
+                )
+        super().__init__(
+            task,
+            infonce=infonce,
+            loss_weights=self.extra_loss_weights(loss_weights, knn_weight),
+            log_keys=[key for key in log_keys if key not in _ALWAYS_LOGGED],
+        )
+        self.knn_weight = knn_weight
+
+    @staticmethod
+    def extra_loss_weights(loss_weights, knn_weight: float) -> List[float]:
+        """Weights of ``[diversity, features_pen, knn]``: the stock weights (None: no
+        extra loss; one value: for both, as fairseq broadcasts it) plus ``knn_weight``."""
+        if loss_weights is None:
+            stock = [0.0, 0.0]
+        else:
+            stock = [float(w) for w in loss_weights]
+            if len(stock) == 1:
+                stock = stock * 2
+            if len(stock) != 2:
+                raise ValueError(
+                    "criterion.loss_weights are fairseq's weights of the diversity loss and "
+                    f"the feature penalty, e.g. [0.1, 10]; got {stock}. Set the weight of the "
+                    "KNN loss with criterion.knn_weight."
+                )
+        return stock + [float(knn_weight)]
+
+    def forward(self, model, sample, reduce=True):
+        recorder = _NetOutputRecorder(model)
+        loss, sample_size, logging_output = super().forward(recorder, sample, reduce=reduce)
+        net_output = recorder.net_output
+        logging_output[COUNT_KEY] = 1
+        if "knn_loss" in net_output:
+            logging_output["knn_loss"] = float(net_output["knn_loss"])
+        if "code_usage" in net_output:
+            logging_output.update(usage_logging_output(net_output["code_usage"]))
+        return loss, sample_size, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        """Logs the pooled code usage, then fairseq's metrics of the summed outputs."""
+        log_code_usage(logging_outputs)
+        Wav2vecCriterion.reduce_metrics([pool_logging_outputs(logging_outputs)])
+
+    def logging_outputs_can_be_summed(self) -> bool:
+        return True
+
+
+def pool_logging_outputs(logging_outputs: List[Mapping[str, Any]]) -> Dict[str, Any]:
+    """One logging output equivalent to ``logging_outputs`` for fairseq's reduce_metrics:
+    sums, except the keys fairseq averages (not a loss, not a count), which become their
+    mean over the original outputs. Works on outputs that were already summed across
+    workers, because those carry the count of the outputs they sum."""
+    count = sum(utils.item(log.get(COUNT_KEY, 1)) for log in logging_outputs)
+    pooled: Dict[str, Any] = {}
+    for log in logging_outputs:
+        for key, value in log.items():
+            if key == COUNT_KEY or is_usage_key(key):
+                continue
+            value = utils.item(value) if torch.is_tensor(value) and value.numel() == 1 else value
+            pooled[key] = pooled.get(key, 0) + value
+    for key in pooled:
+        if key not in _SUMMED_KEYS and not key.startswith("loss"):
+            pooled[key] = pooled[key] / max(count, 1)
+    return pooled

@@ -1,0 +1,194 @@
+"""wav2vec 2.0 with the KNN-regularised smoothed quantizer (``model._name=wav2vec2_knnvq``).
+
+A subclass of fairseq's ``Wav2Vec2Model``: the CNN, masking, transformer, negatives and
+contrastive logits are fairseq's own code. Only the quantizers are swapped for
+:class:`~fairseq_knnvq.quantization.SmoothedVectorQuantizer`, built with the arguments
+fairseq uses and loaded with the weights fairseq drew, so parameter names match and a
+stock ``wav2vec2`` state dict loads. With ``quantizer_regularizer=diversity`` and
+``quantizer_smoothing=gumbel_hard`` the model computes exactly what stock wav2vec 2.0
+computes.
+
+``get_extra_losses`` returns three terms in fixed positions, whatever the variant:
+
+    [diversity (or None), features_pen, knn (or None)]
+
+so one set of weights fits every config: the stock ``loss_weights: [0.1, 10]`` for the
+first two, and the KNN weight third (the ``wav2vec_knnvq`` criterion appends its
+``knn_weight``; with fairseq's ``wav2vec`` criterion pass ``loss_weights: [0.1, 10, λ]``).
+fairseq's criterion skips ``None`` terms.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from fairseq.dataclass import ChoiceEnum
+from fairseq.models import register_model
+from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
+
+from ..quantization import KNN_DISTANCES, REGULARIZERS, SMOOTHING_MODES, SmoothedVectorQuantizer
+from ..quantization.quantizer import KNN_INPUTS
+
+SMOOTHING_CHOICES = ChoiceEnum(list(SMOOTHING_MODES))
+REGULARIZER_CHOICES = ChoiceEnum(list(REGULARIZERS))
+KNN_DISTANCE_CHOICES = ChoiceEnum(list(KNN_DISTANCES))
+KNN_INPUT_CHOICES = ChoiceEnum(list(KNN_INPUTS))
+
+# Positions of the terms in get_extra_losses (and in the criterion's weights).
+EXTRA_LOSS_NAMES = ("diversity", "features_pen", "knn")
+
+
+@dataclass
+class Wav2Vec2KnnVqConfig(Wav2Vec2Config):
+    quantizer_smoothing: SMOOTHING_CHOICES = field(  # type: ignore[valid-type]
+        default="gumbel_hard",
+        metadata={
+            "help": "how the quantizer turns logits into a code-selection vector: softmax, "
+            "gumbel (soft sample), gumbel_hard (straight-through Gumbel, stock wav2vec 2.0) "
+            "or ste (hard argmax forward, softmax backward)"
+        },
+    )
+    quantizer_regularizer: REGULARIZER_CHOICES = field(  # type: ignore[valid-type]
+        default="knn",
+        metadata={
+            "help": "regulariser of the code-selection vectors: knn (KNN-to-simplex-vertex "
+            "loss), diversity (stock wav2vec 2.0 prob-perplexity loss) or none"
+        },
+    )
+    knn_k: int = field(
+        default=8, metadata={"help": "K: smoothed vectors pulled towards each codebook vertex"}
+    )
+    knn_distance: KNN_DISTANCE_CHOICES = field(  # type: ignore[valid-type]
+        default="ce",
+        metadata={"help": "distance to a vertex: ce (-log p_m) or l2 (||e_m - p||^2)"},
+    )
+    knn_input: KNN_INPUT_CHOICES = field(  # type: ignore[valid-type]
+        default="smoothed",
+        metadata={
+            "help": "vectors the KNN loss acts on: smoothed (the ones used in the forward "
+            "pass, e.g. the Gumbel sample) or probs (noise-free softmax(logits / temp))"
+        },
+    )
+    knn_global: bool = field(
+        default=False,
+        metadata={
+            "help": "choose each vertex's K neighbours from the batch of all workers "
+            "(distributed training) instead of each worker's own batch"
+        },
+    )
+
+
+@register_model("wav2vec2_knnvq", dataclass=Wav2Vec2KnnVqConfig)
+class Wav2Vec2KnnVqModel(Wav2Vec2Model):
+    """``Wav2Vec2Model`` whose quantizers are :class:`SmoothedVectorQuantizer`.
+
+    ``forward`` returns fairseq's keys plus ``knn_loss`` (summed over the quantizers the
+    model runs: the target quantizer and, with ``quantize_input``, the input quantizer)
+    and ``code_usage`` (the summable usage statistics of the target quantizer, or of the
+    input quantizer when there are no quantized targets). Frames that are padding never
+    enter the regulariser or the statistics.
+    """
+
+    def __init__(self, cfg: Wav2Vec2KnnVqConfig):
+        super().__init__(cfg)
+        stock_quantizer = self.quantizer
+        if self.quantizer is not None:
+            self.quantizer = self._smoothed_like(self.quantizer, cfg)
+        if self.input_quantizer is not None:
+            if self.input_quantizer is stock_quantizer:  # same_quantizer
+                self.input_quantizer = self.quantizer
+            else:
+                self.input_quantizer = self._smoothed_like(self.input_quantizer, cfg)
+
+        # Filled by the quantizers' hooks during one forward call (None outside it).
+        self._quantizer_outputs: Optional[List[Dict[str, Any]]] = None
+        self._feature_lengths: Optional[torch.Tensor] = None
+        for quantizer in {id(q): q for q in (self.quantizer, self.input_quantizer) if q is not None}.values():
+            quantizer.register_forward_pre_hook(self._before_quantizer, with_kwargs=True)
+            quantizer.register_forward_hook(self._after_quantizer)
+
+    def _smoothed_like(self, stock, cfg: Wav2Vec2KnnVqConfig) -> SmoothedVectorQuantizer:
+        """A SmoothedVectorQuantizer with the arguments and the weights of fairseq's
+        GumbelVectorQuantizer ``stock``. The CPU random state is restored afterwards, so
+        a seeded construction draws the same numbers as stock wav2vec 2.0 for everything
+        built later (and the same weights here)."""
+        with torch.random.fork_rng(devices=[]):
+            quantizer = SmoothedVectorQuantizer(
+                dim=self.embed,
+                num_vars=cfg.latent_vars,
+                temp=cfg.latent_temp,
+                groups=cfg.latent_groups,
+                combine_groups=False,
+                vq_dim=stock.vars.shape[-1] * cfg.latent_groups,
+                time_first=True,
+                weight_proj_depth=cfg.quantizer_depth,
+                weight_proj_factor=cfg.quantizer_factor,
+                smoothing=cfg.quantizer_smoothing,
+                regularizer=cfg.quantizer_regularizer,
+                knn_k=cfg.knn_k,
+                knn_distance=cfg.knn_distance,
+                knn_input=cfg.knn_input,
+                knn_global=cfg.knn_global,
+            )
+        # Strict: fails loudly if fairseq ever builds its quantizer differently.
+        quantizer.load_state_dict(stock.state_dict())
+        return quantizer
+
+    def _before_quantizer(self, module, args, kwargs):
+        """Passes the valid-frame mask to quantizer calls that see padded frames.
+
+        fairseq quantizes the masked frames ``y`` (never padding: masks are drawn inside
+        each utterance's length) unless ``negatives_from_everywhere``; the input
+        quantizer always sees every frame."""
+        if self._quantizer_outputs is None or self._feature_lengths is None:
+            return None
+        is_input_call = self.input_quantizer is not None and not self._quantizer_outputs
+        if not (is_input_call or self.negatives_from_everywhere):
+            return None
+        x = args[0]
+        frames = torch.arange(x.shape[1], device=x.device)
+        kwargs = dict(kwargs, mask=frames.unsqueeze(0) < self._feature_lengths.unsqueeze(1).to(x.device))
+        return args, kwargs
+
+    def _after_quantizer(self, module, args, output):
+        if self._quantizer_outputs is not None:
+            self._quantizer_outputs.append(output)
+
+    def forward(self, source, padding_mask=None, mask=True, features_only=False, *args, **kwargs):
+        if features_only:
+            return super().forward(source, padding_mask, mask, features_only, *args, **kwargs)
+        self._quantizer_outputs = []
+        # Frame lengths as fairseq derives its feature-level padding mask from them.
+        self._feature_lengths = (
+            self._get_feat_extract_output_lengths((~padding_mask).long().sum(-1))
+            if padding_mask is not None and padding_mask.any()
+            else None
+        )
+        try:
+            result = super().forward(source, padding_mask, mask, features_only, *args, **kwargs)
+            outputs = self._quantizer_outputs
+        finally:
+            self._quantizer_outputs = None
+            self._feature_lengths = None
+        knn_losses = [q["knn_loss"] for q in outputs if "knn_loss" in q]
+        if knn_losses:
+            result["knn_loss"] = torch.stack([loss.float() for loss in knn_losses]).sum()
+        if outputs:
+            # The last call is the target quantizer when there is one (it runs after the
+            # encoder): the one whose perplexities fairseq reports.
+            result["code_usage"] = outputs[-1]["code_usage"]
+        return result
+
+    def get_extra_losses(self, net_output) -> List[Optional[torch.Tensor]]:
+        """``[diversity, features_pen, knn]``; a term the variant does not train is None."""
+        diversity = features_pen = knn = None
+        if self.cfg.quantizer_regularizer == "diversity" and "prob_perplexity" in net_output:
+            num_vars = net_output["num_vars"]
+            diversity = (num_vars - net_output["prob_perplexity"]) / num_vars
+        if "features_pen" in net_output:
+            features_pen = net_output["features_pen"]
+        if self.cfg.quantizer_regularizer == "knn" and "knn_loss" in net_output:
+            knn = net_output["knn_loss"]
+        return [diversity, features_pen, knn]
+

@@ -1,0 +1,96 @@
+"""End to end: stock ``fairseq-hydra-train`` pretrains wav2vec 2.0 with the plugin on the
+shipped tiny corpus, saves, reloads with fairseq's checkpoint_utils, resumes, and logs
+the KNN loss and code usage."""
+import math
+
+import pytest
+import soundfile
+import torch
+
+import fairseq  # noqa: F401  (before the plugin, so that it registers its fairseq parts)
+import fairseq_knnvq
+from fairseq import checkpoint_utils
+
+from fairseq_knnvq.models.wav2vec2_knnvq import Wav2Vec2KnnVqModel
+from fairseq_knnvq.quantization import SmoothedVectorQuantizer
+from fairseq_run import CONFIG_DIR, TINY_CORPUS, last_record, parse_json_log, records_of, run_hydra_train
+
+fairseq_knnvq.register_with_fairseq()
+
+PRETRAINING = CONFIG_DIR / "pretraining"
+FIRST_UPDATES = 3
+NUM_ENTRIES = 2 * 32  # latent_groups x latent_vars of the tiny configs
+USAGE_KEYS = ("knn_loss", "code_usage", "used_codes", "pooled_code_perplexity",
+              "pooled_prob_perplexity", "tightness_max_prob", "tightness_vertex_l2")
+
+
+def _check_usage(record, prefix=""):
+    for key in USAGE_KEYS:
+        value = record[prefix + key]
+        assert isinstance(value, float) and math.isfinite(value), (prefix + key, value)
+    used = record[prefix + "used_codes"]
+    assert 1 <= used <= NUM_ENTRIES
+    assert record[prefix + "code_usage"] == pytest.approx(used / NUM_ENTRIES, abs=1e-4)
+    assert 1.0 <= record[prefix + "pooled_code_perplexity"] <= used + 1e-3
+    assert 0.0 < record[prefix + "tightness_max_prob"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config_name, regularizer",
+    [("tiny_knn_ce", "knn"), ("tiny_diversity", "diversity")],
+)
+def test_tiny_pretraining_trains_saves_reloads_resumes_and_logs_usage(
+    config_name, regularizer, tiny_manifests, tmp_path
+):
+    run_dir = tmp_path / "run"
+    overrides = [f"task.data={tiny_manifests}", "common.log_interval=1"]
+    first = run_hydra_train(PRETRAINING, config_name, overrides + [f"optimization.max_update={FIRST_UPDATES}"], run_dir)
+
+    # The JSON log: every update and the validation carry the KNN loss and the usage.
+    records = parse_json_log(first.stdout)
+    updates = records_of(records, "train_inner")
+    assert [r["num_updates"] for r in updates] == [1, 2, 3]
+    knn_weight = 0.1  # criterion.knn_weight of the tiny configs
+    for record in updates:
+        _check_usage(record)
+        # Extra losses are [diversity, features_pen, knn]; with log_interval 1 each record
+        # is one batch, so each weighted term is weight * term / ln 2 (bits).
+        assert {k for k in record if k.startswith("loss_")} == {"loss_0", "loss_1", "loss_2"}
+        if regularizer == "knn":
+            assert record["loss_2"] == pytest.approx(knn_weight * record["knn_loss"] / math.log(2), abs=2e-3)
+        else:
+            diversity = (NUM_ENTRIES - record["prob_perplexity"]) / NUM_ENTRIES
+            assert record["loss_1"] == pytest.approx(0.1 * diversity / math.log(2), abs=2e-3)
+    valid = last_record(records, "valid")
+    _check_usage(valid, prefix="valid_")
+    assert valid["valid_num_updates"] == FIRST_UPDATES
+
+    # The checkpoint loads back through fairseq as the plugin's model.
+    checkpoint = run_dir / "checkpoints" / "checkpoint_last.pt"
+    assert checkpoint.is_file()
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))
+    assert state["optimizer_history"][-1]["num_updates"] == FIRST_UPDATES
+    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)])
+    model = models[0]
+    assert isinstance(model, Wav2Vec2KnnVqModel)
+    assert isinstance(model.quantizer, SmoothedVectorQuantizer)
+    assert model.quantizer.regularizer == regularizer == cfg.model.quantizer_regularizer
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state["model"][name]), name
+    # ... and quantizes real audio of the corpus.
+    audio, rate = soundfile.read(str(next(TINY_CORPUS.glob("test/*/*/*.flac"))), dtype="float32")
+    model.eval()
+    with torch.no_grad():
+        _, targets = model.quantize(torch.from_numpy(audio).unsqueeze(0))
+    assert targets.shape[-1] == 2 and 0 <= int(targets.min()) and int(targets.max()) < 32
+
+    # Resume from checkpoint_last.pt for one more update.
+    second = run_hydra_train(PRETRAINING, config_name, overrides + [f"optimization.max_update={FIRST_UPDATES + 1}"], run_dir)
+    assert f"@ {FIRST_UPDATES} updates" in second.stdout and "Loaded checkpoint" in second.stdout
+    resumed = parse_json_log(second.stdout)
+    assert [r["num_updates"] for r in records_of(resumed, "train_inner")] == [FIRST_UPDATES + 1]
+    _check_usage(records_of(resumed, "train_inner")[0])
+    _check_usage(last_record(resumed, "valid"), prefix="valid_")
+    state = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))
+    assert state["optimizer_history"][-1]["num_updates"] == FIRST_UPDATES + 1
