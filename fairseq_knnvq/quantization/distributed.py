@@ -1,0 +1,179 @@
+"""Global KNN across data-parallel workers: each vertex's K nearest smoothed vectors are
+picked from the batch of all workers, without gathering that batch.
+
+The exchange. Every worker takes its local top-K candidates per (group, vertex) with
+:func:`~.regularizers.search_vertices` (K * G * M closeness values and their row
+indices), all-gathers the closeness values (``world * K * G * M`` floats, plus one count
+of valid rows per worker), sorts them per vertex in descending order with a stable sort
+(candidates laid out rank-major, so among equal values the lower rank wins), and keeps
+the local candidates among the first ``K_eff = min(K, total valid rows)``. Exactly
+``K_eff`` rows are kept per vertex over all workers, and they are those that
+single-process KNN would pick on the concatenated batch (up to the order among tied
+values, which ``torch.topk`` leaves open as well). Communication is
+``O(world * K * G * M)`` per step, independent of the number of rows; nothing is
+gathered with a gradient, because the selection is a constant of the loss.
+
+Normalisation. Let ``N_r`` be worker r's valid rows, ``N = sum_r N_r``, and
+``partial_r = 1 / (G * M * K_eff) * sum`` of the distances of the rows that worker r
+kept, so that ``sum_r partial_r`` is the single-process loss ``L`` of the concatenated
+batch. Worker r returns
+
+    value:    L                          (the same number on every worker)
+    gradient: (N / N_r) * grad partial_r
+
+i.e. ``sum_r (N_r / N) * grad_r = grad L``: the row-weighted mean of the per-worker
+gradients is the single-process gradient. This is what fairseq's data-parallel training
+computes. In ``Wav2vecCriterion`` (and criteria built on it) worker r's loss is
+``loss_r = contrastive_r + lambda * knn_r * s_r`` with ``s_r`` its ``sample_size``;
+``legacy_ddp`` all-reduces ``grad / world`` with a SUM, and ``Trainer.train_step`` then
+multiplies by ``world / S`` with ``S = sum_r s_r`` (``multiply_grads(numer / sample_size)``
+after ``_aggregate_logging_outputs`` summed the sample sizes). The KNN part of the
+applied gradient is therefore
+
+    lambda / S * sum_r s_r * grad knn_r = lambda * sum_r (s_r / S) * (N / N_r) * grad partial_r,
+
+which is ``lambda * grad L`` exactly when ``s_r / S = N_r / N``, i.e. when every
+worker's sample size is proportional, with one common factor, to the number of rows
+it feeds the quantizer. wav2vec 2.0 quantizes exactly the masked frames
+(``unmasked_features[mask_indices]``) and its ``sample_size`` is the number of masked
+frames, so ``s_r = N_r``. (With ``negatives_from_everywhere`` every frame is quantized
+while ``sample_size`` stays the masked count; the ratio then varies slightly between
+workers and the gradient is exact only up to it.) The logged value is exact either way:
+fairseq logs ``sum_r lambda * knn_r * s_r / S = lambda * L``.
+
+With no initialised process group, or a world of one, :func:`global_knn_vertex_loss`
+is :func:`~.regularizers.knn_vertex_loss`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .regularizers import (
+    SelectedVertexDistance,
+    VertexSearch,
+    as_rows,
+    at_least_float32,
+    check_finite,
+    check_knn_args,
+    knn_vertex_loss,
+    search_vertices,
+)
+
+
+def world_size(group=None) -> int:
+    """Workers in ``group``; 1 when torch.distributed is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return dist.get_world_size(group)
+
+
+def _all_gather(tensor: Tensor, group) -> Tensor:
+    """``(world, *tensor.shape)``; no gradient flows through it."""
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.stack(parts)
+
+
+@dataclass
+class GlobalSelection:
+    """This worker's share of the global neighbour choice.
+
+    ``search`` holds the local candidates (``k_local`` per vertex) and ``weight`` (same
+    shape as ``search.index``) is 1 where a candidate made the global cut, else 0.
+    ``global_closeness_sum`` sums the closeness of all ``k_eff`` kept rows per vertex
+    over every worker.
+    """
+
+    search: Optional[VertexSearch]
+    weight: Optional[Tensor]
+    k_eff: int
+    num_local: int
+    num_total: int
+    global_closeness_sum: Tensor
+
+
+@torch.no_grad()
+def global_vertex_selection(
+    rows: Tensor,
+    k: int,
+    distance: str,
+    valid: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    group=None,
+) -> GlobalSelection:
+    """The top-K candidate exchange (see the module docstring) for rows ``(N, G, M)``.
+
+    Every worker of ``group`` must call it, with the same G, M, k and distance.
+    """
+    _, groups, entries = rows.shape
+    dtype = at_least_float32(rows).dtype
+    num_local = rows.shape[0] if valid is None else int(valid.sum())
+    counts = _all_gather(torch.tensor([num_local], dtype=torch.long, device=rows.device), group)
+    num_total = int(counts.sum())
+    if num_total == 0:
+        empty = torch.zeros((), dtype=dtype, device=rows.device)
+        return GlobalSelection(None, None, 0, 0, 0, empty)
+    k_eff = min(k, num_total)
+    k_local = min(k_eff, num_local)
+
+    # Local candidates, padded to k_eff with -inf (never kept: the workers together hold
+    # sum_r min(k_eff, N_r) >= k_eff real candidates).
+    candidates = torch.full((k_eff, groups, entries), float("-inf"), dtype=dtype, device=rows.device)
+    search = None
+    if k_local > 0:
+        search = search_vertices(rows, k_local, distance, valid, chunk_size)
+        candidates[:k_local] = search.closeness
+    gathered = _all_gather(candidates, group)  # (world, k_eff, G, M)
+    world = gathered.shape[0]
+    ordered = torch.sort(gathered.view(world * k_eff, groups, entries), dim=0, descending=True, stable=True)
+    kept = torch.zeros(world * k_eff, groups, entries, dtype=torch.bool, device=rows.device)
+    kept.scatter_(0, ordered.indices[:k_eff], True)
+    global_closeness_sum = ordered.values[:k_eff].sum()
+
+    weight = None
+    if search is not None:
+        rank = dist.get_rank(group)
+        weight = kept.view(world, k_eff, groups, entries)[rank, :k_local].to(dtype)
+    return GlobalSelection(search, weight, k_eff, num_local, num_total, global_closeness_sum)
+
+
+def global_knn_vertex_loss(
+    logits: Tensor,
+    k: int = 8,
+    distance: str = "ce",
+    mask: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    group=None,
+) -> Tensor:
+    """L_KNN with each vertex's neighbours chosen from the batch of all workers.
+
+    Arguments as :func:`~.regularizers.knn_vertex_loss`, plus the process ``group``
+    (default: the whole world). Returns the single-process loss of the concatenated
+    batch on every worker, with the gradient ``(N / N_r) * grad partial_r`` defined in
+    the module docstring, so that fairseq's gradient averaging yields the
+    single-process gradient.
+    """
+    if world_size(group) == 1:
+        return knn_vertex_loss(logits, k=k, distance=distance, mask=mask, chunk_size=chunk_size)
+    check_knn_args(k, distance)
+    rows, valid = as_rows(logits, mask)
+    check_finite(rows)
+    sel = global_vertex_selection(rows, k, distance, valid, chunk_size, group)
+    zero = at_least_float32(rows).sum() * 0.0  # keeps a graph when nothing is selected
+    if sel.num_total == 0:
+        return zero
+    normaliser = rows.shape[1] * rows.shape[2] * sel.k_eff
+    # closeness is log p_m (CE) or 1 - d_L2 (L2)
+    kept_distances = -sel.global_closeness_sum if distance == "ce" else normaliser - sel.global_closeness_sum
+    value = kept_distances / normaliser
+    if sel.search is None:
+        return zero + value
+    partial = SelectedVertexDistance.apply(rows, sel.search.index, sel.weight, distance, sel.search) / normaliser
+    scaled = partial * (sel.num_total / sel.num_local)
+    # the forward value is the global loss, the gradient that of the scaled local part
+    return scaled + (value - scaled.detach())

@@ -1,0 +1,143 @@
+"""The chunked neighbour search and the written-out backward pass of the KNN loss.
+
+Large codebooks (16k-64k entries) go through a search over chunks of vertices that keeps
+only per-row statistics; small ones through a search in one piece that keeps the
+log-probabilities. Both, and both backward variants (rows that some vertex selected only,
+or every row), must give the values and gradients of plain autograd.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fairseq_knnvq.quantization import knn_vertex_loss
+from fairseq_knnvq.quantization import regularizers
+from fairseq_knnvq.quantization.regularizers import (
+    SelectedVertexDistance,
+    as_rows,
+    nearest_rows,
+    search_vertices,
+)
+
+
+def autograd_selected_distance(rows, index, weight, distance):
+    """sum w * d(e_m, softmax(rows[index])) by autograd through log_softmax."""
+    log_p = F.log_softmax(rows, dim=-1)
+    chosen = log_p.gather(0, index)
+    if distance == "ce":
+        dist = -chosen
+    else:
+        p = log_p.exp()
+        sq = p.pow(2).sum(-1, keepdim=True).expand_as(p).gather(0, index)
+        dist = 1.0 - 2.0 * chosen.exp() + sq
+    return (weight * dist).sum()
+
+
+def loss_and_grad(logits, **kwargs):
+    logits = logits.detach().clone().requires_grad_()
+    loss = knn_vertex_loss(logits, **kwargs)
+    (grad,) = torch.autograd.grad(loss, logits)
+    return loss.detach(), grad
+
+
+@pytest.mark.parametrize("distance", ["ce", "l2"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_chunked_equals_unchunked_values_and_gradients(distance, masked):
+    torch.manual_seed(11)
+    logits = 3.0 * torch.randn(4, 30, 2, 37, dtype=torch.float64)
+    mask = torch.rand(4, 30) > 0.3 if masked else None
+    whole, whole_grad = loss_and_grad(logits, k=5, distance=distance, mask=mask, chunk_size=37)
+    for chunk in (1, 6, 36):
+        loss, grad = loss_and_grad(logits, k=5, distance=distance, mask=mask, chunk_size=chunk)
+        assert loss.item() == pytest.approx(whole.item(), abs=1e-12)
+        torch.testing.assert_close(grad, whole_grad, atol=1e-12, rtol=1e-10)
+    if masked:
+        assert float(whole_grad[~mask].abs().max()) == 0.0
+
+
+def test_search_in_one_piece_only_below_the_threshold(monkeypatch):
+    rows = torch.randn(64, 2, 16)
+    assert search_vertices(rows, 4, "ce").full is not None  # 2048 values: one piece
+    monkeypatch.setattr(regularizers, "AUTO_CHUNK_ELEMENTS", 64 * 2 * 4)
+    search = search_vertices(rows, 4, "ce")
+    assert search.full is None and search.lse is not None  # chunks of 4 vertices
+    whole = search_vertices(rows, 4, "ce", chunk_size=16)
+    torch.testing.assert_close(search.closeness, whole.closeness)
+    assert torch.equal(search.index, whole.index)
+
+
+@pytest.mark.parametrize("distance", ["ce", "l2"])
+def test_automatic_chunking_gives_the_same_loss(distance, monkeypatch):
+    torch.manual_seed(12)
+    logits = 2.0 * torch.randn(50, 3, 20, dtype=torch.float64)
+    ref, ref_grad = loss_and_grad(logits, k=4, distance=distance)
+    # force chunks of 2 vertices and blocks of 2 rows in the backward pass
+    monkeypatch.setattr(regularizers, "AUTO_CHUNK_ELEMENTS", 50 * 3 * 2)
+    loss, grad = loss_and_grad(logits, k=4, distance=distance)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-12)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("distance", ["ce", "l2"])
+@pytest.mark.parametrize("rows_n", [12, 400])  # 400 rows: only a few are selected
+@pytest.mark.parametrize("chunked", [False, True])
+def test_selected_distance_matches_autograd_for_any_weights(distance, rows_n, chunked):
+    """Both backward variants (selected rows only, every row), weights of any sign,
+    zeros included, and a scaled incoming gradient."""
+    torch.manual_seed(13)
+    rows = (2.0 * torch.randn(rows_n, 2, 9, dtype=torch.float64)).requires_grad_()
+    search = search_vertices(rows.detach(), 3, distance, chunk_size=4 if chunked else None)
+    weight = torch.randn(search.index.shape, dtype=torch.float64)
+    weight[0, 0, :4] = 0.0
+    ours = 2.5 * SelectedVertexDistance.apply(rows, search.index, weight, distance, search)
+    ref = 2.5 * autograd_selected_distance(rows, search.index, weight, distance)
+    assert ours.item() == pytest.approx(ref.item(), abs=1e-10)
+    (g_ours,) = torch.autograd.grad(ours, rows)
+    (g_ref,) = torch.autograd.grad(ref, rows)
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-10, rtol=1e-8)
+    # without the search it computes its own row statistics
+    alone = SelectedVertexDistance.apply(rows, search.index, weight, distance)
+    assert 2.5 * alone.item() == pytest.approx(ref.item(), abs=1e-10)
+
+
+@pytest.mark.parametrize("distance", ["ce", "l2"])
+def test_half_precision_is_computed_in_float32(distance):
+    torch.manual_seed(14)
+    logits = 3.0 * torch.randn(300, 2, 40)
+    half = logits.half().requires_grad_()
+    loss = knn_vertex_loss(half, k=4, distance=distance, chunk_size=7)
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert half.grad.dtype == torch.float16
+    ref, ref_grad = loss_and_grad(half.detach().float(), k=4, distance=distance)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    torch.testing.assert_close(half.grad.float(), ref_grad, atol=1e-3, rtol=1e-2)
+
+
+def test_nearest_rows_keeps_its_contract():
+    torch.manual_seed(15)
+    logits = torch.randn(40, 2, 6, dtype=torch.float64)
+    valid = torch.rand(40) > 0.5
+    rows, _ = as_rows(logits)
+    for chunk in (None, 2):
+        index, closeness = nearest_rows(rows, 3, "l2", valid, chunk)
+        assert index.shape == closeness.shape == (3, 2, 6)
+        assert bool(valid[index].all())
+        p = torch.softmax(rows, -1)
+        expected = 2 * p.gather(0, index) - p.pow(2).sum(-1, keepdim=True).expand_as(p).gather(0, index)
+        torch.testing.assert_close(closeness, expected)
+        assert bool((closeness[:-1] >= closeness[1:]).all())  # descending
+
+
+def test_top_k_over_column_blocks_equals_one_top_k(monkeypatch):
+    torch.manual_seed(16)
+    score = torch.randn(300, 2, 50, dtype=torch.float64)
+    whole = torch.topk(score, 6, dim=0)
+    monkeypatch.setattr(regularizers, "TOPK_BLOCK_ELEMENTS", 300 * 2 * 7)  # blocks of 7 columns
+    values, indices = regularizers.topk_along_rows(score, 6)
+    assert torch.equal(values, whole.values) and torch.equal(indices, whole.indices)
+    logits = 3.0 * torch.randn(300, 2, 50, dtype=torch.float64)
+    ref, ref_grad = loss_and_grad(logits, k=6)
+    monkeypatch.setattr(regularizers, "TOPK_BLOCK_ELEMENTS", 1 << 18)
+    loss, grad = loss_and_grad(logits, k=6)
+    assert loss.item() == pytest.approx(ref.item(), abs=1e-12)
+    torch.testing.assert_close(grad, ref_grad)
