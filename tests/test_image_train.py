@@ -137,3 +137,37 @@ def test_missing_split_stops_with_a_clear_error(tmp_path):
     assert result.returncode != 0
     assert "split 'valid' not found" in result.stdout
     assert str(empty / "val") in result.stdout
+
+
+def test_two_workers_pool_validation_metrics_over_the_whole_subset(data_root, tmp_path):
+    """Two gloo processes (torchrun) with the global KNN: validation splits the 16
+    images between the workers, and the logged pooled MSE, usage and perplexity equal a
+    single-process evaluation of the same checkpoint on all 16."""
+    out = str(tmp_path / "ddp")
+    cmd = [
+        os.path.join(BIN, "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", "--master_port=29571",
+        os.path.join(BIN, "fairseq-hydra-train"),
+        f"task.data={data_root}", f"common.user_dir={PLUGIN_DIR}",
+        f"checkpoint.save_dir={out}", f"hydra.run.dir={out}/hydra",
+        "optimization.max_update=10", "dataset.validate_interval_updates=10", "common.log_interval=5",
+        "distributed_training.distributed_world_size=2", "distributed_training.distributed_backend=gloo",
+        "distributed_training.distributed_init_method=env://", "distributed_training.distributed_no_spawn=true",
+        "distributed_training.distributed_rank=${oc.env:RANK}", "model.knn_global=true",
+        "--config-dir", CONFIG_DIR, "--config-name", "tiny_knn_ce",
+    ]
+    result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    valid = json_logs(result.stdout, "valid")[-1]
+    inner = json_logs(result.stdout, "train_inner")[-1]
+    assert float(inner["bsz"]) > 16  # batches of up to 16 per worker, summed over 2
+    assert float(inner["temp"]) < 2.0  # an average, not a sum over workers
+
+    metrics_json = str(tmp_path / "eval.json")
+    evaluated = evaluate(os.path.join(out, "checkpoint_last.pt"), os.path.join(data_root, "val"), metrics_json)
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:]
+    with open(metrics_json) as f:
+        metrics = json.load(f)
+    assert float(valid["valid_bsz"]) == metrics["num_images"] == 16
+    assert metrics["mse"] == pytest.approx(float(valid["valid_mse"]), abs=2e-6)
+    assert metrics["used_codes"] == int(float(valid["valid_used_codes"]))
+    assert metrics["code_perplexity"] == pytest.approx(float(valid["valid_pooled_code_perplexity"]), abs=1e-3)
