@@ -24,8 +24,9 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
 
+# Everything under demo_out/; e.g. `make demo DEMO_ARGS=--quick` for a smoke test.
 demo: $(STAMP)
-	$(PY) -m fairseq_knnvq.cli.demo
+	$(PY) -m fairseq_knnvq.cli.demo --out demo_out $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
