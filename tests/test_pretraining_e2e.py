@@ -94,3 +94,76 @@ def test_tiny_pretraining_trains_saves_reloads_resumes_and_logs_usage(
     _check_usage(last_record(resumed, "valid"), prefix="valid_")
     state = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))
     assert state["optimizer_history"][-1]["num_updates"] == FIRST_UPDATES + 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_cpu_workers_sum_their_logs_without_inflating_averages(tiny_manifests, tmp_path):
+    """Two gloo workers started by torchrun: fairseq sums the logging outputs across
+    workers (the only sync that works without CUDA), and averaged values such as the
+    temperature are those of one worker, not their sum."""
+    import subprocess
+
+    from fairseq_run import console_script
+
+    run_dir = tmp_path / "ddp"
+    command = [
+        console_script("torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}", console_script("fairseq-hydra-train"),
+        "--config-dir", str(PRETRAINING), "--config-name", "tiny_knn_ce",
+        f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}", f"hydra.run.dir={run_dir}",
+        f"task.data={tiny_manifests}", "optimization.max_update=2", "common.log_interval=1",
+        "distributed_training.distributed_world_size=2", "distributed_training.distributed_backend=gloo",
+        "distributed_training.distributed_init_method=env://", "distributed_training.distributed_no_spawn=true",
+        "distributed_training.distributed_rank=${oc.env:RANK}",
+    ]
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=300, env=env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout[-6000:]
+    records = parse_json_log(result.stdout)
+    updates = records_of(records, "train_inner")
+    assert [r["num_updates"] for r in updates] == [1, 2]
+    for record in updates:
+        _check_usage(record)
+        # latent_temp [2.0, 0.5, 0.995]: the forward of update n runs at 2 * 0.995**(n - 1)
+        assert record["temp"] == pytest.approx(2.0 * 0.995 ** (record["num_updates"] - 1), abs=1e-3)
+    valid = last_record(records, "valid")
+    _check_usage(valid, prefix="valid_")
+    # fairseq sets the update count at the start of each step: validation after update 2
+    # runs at the temperature of update 2's forward
+    assert valid["valid_temp"] == pytest.approx(2.0 * 0.995, abs=1e-3)
+
+
+@pytest.mark.slow
+def test_compare_script_writes_the_table_of_final_validation_metrics(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from fairseq_run import REPO_ROOT
+
+    out = tmp_path / "compare"
+    env = dict(os.environ, OMP_NUM_THREADS="1", BIN=os.path.dirname(sys.executable), PYTHON=sys.executable)
+    command = ["bash", str(REPO_ROOT / "examples" / "compare_pretraining.sh"), str(out), "1", "tiny_gumbel"]
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            timeout=300, env=env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout[-6000:]
+    rows = (out / "comparison.md").read_text().splitlines()
+    assert rows[0].startswith("| variant | updates | code usage | used codes | code perplexity")
+    cells = [cell.strip() for cell in rows[2].strip("|").split("|")]
+    assert cells[0] == "tiny_gumbel" and cells[1] == "1"
+    assert all(math.isfinite(float(cell)) for cell in cells[1:])
+    assert 0 < float(cells[2]) <= 1 and float(cells[3]) == pytest.approx(float(cells[2]) * NUM_ENTRIES)
+
+    # A second run into the same folder would resume from its checkpoints: refused.
+    again = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           timeout=60, env=env, cwd=str(tmp_path))
+    assert again.returncode == 2 and "exists" in again.stdout
