@@ -211,6 +211,8 @@ def evaluate(
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
     dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device; use --device cpu")
     paths = list_images(images)
     inception = InceptionFeatures(inception_weights, dev) if inception_weights else None
     model, cfg, task = load_checkpoint(checkpoint, dev)
