@@ -141,3 +141,68 @@ def test_top_k_over_column_blocks_equals_one_top_k(monkeypatch):
     loss, grad = loss_and_grad(logits, k=6)
     assert loss.item() == pytest.approx(ref.item(), abs=1e-12)
     torch.testing.assert_close(grad, ref_grad)
+
+
+# ------------------------------------------------- softmax and KNN in one autograd node
+
+
+@pytest.mark.parametrize("distance", ["ce", "l2"])
+@pytest.mark.parametrize("rows_n, chunk", [(12, None), (400, None), (400, 3), (50, 2)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_softmax_and_knn_loss_equals_the_two_apart(distance, rows_n, chunk, masked):
+    torch.manual_seed(17)
+    logits = (3.0 * torch.randn(rows_n, 2, 9, dtype=torch.float64)).requires_grad_()
+    mask = torch.rand(rows_n) > 0.3 if masked else None
+    upstream = torch.randn(rows_n, 2, 9, dtype=torch.float64)
+    probs, loss = regularizers.softmax_and_knn_loss(logits, k=4, distance=distance, mask=mask, chunk_size=chunk)
+    ref_probs = torch.softmax(logits, dim=-1)
+    ref_loss = knn_vertex_loss(logits, k=4, distance=distance, mask=mask)
+    assert torch.equal(probs, ref_probs)
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-12)
+    total, ref_total = (probs * upstream).sum() + 1.7 * loss, (ref_probs * upstream).sum() + 1.7 * ref_loss
+    (grad,) = torch.autograd.grad(total, logits)
+    (ref_grad,) = torch.autograd.grad(ref_total, logits)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=1e-10)
+
+
+def test_softmax_and_knn_loss_with_every_row_masked():
+    logits = torch.randn(3, 4, 2, 5, requires_grad=True)
+    probs, loss = regularizers.softmax_and_knn_loss(logits, k=3, mask=torch.zeros(3, 4, dtype=torch.bool))
+    assert loss.item() == 0.0 and probs.shape == logits.shape
+    (grad,) = torch.autograd.grad(probs[..., 0].sum() + loss, logits)
+    (ref,) = torch.autograd.grad(torch.softmax(logits, -1)[..., 0].sum(), logits)
+    torch.testing.assert_close(grad, ref)
+
+
+@pytest.mark.parametrize("smoothing", ["softmax", "gumbel", "gumbel_hard", "ste"])
+@pytest.mark.parametrize("distance", ["ce", "l2"])
+def test_quantizer_training_step_equals_smoothing_plus_separate_knn_loss(smoothing, distance):
+    """In training with the KNN loss on the smoothed vectors the quantizer takes the
+    one-node path; outputs and parameter gradients equal smooth() + knn_vertex_loss()."""
+    from fairseq_knnvq.quantization import SmoothedVectorQuantizer, smooth
+
+    torch.manual_seed(18)
+    quantizer = SmoothedVectorQuantizer(
+        16, 12, (2.0, 0.5, 0.999995), 2, False, 8, True,
+        smoothing=smoothing, regularizer="knn", knn_k=3, knn_distance=distance,
+    )
+    x = torch.randn(3, 20, 16)
+    mask = torch.rand(3, 20) > 0.2
+    upstream = torch.randn(3, 20, 8)
+
+    torch.manual_seed(19)
+    out = quantizer(x, mask=mask)
+    ((out["x"] * upstream).sum() + 0.5 * out["knn_loss"]).backward()
+    got = [p.grad.clone() for p in quantizer.parameters()]
+    quantizer.zero_grad()
+
+    torch.manual_seed(19)
+    logits = quantizer.weight_proj(x.reshape(-1, 16)).view(60, 2, 12)
+    selection, smoothed_logits = smooth(logits, smoothing, quantizer.curr_temp, True)
+    knn = knn_vertex_loss(smoothed_logits, k=3, distance=distance, mask=mask.reshape(-1))
+    quantized = torch.bmm(selection.transpose(0, 1), quantizer.vars.view(2, 12, 4)).transpose(0, 1).reshape(3, 20, 8)
+    torch.testing.assert_close(out["x"], quantized, atol=1e-6, rtol=1e-6)
+    assert out["knn_loss"].item() == pytest.approx(knn.item(), rel=1e-6)
+    ((quantized * upstream).sum() + 0.5 * knn).backward()
+    for g, p in zip(got, quantizer.parameters()):
+        torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)

@@ -22,7 +22,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fairseq_knnvq.quantization import SmoothedVectorQuantizer, knn_vertex_loss
-from fairseq_knnvq.quantization.distributed import global_knn_vertex_loss, global_vertex_selection
+from fairseq_knnvq.quantization.distributed import (
+    global_knn_vertex_loss,
+    global_softmax_and_knn_loss,
+    global_vertex_selection,
+)
 from fairseq_knnvq.quantization.regularizers import as_rows
 
 WORLD = 2
@@ -92,6 +96,12 @@ def worker_results(rank):
         loss = global_knn_vertex_loss(mine, k=k, distance=distance, mask=masks[rank], chunk_size=chunk)
         (grad,) = torch.autograd.grad(loss, mine)
         out[name] = {"loss": loss.item(), "grad": grad}
+        # the same through the one-node softmax + KNN, under a gradient on the softmax
+        upstream = torch.randn(mine.shape, generator=torch.Generator().manual_seed(rank), dtype=mine.dtype)
+        probs, loss = global_softmax_and_knn_loss(mine, k=k, distance=distance, mask=masks[rank], chunk_size=chunk)
+        (both,) = torch.autograd.grad((probs * upstream).sum() + loss, mine)
+        (softmax_only,) = torch.autograd.grad((torch.softmax(mine, -1) * upstream).sum(), mine)
+        out[name + "/fused"] = {"loss": loss.item(), "grad": both - softmax_only}
 
     # ties across workers: both workers hold the same rows
     logits, _ = scenario_inputs("ce_uneven")
@@ -164,16 +174,18 @@ slow = pytest.mark.slow  # the fixture starts two worker processes (a few second
 
 @slow
 @pytest.mark.parametrize("name", list(SCENARIOS))
-def test_loss_and_gradients_equal_single_process_on_concatenated_batch(workers, name):
+@pytest.mark.parametrize("variant", ["", "/fused"])
+def test_loss_and_gradients_equal_single_process_on_concatenated_batch(workers, name, variant):
+    """``variant`` "/fused": global_softmax_and_knn_loss, the KNN part of its gradient."""
     _, k, distance, _, chunk = SCENARIOS[name]
     logits, masks = scenario_inputs(name)
     ref_loss, ref_grads, counts = single_process(logits, masks, k, distance, chunk)
     total = sum(counts)
     for rank in range(WORLD):
-        got = workers[rank][name]
+        got = workers[rank][name + variant]
         assert got["loss"] == pytest.approx(ref_loss, abs=1e-10), f"rank {rank}"
         if counts[rank] == 0:
-            assert float(got["grad"].abs().max()) == 0.0
+            assert float(got["grad"].abs().max()) < 1e-15
         else:
             torch.testing.assert_close(got["grad"] * counts[rank] / total, ref_grads[rank], atol=1e-12, rtol=1e-9)
     if name == "one_rank_all_padding":

@@ -42,12 +42,14 @@ workers and the gradient is exact only up to it.) The logged value is exact eith
 fairseq logs ``sum_r lambda * knn_r * s_r / S = lambda * L``.
 
 With no initialised process group, or a world of one, :func:`global_knn_vertex_loss`
-is :func:`~.regularizers.knn_vertex_loss`.
+is :func:`~.regularizers.knn_vertex_loss` (and :func:`global_softmax_and_knn_loss`,
+the variant that also returns the smoothing's softmax from the same autograd node, is
+:func:`~.regularizers.softmax_and_knn_loss`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -55,6 +57,7 @@ from torch import Tensor
 
 from .regularizers import (
     SelectedVertexDistance,
+    SoftmaxWithSelectedDistance,
     VertexSearch,
     as_rows,
     at_least_float32,
@@ -62,6 +65,7 @@ from .regularizers import (
     check_knn_args,
     knn_vertex_loss,
     search_vertices,
+    softmax_and_knn_loss,
 )
 
 
@@ -105,8 +109,10 @@ def global_vertex_selection(
     valid: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
     group=None,
+    probs: Optional[Tensor] = None,
 ) -> GlobalSelection:
-    """The top-K candidate exchange (see the module docstring) for rows ``(N, G, M)``.
+    """The top-K candidate exchange (see the module docstring) for rows ``(N, G, M)``
+    (``probs``: their softmax, when the caller has it; see ``search_vertices``).
 
     Every worker of ``group`` must call it, with the same G, M, k and distance.
     """
@@ -126,7 +132,7 @@ def global_vertex_selection(
     candidates = torch.full((k_eff, groups, entries), float("-inf"), dtype=dtype, device=rows.device)
     search = None
     if k_local > 0:
-        search = search_vertices(rows, k_local, distance, valid, chunk_size)
+        search = search_vertices(rows, k_local, distance, valid, chunk_size, probs=probs)
         candidates[:k_local] = search.closeness
     gathered = _all_gather(candidates, group)  # (world, k_eff, G, M)
     world = gathered.shape[0]
@@ -140,6 +146,22 @@ def global_vertex_selection(
         rank = dist.get_rank(group)
         weight = kept.view(world, k_eff, groups, entries)[rank, :k_local].to(dtype)
     return GlobalSelection(search, weight, k_eff, num_local, num_total, global_closeness_sum)
+
+
+def _global_loss(sel: GlobalSelection, total: Optional[Tensor], zero: Tensor, groups: int, entries: int, distance: str) -> Tensor:
+    """The global loss value with the gradient of ``(N / N_r) * partial_r``, from this
+    worker's ``total`` of selected distances (None when it selected nothing)."""
+    if sel.num_total == 0:
+        return zero
+    normaliser = groups * entries * sel.k_eff
+    # closeness is log p_m (CE) or 1 - d_L2 (L2)
+    kept_distances = -sel.global_closeness_sum if distance == "ce" else normaliser - sel.global_closeness_sum
+    value = kept_distances / normaliser
+    if total is None:
+        return zero + value
+    scaled = total * (sel.num_total / (sel.num_local * normaliser))
+    # the forward value is the global loss, the gradient that of the scaled local part
+    return scaled + (value - scaled.detach())
 
 
 def global_knn_vertex_loss(
@@ -164,16 +186,36 @@ def global_knn_vertex_loss(
     rows, valid = as_rows(logits, mask)
     check_finite(rows)
     sel = global_vertex_selection(rows, k, distance, valid, chunk_size, group)
+    total = None
+    if sel.search is not None:
+        total = SelectedVertexDistance.apply(rows, sel.search.index, sel.weight, distance, sel.search)
     zero = at_least_float32(rows).sum() * 0.0  # keeps a graph when nothing is selected
-    if sel.num_total == 0:
-        return zero
-    normaliser = rows.shape[1] * rows.shape[2] * sel.k_eff
-    # closeness is log p_m (CE) or 1 - d_L2 (L2)
-    kept_distances = -sel.global_closeness_sum if distance == "ce" else normaliser - sel.global_closeness_sum
-    value = kept_distances / normaliser
-    if sel.search is None:
-        return zero + value
-    partial = SelectedVertexDistance.apply(rows, sel.search.index, sel.weight, distance, sel.search) / normaliser
-    scaled = partial * (sel.num_total / sel.num_local)
-    # the forward value is the global loss, the gradient that of the scaled local part
-    return scaled + (value - scaled.detach())
+    return _global_loss(sel, total, zero, rows.shape[1], rows.shape[2], distance)
+
+
+def global_softmax_and_knn_loss(
+    logits: Tensor,
+    k: int = 8,
+    distance: str = "ce",
+    mask: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+    group=None,
+) -> Tuple[Tensor, Tensor]:
+    """``(softmax(logits), global_knn_vertex_loss(logits, ...))`` in one autograd node,
+    as :func:`~.regularizers.softmax_and_knn_loss` is to ``knn_vertex_loss``."""
+    if world_size(group) == 1:
+        return softmax_and_knn_loss(logits, k=k, distance=distance, mask=mask, chunk_size=chunk_size)
+    check_knn_args(k, distance)
+    rows, valid = as_rows(logits, mask)
+    check_finite(rows)
+    selections = []
+
+    def select(rows32: Tensor, probs: Tensor):
+        sel = global_vertex_selection(rows32, k, distance, valid, chunk_size, group, probs=probs)
+        selections.append(sel)
+        return None if sel.search is None else (sel.search, sel.weight)
+
+    probs, total = SoftmaxWithSelectedDistance.apply(rows, distance, select)
+    (sel,) = selections
+    loss = _global_loss(sel, None if sel.search is None else total, total * 0.0, rows.shape[1], rows.shape[2], distance)
+    return probs.view(logits.shape), loss

@@ -24,8 +24,17 @@ from .regularizers import (
     entropy_perplexity,
     knn_vertex_loss,
     masked_mean_probs,
+    softmax_and_knn_loss,
 )
-from .smoothing import TemperatureSchedule, TemperatureSpec, check_smoothing, smooth
+from .smoothing import (
+    TemperatureSchedule,
+    TemperatureSpec,
+    check_smoothing,
+    onehot_argmax,
+    sample_gumbel_like,
+    smooth,
+    straight_through,
+)
 
 REGULARIZERS = ("knn", "diversity", "none")
 KNN_INPUTS = ("smoothed", "probs")
@@ -214,6 +223,33 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
             chunk_size=self.knn_chunk_size,
         )
 
+    def _soft_and_knn_loss(self, logits: Tensor, mask: Optional[Tensor]):
+        if self.knn_global:
+            from .distributed import global_softmax_and_knn_loss
+
+            return global_softmax_and_knn_loss(
+                logits, k=self.knn_k, distance=self.knn_distance, mask=mask,
+                chunk_size=self.knn_chunk_size,
+            )
+        return softmax_and_knn_loss(
+            logits, k=self.knn_k, distance=self.knn_distance, mask=mask,
+            chunk_size=self.knn_chunk_size,
+        )
+
+    def _training_smoothed_logits(self, logits: Tensor) -> Tensor:
+        """The smoothed logits :func:`.smoothing.smooth` forms in training (same noise)."""
+        if self.smoothing in ("gumbel", "gumbel_hard"):
+            return (logits + sample_gumbel_like(logits)) / self.curr_temp
+        return logits / self.curr_temp
+
+    def _training_selection(self, soft: Tensor, smoothed_logits: Tensor, logits: Tensor) -> Tensor:
+        """The selection :func:`.smoothing.smooth` returns in training, from its soft vectors."""
+        if self.smoothing == "gumbel_hard":
+            return straight_through(onehot_argmax(smoothed_logits), soft)
+        if self.smoothing == "ste":
+            return straight_through(onehot_argmax(logits), soft)
+        return soft
+
     def forward(
         self, x: Tensor, produce_targets: bool = False, mask: Optional[Tensor] = None
     ) -> Dict[str, Any]:
@@ -246,11 +282,21 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         result["prob_perplexity"] = entropy_perplexity(avg_probs)
         result["temp"] = self.curr_temp
 
-        selection, smoothed_logits = smooth(logits32, self.smoothing, self.curr_temp, self.training)
+        fused = self.training and self.regularizer == "knn" and self.knn_input == "smoothed"
+        if fused:
+            # The smoothing's soft vectors are the KNN input: one autograd node computes
+            # both, so the regulariser keeps no N x G x M tensor of its own (see
+            # SoftmaxWithSelectedDistance). Same values as smooth() + _knn_loss().
+            smoothed_logits = self._training_smoothed_logits(logits32)
+            soft, result["knn_loss"] = self._soft_and_knn_loss(smoothed_logits, flat_mask)
+            selection = self._training_selection(soft, smoothed_logits, logits32)
+        else:
+            selection, smoothed_logits = smooth(logits32, self.smoothing, self.curr_temp, self.training)
         knn_logits = smoothed_logits if self.knn_input == "smoothed" else logits32 / self.curr_temp
 
         if self.regularizer == "knn":
-            result["knn_loss"] = self._knn_loss(knn_logits, flat_mask)
+            if not fused:
+                result["knn_loss"] = self._knn_loss(knn_logits, flat_mask)
         elif self.track_knn_loss:
             with torch.no_grad():
                 result["knn_loss"] = self._knn_loss(knn_logits, flat_mask)

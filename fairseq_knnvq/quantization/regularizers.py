@@ -182,6 +182,7 @@ def search_vertices(
     distance: str,
     valid: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
+    probs: Optional[Tensor] = None,
 ) -> VertexSearch:
     """The ``k`` rows nearest to every (group, vertex) of rows ``(N, G, M)``.
 
@@ -189,16 +190,22 @@ def search_vertices(
     scores are computed in one piece and kept for the backward pass (at most
     ``AUTO_CHUNK_ELEMENTS`` values). Otherwise the search runs over chunks of vertices
     and the extra memory is O(N * G * chunk + k * G * M).
+
+    ``probs``: ``softmax(rows)`` when the caller has it already (see
+    :class:`SoftmaxWithSelectedDistance`); the per-row statistics then come from it and
+    the search always runs over chunks, keeping nothing of size N * G * M.
     """
     n, groups, entries = rows.shape
     if k > n:
         raise ValueError(f"cannot pick {k} nearest rows out of {n}")
-    if chunk_size is None:
-        chunk_size = max(1, min(entries, AUTO_CHUNK_ELEMENTS // max(1, n * groups)))
     invalid = None if valid is None else ~valid.view(-1, 1, 1)
     rows32 = at_least_float32(rows)
+    if chunk_size is None:
+        chunk_size = max(1, min(entries, AUTO_CHUNK_ELEMENTS // max(1, n * groups)))
+        if probs is not None and rows.device.type == "cpu":
+            chunk_size = min(chunk_size, max(1, TOPK_BLOCK_ELEMENTS // max(1, n * groups)))
 
-    if chunk_size >= entries:
+    if probs is None and chunk_size >= entries:
         if distance == "ce":
             # the scores are the log-probabilities themselves; masking them in place
             # leaves -inf on invalid rows, whose gradient is zero either way.
@@ -213,12 +220,21 @@ def search_vertices(
         values, index = topk_along_rows(score, k)
         return VertexSearch(index, values, sq_norm=sq_norm, full=full)
 
-    lse, sq_norm = row_statistics(rows, distance == "l2")
+    if probs is None:
+        lse, sq_norm = row_statistics(rows, distance == "l2")
+    elif distance == "ce":
+        # at a row's largest entry p = 1 / sum exp(l - max), which never underflows
+        lse, sq_norm = rows32.amax(-1) - probs.amax(-1).log(), None
+    else:
+        lse, sq_norm = None, torch.linalg.vecdot(probs, probs)
     index = torch.empty((k, groups, entries), dtype=torch.long, device=rows.device)
     closeness = torch.empty((k, groups, entries), dtype=rows32.dtype, device=rows.device)
     for start in range(0, entries, chunk_size):
         stop = min(entries, start + chunk_size)
-        score = vertex_closeness(rows32[:, :, start:stop], lse, sq_norm, distance)
+        if probs is not None and distance == "l2":
+            score = (2.0 * probs[:, :, start:stop]).sub_(sq_norm.unsqueeze(-1))
+        else:
+            score = vertex_closeness(rows32[:, :, start:stop], lse, sq_norm, distance)
         if invalid is not None:
             score.masked_fill_(invalid, float("-inf"))
         closeness[:, :, start:stop], index[:, :, start:stop] = topk_along_rows(score, k)
@@ -392,6 +408,109 @@ def knn_vertex_loss(
     weight = torch.ones(search.index.shape, dtype=search.closeness.dtype, device=rows.device)
     total = SelectedVertexDistance.apply(rows, search.index, weight, distance, search)
     return total / (rows.shape[1] * rows.shape[2] * k_eff)
+
+
+class SoftmaxWithSelectedDistance(torch.autograd.Function):
+    """``softmax(rows)`` and ``sum_{k,g,m} w * d(e_m, softmax(rows)[index[k,g,m], g])``
+    as one autograd node, for a smoothing whose soft vectors are also the KNN input.
+
+    ``select(rows, probs)`` makes the (constant) neighbour choice once the probabilities
+    exist and returns ``(search, weight)`` (:class:`VertexSearch` and weights of the shape
+    of ``search.index``), or None when no row is selected. The backward pass adds the
+    KNN terms of :class:`SelectedVertexDistance` into the softmax gradient in place, so
+    the regulariser keeps no N x G x M tensor of its own, in either pass, beyond the
+    O(N * chunk) of the search: no saved input, no separate gradient to accumulate.
+    Probabilities and gradients are computed in at least float32.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, distance: str, select):
+        rows32 = at_least_float32(rows)
+        probs = F.softmax(rows32, dim=-1)
+        chosen = select(rows32, probs)
+        if chosen is None:
+            total = probs.new_zeros(())
+            ctx.save_for_backward(probs, None, None, None)
+        else:
+            search, weight = chosen
+            index = search.index
+            if distance == "ce":
+                sq_norm = None
+                dist = _per_selection(search.lse, index) - rows32.gather(0, index)
+            else:
+                sq_norm = search.sq_norm
+                dist = 1.0 - 2.0 * probs.gather(0, index) + _per_selection(sq_norm, index)
+            total = (weight * dist).sum()
+            ctx.save_for_backward(probs, index, weight, sq_norm)
+        ctx.distance, ctx.input_dtype = distance, rows.dtype
+        return probs, total
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_probs: Tensor, grad_total: Tensor):
+        probs, index, weight, sq_norm = ctx.saved_tensors
+        grad = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        if index is None:
+            return grad.to(ctx.input_dtype), None, None
+        n, groups, entries = probs.shape
+        weight = weight * grad_total
+        row_weight = _sum_per_row(weight, index, n)  # c_n
+        chosen_p = None if ctx.distance == "ce" else probs.gather(0, index)
+        sel_p = None if chosen_p is None else _sum_per_row(weight * chosen_p, index, n)  # a_n
+
+        touched = _sum_per_row((weight != 0).to(weight.dtype), index, n).view(-1) > 0
+        pairs = touched.nonzero().squeeze(1)
+        if 4 * pairs.numel() <= n * groups:  # few rows selected: add to those only
+            p = probs.view(n * groups, entries).index_select(0, pairs)
+            c = row_weight.view(-1).index_select(0, pairs).unsqueeze(-1)
+            if ctx.distance == "ce":
+                extra = p.mul_(c)
+            else:
+                sq = sq_norm.view(-1).index_select(0, pairs).unsqueeze(-1)
+                a = sel_p.view(-1).index_select(0, pairs).unsqueeze(-1)
+                extra = p.mul_((p - sq).mul_(c).add_(a)).mul_(2.0)
+            grad.view(n * groups, entries).index_add_(0, pairs, extra)
+        elif ctx.distance == "ce":
+            grad.addcmul_(probs, row_weight.unsqueeze(-1))
+        else:
+            block_rows = rows_per_block(probs)
+            for start in range(0, n, block_rows):
+                stop = start + block_rows
+                p = probs[start:stop]
+                inner = (p - sq_norm[start:stop].unsqueeze(-1)).mul_(row_weight[start:stop].unsqueeze(-1))
+                inner.add_(sel_p[start:stop].unsqueeze(-1))
+                grad[start:stop].addcmul_(p, inner, value=2.0)
+                del inner
+        grad.scatter_add_(0, index, -weight if chosen_p is None else -2.0 * weight * chosen_p)
+        return grad.to(ctx.input_dtype), None, None
+
+
+def softmax_and_knn_loss(
+    logits: Tensor,
+    k: int = 8,
+    distance: str = "ce",
+    mask: Optional[Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> Tuple[Tensor, Tensor]:
+    """``(softmax(logits), knn_vertex_loss(logits, k, distance, mask, chunk_size))`` in
+    one autograd node (:class:`SoftmaxWithSelectedDistance`): the same values and
+    gradients as computing the two apart, with less memory and time. The probabilities
+    have the shape of ``logits`` (at least float32)."""
+    check_knn_args(k, distance)
+    rows, valid = as_rows(logits, mask)
+    check_finite(rows)
+    num_valid = rows.shape[0] if valid is None else int(valid.sum())
+    k_eff = min(k, num_valid)
+
+    def select(rows32: Tensor, probs: Tensor):
+        if k_eff == 0:
+            return None
+        search = search_vertices(rows32, k_eff, distance, valid, chunk_size, probs=probs)
+        return search, torch.ones(search.index.shape, dtype=probs.dtype, device=probs.device)
+
+    probs, total = SoftmaxWithSelectedDistance.apply(rows, distance, select)
+    loss = total / (rows.shape[1] * rows.shape[2] * max(1, k_eff))
+    return probs.view(logits.shape), loss
 
 
 def entropy_perplexity(avg_probs: Tensor) -> Tensor:
