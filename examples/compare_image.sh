@@ -55,9 +55,9 @@ for m in methods:
     with open(f"{out}/{m}/eval.json") as f:
         r = json.load(f)
     rows.append((f"tiny_{m}", r["psnr"], r["ssim"], r["mse"], r["code_usage"], r["used_codes"], r["num_codes"],
-                 r["code_perplexity"], r.get("prob_perplexity", float("nan"))))
-print("| config | PSNR (dB) | SSIM | MSE | code usage | used / M | code perplexity | prob perplexity |")
-print("|---|---|---|---|---|---|---|---|")
-for name, psnr, ssim, mse, usage, used, num, cppl, pppl in rows:
-    print(f"| {name} | {psnr:.2f} | {ssim:.3f} | {mse:.4f} | {usage:.3f} | {used} / {num} | {cppl:.1f} | {pppl:.1f} |")
+                 r["code_perplexity"], r.get("prob_perplexity", float("nan")), r.get("tightness_max_prob", float("nan"))))
+print("| config | PSNR (dB) | SSIM | MSE | code usage | used / M | code perplexity | prob perplexity | mean max p |")
+print("|---|---|---|---|---|---|---|---|---|")
+for name, psnr, ssim, mse, usage, used, num, cppl, pppl, tight in rows:
+    print(f"| {name} | {psnr:.2f} | {ssim:.3f} | {mse:.4f} | {usage:.3f} | {used} / {num} | {cppl:.1f} | {pppl:.1f} | {tight:.2f} |")
 PYEOF
