@@ -161,7 +161,7 @@ def test_compare_script_writes_the_table_of_final_validation_metrics(tmp_path):
     cells = [cell.strip() for cell in rows[2].strip("|").split("|")]
     assert cells[0] == "tiny_gumbel" and cells[1] == "1"
     assert all(math.isfinite(float(cell)) for cell in cells[1:])
-    assert 0 < float(cells[2]) <= 1 and float(cells[3]) == pytest.approx(float(cells[2]) * NUM_ENTRIES)
+    assert 0 < float(cells[2]) <= 1 and float(cells[3]) == pytest.approx(float(cells[2]) * NUM_ENTRIES, abs=0.04)  # usage has 3 decimals
 
     # A second run into the same folder would resume from its checkpoints: refused.
     again = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
