@@ -32,6 +32,8 @@ setup(
     extras_require={
         "plots": ["matplotlib"],
         "dev": ["pytest", "matplotlib"],
+        # SLURM launches through configs/run_config/slurm_*.yaml (hydra's submitit launcher).
+        "slurm": ["hydra-submitit-launcher>=1.2"],
     },
     entry_points={
         "console_scripts": [

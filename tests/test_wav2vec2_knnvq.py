@@ -409,3 +409,43 @@ def test_run_configs_keep_the_effective_batch_of_64_gpus(name):
         assert launcher.nodes * launcher.gpus_per_node == world_size
         assert launcher.tasks_per_node == launcher.gpus_per_node  # one process per GPU
         assert cfg.distributed_training.distributed_port > 0  # fairseq's SLURM init needs it
+
+
+def _compose(config_name, overrides, cfg_part="job"):
+    """The config fairseq-hydra-train would run (``--cfg``), resolved, as a dict."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from fairseq_run import console_script
+
+    result = subprocess.run(
+        [console_script("fairseq-hydra-train"), "--config-dir", str(PRETRAINING_CONFIGS),
+         "--config-name", config_name, *overrides, "--cfg", cfg_part, "--resolve"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120, cwd=str(REPO),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return yaml.safe_load(result.stdout)
+
+
+@pytest.mark.slow
+def test_run_config_composes_onto_a_base_config_and_user_dir_defaults_to_the_plugin():
+    cfg = _compose("base_knn_ce", ["hydra.searchpath=[file://configs]", "+run_config=local", "task.data=/data"])
+    assert cfg["distributed_training"]["distributed_world_size"] == 8
+    assert cfg["optimization"]["update_freq"] == [8]
+    assert cfg["model"]["_name"] == "wav2vec2_knnvq" and cfg["criterion"]["knn_weight"] == 0.1
+    assert Path(cfg["common"]["user_dir"]).resolve() == Path(fairseq_knnvq.PLUGIN_DIR).resolve()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nodes", [1, 2, 4, 8])
+def test_slurm_run_configs_select_the_submitit_launcher(nodes):
+    try:
+        import hydra_plugins.hydra_submitit_launcher  # noqa: F401
+    except ImportError:
+        pytest.skip("hydra-submitit-launcher is not installed (pip install 'fairseq-knnvq[slurm]')")
+    cfg = _compose("base_knn_ce", ["hydra.searchpath=[file://configs]", f"+run_config=slurm_{nodes}", "task.data=/data"], "hydra")
+    launcher = cfg["hydra"]["launcher"]
+    assert launcher["_target_"].endswith("SlurmLauncher")
+    assert launcher["nodes"] == nodes and launcher["tasks_per_node"] == 8
