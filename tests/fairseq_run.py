@@ -19,7 +19,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import fairseq_knnvq
+# fairseq_knnvq is imported inside the functions: conftest imports this module before any
+# test module, and the plugin registers its fairseq parts only when it is imported
+# after fairseq.
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -56,6 +58,8 @@ def run_hydra_train(
     plugin as ``common.user_dir`` and ``hydra.run.dir=run_dir``; stdout and stderr are
     merged into ``result.stdout``. With ``check``, a non-zero exit raises AssertionError
     with the end of the output."""
+    import fairseq_knnvq
+
     command = [
         console_script("fairseq-hydra-train"),
         "--config-dir",
