@@ -110,10 +110,10 @@ def test_loss_is_reconstruction_plus_weighted_training_losses():
         weights = {"knn_loss_weight": 0.3, "diversity_loss_weight": 0.2, "vq_loss_weight": 0.7}
         extra = 0.0 if key is None else weights[name] * 4 * out[key]
         assert sample_size == 4
-        assert float(loss) == pytest.approx(float(recon + extra), rel=1e-5)
+        assert float(loss.detach()) == pytest.approx(float(recon.detach() + extra), rel=1e-5)
         if key is None:
             # The KNN loss is still reported for comparison, but not trained.
-            assert "knn_loss" in log and float(loss) == pytest.approx(float(recon), rel=1e-6)
+            assert "knn_loss" in log and float(loss.detach()) == pytest.approx(float(recon.detach()), rel=1e-6)
 
 
 def reduce(logging_outputs):
