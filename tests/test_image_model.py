@@ -178,3 +178,13 @@ def test_validation_grid_is_written_once_per_update(tmp_path):
 
     no_grid = make_criterion(grid_dir=None)
     no_grid(model, {"net_input": {"images": x}})
+
+
+def test_l1_reconstruction_loss():
+    model = make_model(regularizer="none").eval()
+    x = images()
+    loss, _, log = make_criterion(reconstruction_loss="l1")(model, {"net_input": {"images": x}})
+    with torch.no_grad():
+        expected = (model(x)["x"] - x).abs().flatten(1).mean(1).sum()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
+    assert log["reconstruction_loss"] == pytest.approx(float(expected), rel=1e-6)
