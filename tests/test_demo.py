@@ -59,6 +59,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys) -> None:
         # The WER is the decoder's, whose hypotheses are on disk.
         decoded = json.loads((out / "decode" / name / "wer.test.json").read_text())
         assert row["test_wer"] == decoded["wer"] and math.isfinite(row["test_wer"]) and row["test_wer"] >= 0
+        assert row["test_cer"] == decoded["cer"] and math.isfinite(row["test_cer"]) and row["test_cer"] >= 0
         assert len((out / "decode" / name / "hypo.test.txt").read_text().splitlines()) == 40
         # Both training stages ran for the asked number of updates.
         assert summary["pretraining_final"][name]["train"]["num_updates"] == 4
@@ -67,7 +68,8 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys) -> None:
     table = (out / "summary.md").read_text()
     for row in summary["rows"]:
         line = next(l for l in table.splitlines() if l.startswith(f"| {row['variant']} |"))
-        assert f"{row['test_wer']:.2f}" in line and f"{row['code_perplexity']:.2f}" in line
+        assert f"| {row['test_wer']:.2f} | {row['test_cer']:.2f} |" in line
+        assert f"{row['code_perplexity']:.2f}" in line
         assert line in printed  # the table printed at the end is the one written
     for png in [out / "report" / "pretraining" / "code_usage.png", out / "report" / "finetuning" / "loss.png",
                 *(out / "report" / f"{v}_code_counts.png" for v in VARIANTS)]:

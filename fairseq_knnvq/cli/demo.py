@@ -258,7 +258,7 @@ def decode(variant: Variant, data_dir: Path, progress: Progress) -> Dict[str, ob
             raise DemoError(f"decoding {variant.name} failed: {e} (log: {log_file})") from None
     result = json.loads((variant.decode_dir / "wer.test.json").read_text(encoding="utf-8"))
     progress(f"  decode {variant.name}: test WER {result['wer']:.2f}% "
-             f"({result['num_word_errors']}/{result['num_words']} words)")
+             f"({result['num_word_errors']}/{result['num_words']} words), CER {result['cer']:.2f}%")
     return result
 
 
@@ -283,6 +283,7 @@ SUMMARY_COLUMNS = [
     ("code_perplexity", "code perplexity"),
     ("tightness_max_prob", "tightness (mean max p)"),
     ("test_wer", "test WER (%)"),
+    ("test_cer", "test CER (%)"),
 ]
 
 
@@ -290,7 +291,7 @@ def summary_table(rows: Sequence[Dict[str, object]]) -> str:
     def cell(key: str, value) -> str:
         if key == "code_usage":
             return f"{value['usage']:.3f} ({int(value['used_entries'])}/{int(value['num_entries'])})"
-        if isinstance(value, float):
+        if isinstance(value, (int, float)):
             return f"{value:.2f}" if key != "tightness_max_prob" else f"{value:.3f}"
         return str(value)
 
@@ -386,6 +387,7 @@ def run_demo(args: argparse.Namespace) -> Dict[str, object]:
             "code_perplexity": stats["code_perplexity"],
             "tightness_max_prob": stats.get("tightness_max_prob", float("nan")),
             "test_wer": wers[variant.name]["wer"],
+            "test_cer": wers[variant.name]["cer"],
         })
     table = summary_table(rows)
     elapsed = progress.elapsed()
@@ -403,7 +405,7 @@ def run_demo(args: argparse.Namespace) -> Dict[str, object]:
     markdown = (
         "# Demo summary\n\n"
         "Code usage, code perplexity and tightness: the pretrained quantizer on the test split "
-        "(hard argmax codes, eval mode); test WER: greedy CTC decoding after fine-tuning.\n\n"
+        "(hard argmax codes, eval mode); test WER and CER: greedy CTC decoding after fine-tuning.\n\n"
         + table
         + f"\n{'Quick run (a smoke test: too few updates to mean anything). ' if args.quick else ''}"
         f"Wall time {elapsed / 60:.1f} min. Plots: report/.\n"
