@@ -1,7 +1,6 @@
 """The metrics of knnvq-eval-image: SSIM against an independent scipy implementation,
 the Frechet distance against its closed form, the rFID feature path with a real
 TorchScript module, and the command's errors."""
-import json
 import os
 
 import numpy as np

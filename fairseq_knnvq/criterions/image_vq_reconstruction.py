@@ -30,7 +30,6 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import II
 
 from fairseq import utils
