@@ -38,6 +38,7 @@ def training_stats(step: int, regularizer: str) -> Dict[str, float]:
         temp=2.0 - 0.125 * step,
     )
     stats["knn_loss" if regularizer == "knn" else "diversity_loss"] = 1.0 / (step + 1)
+    stats["loss_1"] = 0.5  # fairseq's numbered extra loss: a different term per variant
     return stats
 
 
@@ -130,7 +131,7 @@ def test_curves_plots_and_table(two_runs, tmp_path: Path) -> None:
     pngs = {p.name for p in out.glob("*.png")}
     expected = {"code_usage", "used_codes", "pooled_code_perplexity", "pooled_prob_perplexity",
                 "tightness_max_prob", "knn_loss", "diversity_loss", "temp", "loss"}
-    assert pngs == {f"{m}.png" for m in expected}  # nothing for metrics no run logged
+    assert pngs == {f"{m}.png" for m in expected}  # nothing for metrics no run logged, nor loss_N
     for name in pngs:
         with Image.open(out / name) as image:
             image.verify()
@@ -171,8 +172,8 @@ def test_metrics_option_and_fresh_run_appended(tmp_path: Path) -> None:
     assert "diversity_loss" not in run.last_train_inner()
 
     out = tmp_path / "out"
-    assert report.main(["curves", str(log), "--metrics", "temp,accuracy", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["final_values.json", "final_values.md", "temp.png"]
+    assert report.main(["curves", str(log), "--metrics", "temp,accuracy,loss_1", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["final_values.json", "final_values.md", "loss_1.png", "temp.png"]
 
 
 def test_bad_input_is_named(tmp_path: Path, capsys) -> None:

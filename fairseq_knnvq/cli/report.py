@@ -56,8 +56,6 @@ DEFAULT_METRICS: Dict[str, str] = {
     "wer": "WER (%)",
     "uer": "UER (%)",
 }
-# fairseq's wav2vec criterion logs its weighted extra losses as loss_0, loss_1, ...
-_EXTRA_LOSS = re.compile(r"^loss_\d+$")
 # Bookkeeping keys that are never plotted.
 _NOT_METRICS = {"epoch", "update", "num_updates", "wall", "wps", "ups", "wpb", "bsz", "ntokens",
                 "nsentences", "sample_size", "train_wall", "gb_free", "clip", "gnorm", "lr",
@@ -222,16 +220,17 @@ def _default_name(path: Path) -> str:
 
 
 def metrics_to_plot(runs: Sequence[RunLog], requested: Optional[Sequence[str]] = None) -> List[str]:
-    """The requested metrics (default :data:`DEFAULT_METRICS` and ``loss_N``) that at
-    least one run logged."""
+    """The requested metrics (default :data:`DEFAULT_METRICS`) that at least one run
+    logged. fairseq's ``loss_0``, ``loss_1``, ... are left out by default: the wav2vec
+    criterion numbers only the terms a run trains, so ``loss_1`` of one variant can be
+    another term than ``loss_1`` of the next."""
     present = set()
     for run in runs:
         for record in run.train_inner + [r for rs in run.valid.values() for r in rs]:
             present.update(record)
     if requested:
         return [m for m in requested if m in present]
-    extra = sorted((k for k in present if _EXTRA_LOSS.match(k)), key=lambda k: int(k.split("_")[1]))
-    return [m for m in DEFAULT_METRICS if m in present] + extra
+    return [m for m in DEFAULT_METRICS if m in present]
 
 
 def _series(records: Sequence[Mapping[str, float]], metric: str) -> Tuple[List[float], List[float]]:
@@ -563,8 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     curves.add_argument("--name", action="append", default=None,
                         help="label of a run, once per run in the same order (default: folder name)")
     curves.add_argument("--metrics", default=None,
-                        help="comma-separated metrics to plot (default: the code-usage metrics, "
-                             "losses and temperature that the logs contain)")
+                        help="comma-separated metrics to plot, e.g. loss_0,loss_1 (default: the "
+                             "code-usage metrics, losses and temperature that the logs contain)")
     curves.add_argument("--out", type=Path, required=True, help="folder for the PNGs and tables")
 
     codes = sub.add_parser("codes", help="histogram of code counts per group from a checkpoint")
