@@ -19,18 +19,22 @@ Greedy decoding is what fairseq's ``ctc`` criterion does during validation: the 
 likely unit of every non-padded frame, repeats collapsed, the blank (the task's
 ``blank_symbol``, else the dictionary's ``<s>``) dropped, the units joined and turned
 into words by the same ``post_process`` (``letter``: ``|`` is the word boundary;
-``sentencepiece``: ``\u2581`` starts a word). On the same checkpoint and subset the
-WER here therefore equals the ``wer`` that fine-tuning logs for that subset. WER is
-word-level edit distance over the number of reference words; CER is character-level
-edit distance (spaces between words count) over the number of reference characters.
-Both are summed over the subset before dividing, and reported in percent.
+``sentencepiece``: ``\u2581`` starts a word). Batches are by default those of the
+fine-tuning run's validation, so on the same checkpoint and subset the WER here equals
+the ``wer`` that fine-tuning logged. WER is word-level edit distance over the number of
+reference words; CER is character-level edit distance (spaces between words count)
+over the number of reference characters. Both are summed over the subset before
+dividing, and reported in percent.
 
-The checkpoint is loaded with fairseq's own ``load_model_ensemble_and_task`` after
-this plugin is registered, so fine-tuned ``wav2vec2_knnvq`` models need no
-``--user-dir``; ``--user-dir`` imports other plugins. The data folder and labels given
-here replace those stored in the checkpoint, so a checkpoint still loads after it (or
-the data) has moved. Every output file is written atomically (a temporary file, then a
-rename), the JSON summary last.
+The checkpoint is loaded with fairseq's own ``load_model_ensemble_and_task`` after this
+plugin is registered, so fine-tuned ``wav2vec2_knnvq`` models need no ``--user-dir``
+(``--user-dir`` imports other plugins). The units are those of the dictionary stored
+in the checkpoint (fairseq keeps the fine-tuning task's dictionary there);
+``{data}/dict.{labels}.txt`` is read only for a checkpoint without one. The data folder
+and labels given here replace those stored in the checkpoint, and the pretrained
+model's weights are inside the fine-tuned checkpoint, so it still decodes after it, the
+data or the pretrained checkpoint have moved. Every output file is written atomically
+(a temporary file, then a rename), the JSON summary last.
 """
 from __future__ import annotations
 
@@ -116,11 +120,13 @@ def units_to_words(label_line: str, post_process: str) -> str:
 # --- checks of the inputs, before the model is built -------------------------------
 
 
-def load_checkpoint_state(path: Path, data_dir: Path | None, labels: str | None) -> dict[str, Any]:
-    """The checkpoint's state with the task's data folder and labels replaced."""
+def load_checkpoint_state(path: Path, data_dir: Path | None, labels: str | None) -> tuple[dict[str, Any], str | None]:
+    """The checkpoint's state with the task's data folder and labels replaced, and the
+    labels it was fine-tuned with (None for a model that was not fine-tuned)."""
     import torch
     from fairseq import checkpoint_utils
     from fairseq.data import Dictionary
+    from fairseq.dataclass.utils import overwrite_args_by_name
 
     if not path.is_file():
         raise InferenceError(f"checkpoint {path} does not exist (give the .pt file that fine-tuning wrote)")
@@ -138,15 +144,17 @@ def load_checkpoint_state(path: Path, data_dir: Path | None, labels: str | None)
         # A fine-tuned checkpoint pickles the task's target Dictionary ("task_state"),
         # which torch >= 2.6's weights-only loading refuses unless it is allow-listed.
         with torch.serialization.safe_globals([Dictionary]):
-            state = checkpoint_utils.load_checkpoint_to_cpu(str(path), arg_overrides={"task": task_overrides})
+            state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
     except Exception as error:  # torch.load raises many types for a file that is no checkpoint
         raise InferenceError(f"{path} could not be read as a fairseq checkpoint: {type(error).__name__}: {error}") from None
     if state.get("cfg") is None:
         raise InferenceError(f"{path} has no 'cfg' entry: not a checkpoint written by fairseq's hydra training")
-    return state
+    trained_labels = state["cfg"].task.get("labels")
+    overwrite_args_by_name(state["cfg"], {"task": task_overrides})
+    return state, trained_labels
 
 
-def check_models_registered(state: dict[str, Any], path: Path) -> None:
+def check_models_registered(state: dict[str, Any], path: Path, trained_labels: str | None) -> None:
     """Every model and task the checkpoint needs must be registered in this process."""
     from fairseq.models import ARCH_MODEL_REGISTRY, MODEL_REGISTRY
     from fairseq.tasks import TASK_REGISTRY
@@ -168,7 +176,7 @@ def check_models_registered(state: dict[str, Any], path: Path) -> None:
             "defines it (fairseq-knnvq's own models are registered automatically when the "
             "package is installed: pip install fairseq-knnvq)."
         )
-    if cfg.task.get("labels") is None:
+    if trained_labels is None:
         raise InferenceError(
             f"checkpoint {path} is not a CTC fine-tuned model (its task "
             f"'{cfg.task.get('_name')}' has no labels; model '{cfg.model.get('_name')}'). "
@@ -180,13 +188,19 @@ def check_models_registered(state: dict[str, Any], path: Path) -> None:
 class ReferenceData:
     manifest_path: Path
     label_path: Path
-    dictionary_path: Path
     label_lines: tuple[str, ...]
     audio_seconds: float
 
 
-def check_data(data_dir: Path, subset: str, labels: str, sample_rate: int) -> ReferenceData:
-    """The manifest, labels and dictionary exist, agree in length and name existing audio."""
+def checkpoint_has_dictionary(state: dict[str, Any]) -> bool:
+    """fairseq stores the fine-tuning task's target dictionary in the checkpoint
+    ("task_state") and puts it back on loading, so the data folder's is then unused."""
+    return "target_dictionary" in (state.get("task_state") or {})
+
+
+def check_data(data_dir: Path, subset: str, labels: str, sample_rate: int, need_dictionary: bool) -> ReferenceData:
+    """The manifest and labels (and, if the checkpoint has none, the dictionary) exist,
+    agree in length and name existing audio."""
     manifest_path = data_dir / f"{subset}.tsv"
     label_path = data_dir / f"{subset}.{labels}"
     dictionary_path = data_dir / f"dict.{labels}.txt"
@@ -212,7 +226,8 @@ def check_data(data_dir: Path, subset: str, labels: str, sample_rate: int) -> Re
             f"{len(missing_audio)} audio files of {manifest_path} do not exist, e.g. {missing_audio[0]} "
             "(line 1 of the manifest is the folder they are relative to)"
         )
-    for path, what in ((label_path, "reference labels"), (dictionary_path, "label dictionary")):
+    needed = [(label_path, "reference labels")] + ([(dictionary_path, "label dictionary")] if need_dictionary else [])
+    for path, what in needed:
         if not path.is_file():
             raise InferenceError(
                 f"{what} {path} does not exist; knnvq-prepare-librispeech writes it "
@@ -227,7 +242,7 @@ def check_data(data_dir: Path, subset: str, labels: str, sample_rate: int) -> Re
             f"{len(manifest.entries)} audio files; both must come from the same preparation run"
         )
     audio_seconds = manifest.total_frames / sample_rate
-    return ReferenceData(manifest_path, label_path, dictionary_path, label_lines, audio_seconds)
+    return ReferenceData(manifest_path, label_path, label_lines, audio_seconds)
 
 
 # --- decoding -----------------------------------------------------------------------
@@ -253,8 +268,15 @@ def build_model(state: dict[str, Any], path: Path, device: str):
 
     try:
         models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], state=state)
-    except FileNotFoundError as error:
-        raise InferenceError(f"loading {path}: {error}") from None
+    except RuntimeError as error:
+        if "size mismatch" not in str(error):
+            raise
+        # Only a checkpoint without its own dictionary gets here (see checkpoint_has_dictionary).
+        dictionary_path = Path(state["cfg"].task.data) / f"dict.{state['cfg'].task.labels}.txt"
+        raise InferenceError(
+            f"the model in {path} does not fit the dictionary {dictionary_path} "
+            f"({str(error).splitlines()[-1].strip()}): decode with the dictionary it was fine-tuned with"
+        ) from None
     model = models[0].to(device).eval()
     return model, cfg, task
 
@@ -367,23 +389,26 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import_plugins(args.user_dir)
 
     data_dir = args.data.resolve() if args.data is not None else None
-    state = load_checkpoint_state(checkpoint, data_dir, args.labels)
-    check_models_registered(state, checkpoint)
+    state, trained_labels = load_checkpoint_state(checkpoint, data_dir, args.labels)
+    check_models_registered(state, checkpoint, trained_labels)
     task_cfg = state["cfg"].task
     if data_dir is None:
         data_dir = Path(task_cfg.data)
     labels = task_cfg.labels
-    reference = check_data(data_dir, args.subset, labels, int(task_cfg.get("sample_rate", 16000)))
+    reference = check_data(data_dir, args.subset, labels, int(task_cfg.get("sample_rate", 16000)),
+                           need_dictionary=not checkpoint_has_dictionary(state))
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     started = time.perf_counter()
     model, _, task = build_model(state, checkpoint, device)
     dictionary = task.target_dictionary
-    num_outputs = getattr(getattr(getattr(model, "w2v_encoder", None), "proj", None), "out_features", None)
-    if num_outputs is not None and num_outputs != len(dictionary):
+    unknown_units = sorted({unit for line in reference.label_lines for unit in line.split()} - set(dictionary.indices))
+    if unknown_units:
+        shown = " ".join(repr(unit) for unit in unknown_units[:10])
         raise InferenceError(
-            f"{reference.dictionary_path} has {len(dictionary)} entries but the model predicts "
-            f"{num_outputs} units: decode with the dictionary the model was fine-tuned with"
+            f"{reference.label_path} has units that the model's dictionary lacks ({shown}); the model "
+            f"was fine-tuned with labels={trained_labels} of another preparation: "
+            "give the --labels (and --data) it was fine-tuned with"
         )
     post_process = detect_post_process(dictionary.symbols) if args.post_process == "auto" else args.post_process
 
