@@ -247,3 +247,21 @@ def test_vqvae_rotation_trick_keeps_value_changes_gradient():
     (jac,) = torch.autograd.grad(rotated.rotate_to(z[:1], b[:1].detach()), z, v.unsqueeze(0), retain_graph=False)
     expected_norm = v.norm() * ei.norm() / zi.norm()
     assert jac[0].norm().item() == pytest.approx(expected_norm.item(), rel=1e-4)
+
+
+def test_vqvae_usage_is_complete_and_poolable():
+    vq = VQVAEQuantizer(dim=4, num_vars=8, groups=2)
+    usage = vq(torch.randn(30, 4))["code_usage"]
+    stats = codebook_stats(usage + usage)
+    assert stats["tightness_max_prob"] == pytest.approx(1.0)
+    assert stats["tightness_vertex_l2"] == 0.0
+    assert stats["prob_perplexity"] == pytest.approx(stats["code_perplexity"], rel=1e-6)
+
+
+def test_quantizer_does_not_raise_on_overflow_in_training():
+    """fp16 overflow must reach fairseq's loss scaler (which skips the step)."""
+    _, mine = make_pair(regularizer="knn")
+    x = torch.randn(2, 5, 64)
+    x[0, 0, 0] = float("inf")
+    out = mine(x)
+    assert not torch.isfinite(out["knn_loss"]) or not torch.isfinite(out["x"]).all()

@@ -26,7 +26,6 @@ from ..quantization import (
     KNN_DISTANCES,
     REGULARIZERS,
     SMOOTHING_MODES,
-    CodeUsage,
     SmoothedVectorQuantizer,
     VQVAEQuantizer,
 )
@@ -153,19 +152,6 @@ class Decoder(nn.Module):
         return self.layers(x)
 
 
-def hard_code_usage(counts: torch.Tensor) -> CodeUsage:
-    """Full summable statistics of a hard (onehot) selection: the VQ-VAE's selection
-    vector is exactly a vertex, so the soft sums are the counts, max p = 1 and the
-    distance to the nearest vertex is 0."""
-    num = counts.sum(-1).double()
-    return CodeUsage(
-        counts=counts,
-        prob_sums=counts.double(),
-        max_prob_sums=num,
-        vertex_l2_sums=torch.zeros_like(num),
-    )
-
-
 @register_model("vq_image_autoencoder", dataclass=VQImageAutoencoderConfig)
 class VQImageAutoencoder(BaseFairseqModel):
     def __init__(self, cfg: VQImageAutoencoderConfig):
@@ -233,7 +219,6 @@ class VQImageAutoencoder(BaseFairseqModel):
         positions = latents.flatten(2).transpose(1, 2)  # (B, h*w, C)
         if isinstance(self.quantizer, VQVAEQuantizer):
             result = self.quantizer(positions)
-            result["code_usage"] = hard_code_usage(result["code_counts"])
         else:
             result = self.quantizer(positions, produce_targets=True)
         result["x"] = result["x"].transpose(1, 2).reshape(bsz, -1, h, w)

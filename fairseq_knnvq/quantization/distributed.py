@@ -171,6 +171,7 @@ def global_knn_vertex_loss(
     mask: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
     group=None,
+    check_inputs: bool = True,
 ) -> Tensor:
     """L_KNN with each vertex's neighbours chosen from the batch of all workers.
 
@@ -181,10 +182,13 @@ def global_knn_vertex_loss(
     single-process gradient.
     """
     if world_size(group) == 1:
-        return knn_vertex_loss(logits, k=k, distance=distance, mask=mask, chunk_size=chunk_size)
+        return knn_vertex_loss(
+            logits, k=k, distance=distance, mask=mask, chunk_size=chunk_size, check_inputs=check_inputs
+        )
     check_knn_args(k, distance)
     rows, valid = as_rows(logits, mask)
-    check_finite(rows)
+    if check_inputs:
+        check_finite(rows)
     sel = global_vertex_selection(rows, k, distance, valid, chunk_size, group)
     total = None
     if sel.search is not None:
@@ -200,14 +204,18 @@ def global_softmax_and_knn_loss(
     mask: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
     group=None,
+    check_inputs: bool = True,
 ) -> Tuple[Tensor, Tensor]:
     """``(softmax(logits), global_knn_vertex_loss(logits, ...))`` in one autograd node,
     as :func:`~.regularizers.softmax_and_knn_loss` is to ``knn_vertex_loss``."""
     if world_size(group) == 1:
-        return softmax_and_knn_loss(logits, k=k, distance=distance, mask=mask, chunk_size=chunk_size)
+        return softmax_and_knn_loss(
+            logits, k=k, distance=distance, mask=mask, chunk_size=chunk_size, check_inputs=check_inputs
+        )
     check_knn_args(k, distance)
     rows, valid = as_rows(logits, mask)
-    check_finite(rows)
+    if check_inputs:
+        check_finite(rows)
     selections = []
 
     def select(rows32: Tensor, probs: Tensor):

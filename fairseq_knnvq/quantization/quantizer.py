@@ -9,7 +9,7 @@ as a matrix product (fairseq instead multiplies an N x G*M x d broadcast and sum
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -30,10 +30,9 @@ from .smoothing import (
     TemperatureSchedule,
     TemperatureSpec,
     check_smoothing,
-    onehot_argmax,
-    sample_gumbel_like,
+    select_codes,
     smooth,
-    straight_through,
+    smoothed_logits_of,
 )
 
 REGULARIZERS = ("knn", "diversity", "none")
@@ -210,45 +209,20 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         vars = self.vars.view(-1, self.num_vars, self.vars.shape[-1])
         return vars.expand(self.groups, -1, -1) if self.combine_groups else vars
 
-    def _knn_loss(self, logits: Tensor, mask: Optional[Tensor]) -> Tensor:
+    def _knn_fn(self, with_softmax: bool):
+        """The KNN loss (``with_softmax``: softmax and loss in one node), local or global."""
         if self.knn_global:
-            from .distributed import global_knn_vertex_loss
+            from . import distributed
 
-            return global_knn_vertex_loss(
-                logits, k=self.knn_k, distance=self.knn_distance, mask=mask,
-                chunk_size=self.knn_chunk_size,
-            )
-        return knn_vertex_loss(
+            fn = distributed.global_softmax_and_knn_loss if with_softmax else distributed.global_knn_vertex_loss
+        else:
+            fn = softmax_and_knn_loss if with_softmax else knn_vertex_loss
+        # No finiteness check here: under fp16 an overflow must reach fairseq's loss
+        # scaler, which skips the step, rather than stop the run.
+        return lambda logits, mask: fn(
             logits, k=self.knn_k, distance=self.knn_distance, mask=mask,
-            chunk_size=self.knn_chunk_size,
+            chunk_size=self.knn_chunk_size, check_inputs=False,
         )
-
-    def _soft_and_knn_loss(self, logits: Tensor, mask: Optional[Tensor]):
-        if self.knn_global:
-            from .distributed import global_softmax_and_knn_loss
-
-            return global_softmax_and_knn_loss(
-                logits, k=self.knn_k, distance=self.knn_distance, mask=mask,
-                chunk_size=self.knn_chunk_size,
-            )
-        return softmax_and_knn_loss(
-            logits, k=self.knn_k, distance=self.knn_distance, mask=mask,
-            chunk_size=self.knn_chunk_size,
-        )
-
-    def _training_smoothed_logits(self, logits: Tensor) -> Tensor:
-        """The smoothed logits :func:`.smoothing.smooth` forms in training (same noise)."""
-        if self.smoothing in ("gumbel", "gumbel_hard"):
-            return (logits + sample_gumbel_like(logits)) / self.curr_temp
-        return logits / self.curr_temp
-
-    def _training_selection(self, soft: Tensor, smoothed_logits: Tensor, logits: Tensor) -> Tensor:
-        """The selection :func:`.smoothing.smooth` returns in training, from its soft vectors."""
-        if self.smoothing == "gumbel_hard":
-            return straight_through(onehot_argmax(smoothed_logits), soft)
-        if self.smoothing == "ste":
-            return straight_through(onehot_argmax(logits), soft)
-        return soft
 
     def forward(
         self, x: Tensor, produce_targets: bool = False, mask: Optional[Tensor] = None
@@ -267,7 +241,6 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         result: Dict[str, Any] = {"num_vars": self.num_vars * self.groups}
 
         logits = self.weight_proj(x.reshape(-1, fsz)).view(bsz * tsz, self.groups, self.num_vars)
-        check_finite(logits)
         flat_mask = None if mask is None else mask.reshape(-1)
         logits32 = logits.float()
 
@@ -286,20 +259,20 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         if fused:
             # The smoothing's soft vectors are the KNN input: one autograd node computes
             # both, so the regulariser keeps no N x G x M tensor of its own (see
-            # SoftmaxWithSelectedDistance). Same values as smooth() + _knn_loss().
-            smoothed_logits = self._training_smoothed_logits(logits32)
-            soft, result["knn_loss"] = self._soft_and_knn_loss(smoothed_logits, flat_mask)
-            selection = self._training_selection(soft, smoothed_logits, logits32)
+            # SoftmaxWithSelectedDistance). Same values as smooth() + knn_vertex_loss().
+            smoothed_logits = smoothed_logits_of(logits32, self.smoothing, self.curr_temp)
+            soft, result["knn_loss"] = self._knn_fn(with_softmax=True)(smoothed_logits, flat_mask)
+            selection = select_codes(soft, smoothed_logits, logits32, self.smoothing)
         else:
             selection, smoothed_logits = smooth(logits32, self.smoothing, self.curr_temp, self.training)
         knn_logits = smoothed_logits if self.knn_input == "smoothed" else logits32 / self.curr_temp
 
         if self.regularizer == "knn":
             if not fused:
-                result["knn_loss"] = self._knn_loss(knn_logits, flat_mask)
+                result["knn_loss"] = self._knn_fn(with_softmax=False)(knn_logits, flat_mask)
         elif self.track_knn_loss:
             with torch.no_grad():
-                result["knn_loss"] = self._knn_loss(knn_logits, flat_mask)
+                result["knn_loss"] = self._knn_fn(with_softmax=False)(knn_logits, flat_mask)
         if self.regularizer == "diversity":
             num_vars = self.num_vars * self.groups
             result["diversity_loss"] = (num_vars - result["prob_perplexity"]) / num_vars
@@ -424,5 +397,11 @@ class VQVAEQuantizer(nn.Module):
             "vq_loss": codebook_loss + self.beta * commitment_loss,
             "code_perplexity": code_perplexity,
             "code_counts": counts,
-            "code_usage": CodeUsage(counts=counts),
+            # a hard choice is its own smoothed vector: onehot, max p = 1, on a vertex
+            "code_usage": CodeUsage(
+                counts=counts,
+                prob_sums=counts.double(),
+                max_prob_sums=counts.sum(-1).double(),
+                vertex_l2_sums=torch.zeros(self.groups, dtype=torch.float64, device=counts.device),
+            ),
         }

@@ -385,6 +385,7 @@ def knn_vertex_loss(
     distance: str = "ce",
     mask: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
+    check_inputs: bool = True,
 ) -> Tensor:
     """L_KNN of ``softmax(logits)`` along the last axis (see the module docstring).
 
@@ -394,12 +395,16 @@ def knn_vertex_loss(
         distance: ``"ce"`` (cross-entropy to the onehot) or ``"l2"`` (squared Euclidean).
         mask: boolean over the leading position dimensions, True where valid.
         chunk_size: vertices per chunk of the neighbour search (default: automatic).
+        check_inputs: raise ValueError on NaN / inf logits. Quantizers inside a training
+            loop pass False: with fp16 an overflow must reach fairseq's loss scaler (which
+            skips the step), not stop the run, and the check costs a device sync.
 
     Returns a scalar (at least float32) whose gradient flows through the selected distances only.
     """
     check_knn_args(k, distance)
     rows, valid = as_rows(logits, mask)
-    check_finite(rows)
+    if check_inputs:
+        check_finite(rows)
     num_valid = rows.shape[0] if valid is None else int(valid.sum())
     if num_valid == 0:
         return at_least_float32(rows).sum() * 0.0
@@ -491,6 +496,7 @@ def softmax_and_knn_loss(
     distance: str = "ce",
     mask: Optional[Tensor] = None,
     chunk_size: Optional[int] = None,
+    check_inputs: bool = True,
 ) -> Tuple[Tensor, Tensor]:
     """``(softmax(logits), knn_vertex_loss(logits, k, distance, mask, chunk_size))`` in
     one autograd node (:class:`SoftmaxWithSelectedDistance`): the same values and
@@ -498,7 +504,8 @@ def softmax_and_knn_loss(
     have the shape of ``logits`` (at least float32)."""
     check_knn_args(k, distance)
     rows, valid = as_rows(logits, mask)
-    check_finite(rows)
+    if check_inputs:
+        check_finite(rows)
     num_valid = rows.shape[0] if valid is None else int(valid.sum())
     k_eff = min(k, num_valid)
 

@@ -83,6 +83,31 @@ def straight_through(hard: Tensor, soft: Tensor) -> Tensor:
     return hard - soft.detach() + soft
 
 
+def smoothed_logits_of(logits: Tensor, mode: str, tau: float, training: bool = True) -> Tensor:
+    """The logits of the smoothed vector: ``(l + g) / tau`` for the Gumbel modes in
+    training, ``l / tau`` otherwise."""
+    check_smoothing(mode)
+    if tau <= 0:
+        raise ValueError(f"temperature must be > 0, got {tau}")
+    if training and mode in ("gumbel", "gumbel_hard"):
+        return (logits + sample_gumbel_like(logits)) / tau
+    return logits / tau
+
+
+def select_codes(
+    soft: Tensor, smoothed_logits: Tensor, logits: Tensor, mode: str, training: bool = True
+) -> Tensor:
+    """The code-selection vector that multiplies the codebook, given the soft vectors
+    ``soft = softmax(smoothed_logits)``."""
+    if not training:
+        return onehot_argmax(logits)
+    if mode == "gumbel_hard":
+        return straight_through(onehot_argmax(smoothed_logits), soft)
+    if mode == "ste":
+        return straight_through(onehot_argmax(logits), soft)
+    return soft
+
+
 def smooth(
     logits: Tensor, mode: str, tau: float, training: bool = True
 ) -> Tuple[Tensor, Tensor]:
@@ -92,19 +117,8 @@ def smooth(
     the smoothed vector (its softmax), the input of the KNN regulariser. In evaluation the
     selection is ``onehot(argmax logits)`` and the smoothed logits are ``logits / tau``.
     """
-    check_smoothing(mode)
-    if tau <= 0:
-        raise ValueError(f"temperature must be > 0, got {tau}")
+    smoothed_logits = smoothed_logits_of(logits, mode, tau, training)
     if not training:
-        return onehot_argmax(logits), logits / tau
-    if mode in ("gumbel", "gumbel_hard"):
-        smoothed_logits = (logits + sample_gumbel_like(logits)) / tau
-        soft = F.softmax(smoothed_logits, dim=-1)
-        if mode == "gumbel":
-            return soft, smoothed_logits
-        return straight_through(onehot_argmax(smoothed_logits), soft), smoothed_logits
-    smoothed_logits = logits / tau
+        return onehot_argmax(logits), smoothed_logits
     soft = F.softmax(smoothed_logits, dim=-1)
-    if mode == "softmax":
-        return soft, smoothed_logits
-    return straight_through(onehot_argmax(logits), soft), smoothed_logits  # ste
+    return select_codes(soft, smoothed_logits, logits, mode, training), smoothed_logits
