@@ -449,3 +449,16 @@ def test_slurm_run_configs_select_the_submitit_launcher(nodes):
     launcher = cfg["hydra"]["launcher"]
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert launcher["nodes"] == nodes and launcher["tasks_per_node"] == 8
+
+
+def test_both_regularisers_are_logged_by_name_for_every_variant():
+    for regularizer in ("knn", "diversity", "none"):
+        model = knnvq_model(quantizer_regularizer=regularizer)
+        source, padding_mask, mask_indices = batch(model)
+        model.train()
+        criterion = Wav2vecKnnVqCriterion(None, infonce=True, loss_weights=[0.1, 10])
+        _, _, log = seeded(lambda: criterion(model, sample_of(source, padding_mask, mask_indices)))
+        net = seeded(lambda: model(source=source, padding_mask=padding_mask, mask_indices=mask_indices))
+        expected = (net["num_vars"] - net["prob_perplexity"]) / net["num_vars"]
+        assert log["diversity_loss"] == pytest.approx(float(expected), rel=1e-5), regularizer
+        assert log["knn_loss"] > 0, regularizer

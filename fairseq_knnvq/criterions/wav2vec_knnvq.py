@@ -7,7 +7,8 @@ extra losses); this class only supplies the weights and adds to the logging outp
 - weights ``loss_weights + [knn_weight]`` for the model's extra losses
   ``[diversity, features_pen, knn]`` (see ``models/wav2vec2_knnvq.py``), so the stock
   ``loss_weights: [0.1, 10]`` keep their meaning and the KNN term has its own weight;
-- ``knn_loss`` (the unweighted regulariser, also for variants that do not train on it)
+- ``knn_loss`` and ``diversity_loss`` (the unweighted regularisers, also for variants
+  that do not train on them)
   and the code usage sums of :mod:`fairseq_knnvq.code_usage_logging`, from which
   ``code_usage``, ``used_codes``, ``pooled_code_perplexity``, ``pooled_prob_perplexity``,
   ``tightness_max_prob`` and ``tightness_vertex_l2`` are derived over all workers and,
@@ -36,7 +37,7 @@ COUNT_KEY = "_num_logging_outputs"
 # Keys fairseq's reduce_metrics sums instead of averaging.
 _SUMMED_KEYS = {"loss", "ntokens", "nsentences", "sample_size", "correct", "count"}
 # Logged by this criterion whether or not they are in log_keys.
-_ALWAYS_LOGGED = ("knn_loss", "code_usage")
+_ALWAYS_LOGGED = ("knn_loss", "diversity_loss", "code_usage")
 # Extra losses of wav2vec2_knnvq: [diversity, features_pen, knn].
 _NUM_EXTRA_LOSSES = 3
 
@@ -124,6 +125,11 @@ class Wav2vecKnnVqCriterion(Wav2vecCriterion):
         logging_output[COUNT_KEY] = 1
         if "knn_loss" in net_output:
             logging_output["knn_loss"] = float(net_output["knn_loss"])
+        if "prob_perplexity" in net_output:
+            # unweighted, under its own name for every variant (fairseq's loss_N numbering
+            # shifts with the terms a variant trains), so criteria compare on it
+            num_vars = net_output["num_vars"]
+            logging_output["diversity_loss"] = float((num_vars - net_output["prob_perplexity"]) / num_vars)
         if "code_usage" in net_output:
             logging_output.update(usage_logging_output(net_output["code_usage"]))
         return loss, sample_size, logging_output
