@@ -19,6 +19,10 @@ USER_DIR="$("$PYTHON" -m fairseq_knnvq)"
 read -r -a PRETRAIN_EXTRA <<< "${PRETRAIN_ARGS:-}"
 read -r -a FINETUNE_EXTRA <<< "${FINETUNE_ARGS:-}"
 
+# One thread per process: these models are tiny, and more threads mostly spin on a
+# small or shared machine.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+
 step() { echo; echo "== $1 ($(date +%H:%M:%S))"; }
 started=$SECONDS
 
