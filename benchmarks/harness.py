@@ -175,18 +175,25 @@ def build_step(c: Dict[str, Any], seed: int = 0) -> Callable[[], float]:
 
 def time_interleaved(steps: Dict[str, Callable[[], float]], repeats: int) -> Dict[str, Dict[str, Any]]:
     """Runs every step once to warm up, then ``repeats`` rounds in which each step runs
-    once in turn, so that a slow spell of the machine hits all of them alike."""
+    once in turn, so that a slow spell of the machine hits all of them alike. Records
+    wall-clock time and this process's CPU time (``time.process_time``: all threads,
+    excluding the time other processes held the cores)."""
     for step in steps.values():
         step()
-    times: Dict[str, List[float]] = {name: [] for name in steps}
+    wall: Dict[str, List[float]] = {name: [] for name in steps}
+    cpu: Dict[str, List[float]] = {name: [] for name in steps}
     for _ in range(repeats):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             step()
-            times[name].append(time.perf_counter() - start)
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     return {
-        name: {"median_s": statistics.median(t), "min_s": min(t), "times_s": t}
-        for name, t in times.items()
+        name: {
+            "median_s": statistics.median(wall[name]), "min_s": min(wall[name]), "times_s": wall[name],
+            "cpu_median_s": statistics.median(cpu[name]), "cpu_times_s": cpu[name],
+        }
+        for name in steps
     }
 
 
@@ -237,6 +244,12 @@ def calibrate() -> Dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- report
+
+
+def set_threads(threads: int) -> None:
+    """``threads`` > 0: that many intra-op threads; 0: torch's default (all cores)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
 
 
 def machine() -> Dict[str, Any]:
