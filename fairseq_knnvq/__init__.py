@@ -21,6 +21,20 @@ def register_with_fairseq() -> None:
     in the same process: fairseq then skips the user dir's auto-imports."""
     from . import criterions, models, tasks  # noqa: F401
 
+    allow_fairseq_checkpoint_classes()
+
+
+def allow_fairseq_checkpoint_classes() -> None:
+    """Lets torch >= 2.6's weights-only ``torch.load`` read fairseq checkpoints that hold
+    a task state: fine-tuning checkpoints store the target ``Dictionary``, and without
+    this fairseq cannot resume them (``UnpicklingError ... Dictionary``)."""
+    import torch
+    from fairseq.data.dictionary import Dictionary
+
+    add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
+    if add_safe_globals is not None:  # torch < 2.4 loads everything anyway
+        add_safe_globals([Dictionary])
+
 
 if "fairseq" in sys.modules:
     register_with_fairseq()

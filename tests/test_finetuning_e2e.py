@@ -157,6 +157,16 @@ def test_sentencepiece_finetune_decode(data, pretrained, tmp_path):
     assert "\u2581" not in (tmp_path / "decode" / "hypo.dev.txt").read_text(encoding="utf-8")
     assert summary["wer"] == pytest.approx(last_record(parse_json_log(result.stdout), "dev")["dev_wer"], abs=1.5e-3)
 
+    # Resuming a fine-tuning run: its checkpoint holds the task's Dictionary, which torch
+    # >= 2.6's weights-only loading refuses unless the plugin allow-lists it.
+    resumed = checked(fine_tune(tmp_path / "resume", data, pretrained, [
+        "task.labels=spm", "criterion.post_process=sentencepiece", f"optimization.max_update={SPM_UPDATES + 1}",
+        f"checkpoint.save_dir={tmp_path / 'run' / 'checkpoints'}",
+    ]))
+    assert f"@ {SPM_UPDATES} updates)" in resumed.stdout, resumed.stdout[-3000:]  # "Loaded checkpoint ..."
+    state = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert state["optimizer_history"][-1]["num_updates"] == SPM_UPDATES + 1
+
 
 # --- inputs that are wrong: clear errors naming what to fix --------------------------
 
