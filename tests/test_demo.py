@@ -38,7 +38,7 @@ def test_refuses_a_folder_it_did_not_make(tmp_path: Path, capsys) -> None:
 @pytest.mark.slow
 def test_quick_demo_end_to_end(tmp_path: Path, capsys) -> None:
     out = tmp_path / "demo_out"
-    code = demo.main(["--out", str(out), "--quick", "--pretrain-updates", "4", "--finetune-updates", "2"])
+    code = demo.main(["--out", str(out), "--quick", "--pretrain-updates", "4", "--finetune-updates", "4"])
     printed = capsys.readouterr().out
     assert code == 0, printed[-3000:]
 
@@ -63,7 +63,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys) -> None:
         assert len((out / "decode" / name / "hypo.test.txt").read_text().splitlines()) == 40
         # Both training stages ran for the asked number of updates.
         assert summary["pretraining_final"][name]["train"]["num_updates"] == 4
-        assert summary["finetuning_final"][name]["train"]["num_updates"] == 2
+        assert summary["finetuning_final"][name]["train"]["num_updates"] == 4
 
     table = (out / "summary.md").read_text()
     for row in summary["rows"]:
@@ -76,3 +76,9 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys) -> None:
         with Image.open(png) as image:
             assert image.format == "PNG"
     assert "update 4/4" in printed and "decode tiny_diversity" in printed  # progress was shown
+
+
+def test_too_few_finetune_updates_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    assert demo.main(["--out", str(tmp_path / "out"), "--finetune-updates", "2"]) == 1
+    assert "--finetune-updates must be at least" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -56,6 +56,7 @@ SPLITS = {"train": "train", "dev": "dev", "test": "test"}  # fairseq subset name
 # Marks a folder as the demo's own, so that a rerun may clear it.
 MARKER = ".knnvq-demo"
 QUICK_UPDATES = {"pretrain": 8, "finetune": 8}
+MIN_FINETUNE_UPDATES = 4
 
 
 class DemoError(Exception):
@@ -312,6 +313,12 @@ def run_demo(args: argparse.Namespace) -> Dict[str, object]:
     ]:
         if not needed.is_file():
             raise DemoError(f"config {needed} is missing: run from a clone of the repository or pass --config-dir")
+    if args.finetune_updates is not None and args.finetune_updates < MIN_FINETUNE_UPDATES:
+        # fairseq's tri_stage schedule divides by its decay steps, int(0.3 * updates)
+        raise DemoError(
+            f"--finetune-updates must be at least {MIN_FINETUNE_UPDATES} (the tri-stage "
+            f"learning-rate schedule of configs/finetuning/{FINETUNE_CONFIG}.yaml needs a decay phase)"
+        )
     fresh_output_folder(out)
     data_dir = out / "data"
     prepare_data(corpus, data_dir, progress)
