@@ -1,7 +1,7 @@
 """Peak memory of the KNN-CE loss at large codebooks (M = 16384, 65536 entries).
 
-    python benchmarks/bench_memory.py            # N = 4096 and 16384 frames (~20-40 min on 2 cores)
-    python benchmarks/bench_memory.py --quick    # N = 2048 (a few minutes)
+    python benchmarks/bench_memory.py            # N = 4096 and 16384 frames (3 min on a quiet 2-core machine)
+    python benchmarks/bench_memory.py --quick    # N = 2048 (1 min)
 
 Each case runs one forward + backward pass in a fresh process and reports the peak
 resident memory above the inputs (method: ``harness.py``). Compared, with G=1, D=256,

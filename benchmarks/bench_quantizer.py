@@ -1,7 +1,7 @@
 """Forward + backward time and peak memory of the quantizers, side by side.
 
-    python benchmarks/bench_quantizer.py            # full run (tens of minutes on 2 cores)
-    python benchmarks/bench_quantizer.py --quick    # the target shapes only (a few minutes)
+    python benchmarks/bench_quantizer.py            # every shape (19 min on a quiet 2-core machine)
+    python benchmarks/bench_quantizer.py --quick    # the target shapes (3 min)
 
 Compares, in one process with interleaved repeats (medians):
 
