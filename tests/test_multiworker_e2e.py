@@ -37,7 +37,7 @@ def two_worker_command(manifests, run_dir):
         "--config-dir", str(CONFIG_DIR / "pretraining"), "--config-name", "tiny_knn_ce",
         f"task.data={manifests}", f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}", f"hydra.run.dir={run_dir}",
         f"optimization.max_update={UPDATES}", "common.log_interval=1",
-        "+model.knn_global=true",
+        "model.knn_global=true",
         "distributed_training.distributed_world_size=2",
         "distributed_training.distributed_backend=gloo",
         # fairseq main divides the rank by torch.cuda.device_count() when it infers the

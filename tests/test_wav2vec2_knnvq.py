@@ -341,6 +341,7 @@ def test_validation_usage_is_pooled_over_the_whole_subset():
 QUANTIZER_KEYS = {
     "common.user_dir", "criterion._name", "criterion.knn_weight", "model._name", "model.latent_groups",
     "model.quantizer_smoothing", "model.quantizer_regularizer", "model.knn_k", "model.knn_distance",
+    "model.knn_input", "model.knn_global",
 }
 
 
@@ -387,7 +388,7 @@ def test_configs_name_valid_fields(path):
     assert model._name == "wav2vec2_knnvq" and criterion._name == "wav2vec_knnvq"
     if path.stem.startswith("tiny_"):
         base = OmegaConf.load(PRETRAINING_CONFIGS / path.name.replace("tiny_", "base_"))
-        for key in ("quantizer_smoothing", "quantizer_regularizer", "knn_k", "knn_distance", "latent_groups"):
+        for key in ("quantizer_smoothing", "quantizer_regularizer", "knn_k", "knn_distance", "knn_input", "knn_global", "latent_groups"):
             assert cfg.model[key] == base.model[key], key
         assert cfg.criterion == base.criterion
         assert cfg.common.cpu is True and cfg.model.encoder_layers == 2
