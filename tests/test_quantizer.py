@@ -91,6 +91,9 @@ def test_knn_output_is_the_loss_of_the_smoothed_vectors():
     _, smoothed = smooth(logits, "gumbel", mine.curr_temp, training=True)
     expected = knn_vertex_loss(smoothed, k=4, distance="l2")
     assert out["knn_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+    # tightness is that of the same smoothed vectors
+    probs = F.softmax(smoothed, dim=-1).detach()
+    torch.testing.assert_close(out["code_usage"].max_prob_sums, probs.max(-1).values.sum(0).double())
     out["knn_loss"].backward()
     assert mine.weight_proj.weight.grad is not None and mine.weight_proj.weight.grad.abs().sum() > 0
 

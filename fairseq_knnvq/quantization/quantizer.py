@@ -278,9 +278,10 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
             result["diversity_loss"] = (num_vars - result["prob_perplexity"]) / num_vars
 
         with torch.no_grad():
-            rows, valid = as_rows(knn_logits, flat_mask)
-            probs = F.softmax(rows if valid is None else rows[valid], dim=-1)
-            max_prob_sums, vertex_l2_sums = tightness_sums(probs)
+            # tightness of the KNN input; the fused path already holds its softmax
+            probs = soft.detach() if fused else F.softmax(knn_logits, dim=-1)
+            rows, valid = as_rows(probs, flat_mask)
+            max_prob_sums, vertex_l2_sums = tightness_sums(rows if valid is None else rows[valid])
         result["code_counts"] = counts
         result["code_usage"] = CodeUsage(
             counts=counts,
