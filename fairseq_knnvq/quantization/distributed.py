@@ -59,10 +59,8 @@ from .regularizers import (
     SelectedVertexDistance,
     SoftmaxWithSelectedDistance,
     VertexSearch,
-    as_rows,
     at_least_float32,
-    check_finite,
-    check_knn_args,
+    knn_rows,
     knn_vertex_loss,
     search_vertices,
     softmax_and_knn_loss,
@@ -185,10 +183,7 @@ def global_knn_vertex_loss(
         return knn_vertex_loss(
             logits, k=k, distance=distance, mask=mask, chunk_size=chunk_size, check_inputs=check_inputs
         )
-    check_knn_args(k, distance)
-    rows, valid = as_rows(logits, mask)
-    if check_inputs:
-        check_finite(rows)
+    rows, valid = knn_rows(logits, k, distance, mask, check_inputs)
     sel = global_vertex_selection(rows, k, distance, valid, chunk_size, group)
     total = None
     if sel.search is not None:
@@ -212,10 +207,7 @@ def global_softmax_and_knn_loss(
         return softmax_and_knn_loss(
             logits, k=k, distance=distance, mask=mask, chunk_size=chunk_size, check_inputs=check_inputs
         )
-    check_knn_args(k, distance)
-    rows, valid = as_rows(logits, mask)
-    if check_inputs:
-        check_finite(rows)
+    rows, valid = knn_rows(logits, k, distance, mask, check_inputs)
     selections = []
 
     def select(rows32: Tensor, probs: Tensor):

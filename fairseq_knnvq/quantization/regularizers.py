@@ -99,6 +99,17 @@ def check_knn_args(k: int, distance: str) -> None:
         )
 
 
+def knn_rows(
+    logits: Tensor, k: int, distance: str, mask: Optional[Tensor], check_inputs: bool
+) -> Tuple[Tensor, Optional[Tensor]]:
+    """The argument checks every KNN loss starts with; returns :func:`as_rows`."""
+    check_knn_args(k, distance)
+    rows, valid = as_rows(logits, mask)
+    if check_inputs:
+        check_finite(rows)
+    return rows, valid
+
+
 def vertex_closeness(rows: Tensor, lse: Tensor, sq_norm: Optional[Tensor], distance: str) -> Tensor:
     """A score that is larger when ``p_n`` is closer to vertex m, for rows ``(N, G, C)``
     of a chunk of C vertices. CE: ``log p_m``; L2: ``2 p_m - ||p||^2`` (= 1 - d_L2)."""
@@ -404,10 +415,7 @@ def knn_vertex_loss(
 
     Returns a scalar (at least float32) whose gradient flows through the selected distances only.
     """
-    check_knn_args(k, distance)
-    rows, valid = as_rows(logits, mask)
-    if check_inputs:
-        check_finite(rows)
+    rows, valid = knn_rows(logits, k, distance, mask, check_inputs)
     num_valid = rows.shape[0] if valid is None else int(valid.sum())
     if num_valid == 0:
         return at_least_float32(rows).sum() * 0.0
@@ -505,10 +513,7 @@ def softmax_and_knn_loss(
     one autograd node (:class:`SoftmaxWithSelectedDistance`): the same values and
     gradients as computing the two apart, with less memory and time. The probabilities
     have the shape of ``logits`` (at least float32)."""
-    check_knn_args(k, distance)
-    rows, valid = as_rows(logits, mask)
-    if check_inputs:
-        check_finite(rows)
+    rows, valid = knn_rows(logits, k, distance, mask, check_inputs)
     num_valid = rows.shape[0] if valid is None else int(valid.sum())
     k_eff = min(k, num_valid)
 
