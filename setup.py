@@ -31,7 +31,11 @@ setup(
     ],
     extras_require={
         "plots": ["matplotlib"],
-        "dev": ["pytest", "matplotlib"],
+        # knnvq-export-hf (checked with transformers 5.24.0, safetensors 0.8.0).
+        "hf": ["transformers>=4.40", "safetensors"],
+        # common.tensorboard_logdir=... (fairseq writes its scalars with torch's SummaryWriter).
+        "tensorboard": ["tensorboard"],
+        "dev": ["pytest", "matplotlib", "transformers>=4.40", "safetensors", "tensorboard"],
         # SLURM launches through configs/run_config/slurm_*.yaml (hydra's submitit launcher).
         "slurm": ["hydra-submitit-launcher>=1.2"],
     },
@@ -42,6 +46,8 @@ setup(
             "knnvq-infer = fairseq_knnvq.cli.infer_ctc:main",
             "knnvq-report = fairseq_knnvq.cli.report:main",
             "knnvq-eval-image = fairseq_knnvq.cli.eval_image:main",
+            "knnvq-export-hf = fairseq_knnvq.cli.export_hf:main",
+            "knnvq-train = fairseq_knnvq.cli.train:main",
         ],
     },
 )

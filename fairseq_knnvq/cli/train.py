@@ -1,0 +1,175 @@
+"""``knnvq-train``: ``fairseq-hydra-train`` with this plugin registered before hydra composes.
+
+::
+
+    knnvq-train --config-dir configs/pretraining --config-name tiny_knn_ce \\
+        task.data=/data/manifests model.knn_k=4 model.knn_input=probs
+
+``fairseq-hydra-train`` composes its config before it imports a user dir, so plugin
+classes are unknown to hydra while it composes: ``model=wav2vec2_knnvq`` fails ("No match
+in the defaults list") and fields of a plugin dataclass that the YAML does not list need
+a leading ``+``. This launcher imports fairseq and the plugin first, then runs fairseq's
+own ``hydra_main`` with every command-line argument passed through (``-m``, ``--cfg``,
+``hydra.*``, overrides), with three additions:
+
+- ``GROUP=NAME`` (``model=wav2vec2_knnvq``, ``criterion=wav2vec_knnvq``, ``task=...``;
+  any name registered in fairseq's registries, the plugin's included) selects that
+  class for the group. The primary YAML's settings of the group still apply on top
+  of the class's defaults (it becomes ``GROUP._name=NAME``). Groups that the primary
+  config lists in its own ``defaults:`` are left to hydra.
+- The primary YAML is validated against the dataclasses of the classes it names
+  (``_name``) or that were chosen, as fairseq already does for the top level: every
+  field is then overridable without ``+`` (``model.knn_input=probs``), and a key the
+  class does not have is an error naming it.
+- ``common.user_dir`` is set to this installed plugin unless given, so the plugin is
+  the one imported here (fairseq refuses a second ``fairseq_knnvq`` from another path).
+
+``fairseq-hydra-train ... common.user_dir=$(python -m fairseq_knnvq)`` keeps working
+unchanged; this is a convenience, not a fork.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+# FairseqConfig fields whose value is a registered class chosen by ``_name``.
+GROUPS = ("task", "model", "criterion", "optimizer", "lr_scheduler", "scoring", "bpe", "tokenizer")
+
+
+class LaunchError(Exception):
+    """An argument that the user has to fix, found before hydra runs."""
+
+
+def dataclass_registry(group: str) -> Dict[str, Any]:
+    """name -> dataclass of the classes registered for ``group`` (after registration)."""
+    from fairseq.models import ARCH_MODEL_NAME_REGISTRY, MODEL_DATACLASS_REGISTRY
+    from fairseq.registry import REGISTRIES
+    from fairseq.tasks import TASK_DATACLASS_REGISTRY
+
+    if group == "task":
+        return dict(TASK_DATACLASS_REGISTRY)
+    if group == "model":
+        registry = dict(MODEL_DATACLASS_REGISTRY)
+        for arch, model in ARCH_MODEL_NAME_REGISTRY.items():
+            if arch not in registry and model in MODEL_DATACLASS_REGISTRY:
+                registry[arch] = MODEL_DATACLASS_REGISTRY[model]
+        return registry
+    if group in REGISTRIES:
+        return {name: dc for name, dc in REGISTRIES[group]["dataclass_registry"].items() if dc is not None}
+    return {}
+
+
+def parse_hydra_args(argv: Sequence[str]):
+    """hydra's own reading of the command line (config dir/name and the overrides)."""
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(list(argv))
+    return args
+
+
+def primary_config_path(config_dir: Optional[str], config_name: Optional[str]) -> Optional[Path]:
+    if config_dir is None or config_name is None:
+        return None
+    name = config_name if config_name.endswith(".yaml") else f"{config_name}.yaml"
+    path = Path(config_dir).expanduser() / name
+    return path if path.is_file() else None
+
+
+def read_primary(path: Optional[Path]) -> Tuple[Dict[str, Optional[str]], set]:
+    """The ``_name`` of each group in the primary YAML, and the groups its ``defaults:``
+    list selects (those are hydra's to choose)."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if path is None:
+        return {}, set()
+    raw = OmegaConf.load(path)
+    names: Dict[str, Optional[str]] = {}
+    for group in GROUPS:
+        node = raw.get(group) if isinstance(raw, DictConfig) else None
+        if isinstance(node, DictConfig) and "_name" in node:
+            names[group] = OmegaConf.to_container(node, resolve=False).get("_name")
+        elif isinstance(node, str):
+            names[group] = node
+    in_defaults = set()
+    defaults = raw.get("defaults") if isinstance(raw, DictConfig) else None
+    if isinstance(defaults, ListConfig):
+        for entry in OmegaConf.to_container(defaults, resolve=False):
+            if isinstance(entry, dict):
+                in_defaults.update(str(key).lstrip("+~").split("@")[0].replace("override ", "").strip() for key in entry)
+    return names, in_defaults
+
+
+def rewrite_overrides(argv: Sequence[str], overrides: Sequence[str], names: Dict[str, Optional[str]], in_defaults: set) -> Tuple[List[str], Dict[str, Optional[str]]]:
+    """``GROUP=NAME`` becomes ``GROUP._name=NAME`` for the groups the primary config does
+    not select in its defaults list; ``GROUP._name=NAME`` overrides are noted too. Returns
+    the new argv and the name chosen for each group."""
+    chosen = dict(names)
+    replacements: Dict[str, str] = {}
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep:
+            continue
+        if key in GROUPS and key not in in_defaults:
+            registry = dataclass_registry(key)
+            if value not in registry:
+                known = ", ".join(sorted(registry)) or "none"
+                raise LaunchError(f"{override}: no {key} named '{value}' is registered (registered: {known})")
+            replacements[override] = f"{key}._name={value}"
+            chosen[key] = value
+        elif key.endswith("._name") and key[: -len("._name")] in GROUPS:
+            chosen[key[: -len("._name")]] = value
+    return [replacements.get(arg, arg) for arg in argv], chosen
+
+
+def store_schema(config_name: str, chosen: Dict[str, Optional[str]]) -> List[str]:
+    """Stores FairseqConfig as the schema of ``config_name`` (as fairseq-hydra-train does),
+    with the dataclass of each chosen class as the schema of its group; returns the
+    groups that got one."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    from fairseq.dataclass.configs import FairseqConfig
+    from fairseq.dataclass.initialize import hydra_init
+
+    hydra_init(config_name)
+    schema = OmegaConf.structured(FairseqConfig)
+    typed = []
+    for group, name in chosen.items():
+        dc = dataclass_registry(group).get(name) if isinstance(name, str) else None
+        if dc is None:
+            continue
+        node = OmegaConf.structured(dc)
+        node._name = name
+        schema[group] = node
+        typed.append(group)
+    ConfigStore.instance().store(name=config_name, node=schema)
+    return typed
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    import fairseq  # noqa: F401  (before the plugin, so that it registers its fairseq parts)
+
+    import fairseq_knnvq
+
+    fairseq_knnvq.register_with_fairseq()
+    try:
+        args = parse_hydra_args(argv)
+        config_name = args.config_name or "config"
+        names, in_defaults = read_primary(primary_config_path(args.config_dir, args.config_name))
+        argv, chosen = rewrite_overrides(argv, args.overrides, names, in_defaults)
+    except LaunchError as error:
+        raise SystemExit(f"knnvq-train: error: {error}") from None
+    if not any(override.split("=", 1)[0].lstrip("+") == "common.user_dir" for override in args.overrides):
+        argv.append(f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}")
+    store_schema(config_name, chosen)
+
+    from fairseq_cli.hydra_train import hydra_main
+
+    sys.argv = [sys.argv[0] if sys.argv else "knnvq-train", *argv]
+    hydra_main()
+
+
+if __name__ == "__main__":
+    main()
