@@ -23,6 +23,8 @@ from fairseq_knnvq.criterions.wav2vec_knnvq import (
 )
 from fairseq_knnvq.models.wav2vec2_knnvq import Wav2Vec2KnnVqConfig, Wav2Vec2KnnVqModel
 from fairseq_knnvq.quantization import SmoothedVectorQuantizer, knn_vertex_loss
+from fairseq_knnvq.quantization import distributed as knn_distributed
+from fairseq_knnvq.quantization import regularizers as knn_regularizers
 
 fairseq_knnvq.register_with_fairseq()
 
@@ -95,6 +97,56 @@ def seeded(fn, seed=7):
     return fn()
 
 
+def brute_force_knn(logits, k, distance="ce"):
+    """L_KNN by definition: every distance, sorted per vertex, the K smallest averaged
+    (differentiable through the kept values). ``logits``: (N, G, M)."""
+    log_p = torch.log_softmax(logits.double(), dim=-1)
+    if distance == "ce":
+        d = -log_p
+    else:
+        p = log_p.exp()
+        d = 1 - 2 * p + p.pow(2).sum(-1, keepdim=True)
+    k_eff = min(k, d.shape[0])
+    return d.sort(dim=0).values[:k_eff].sum() / (d.shape[1] * d.shape[2] * k_eff)
+
+
+def capture_quantizer_inputs(model):
+    """Inputs (and masks) of every quantizer call, in call order."""
+    calls = []
+
+    def hook(module, args, kwargs):
+        calls.append((args[0].detach(), kwargs.get("mask")))
+
+    for quantizer in model.smoothed_quantizers():
+        quantizer.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+def knn_of_call(quantizer, call, k, distance="ce"):
+    """The brute-force KNN loss of one quantizer call without Gumbel noise (softmax
+    smoothing or eval): the rows are the valid frames' ``logits / temp``."""
+    y, mask = call
+    logits = quantizer.weight_proj(y).view(*y.shape[:2], quantizer.groups, quantizer.num_vars)
+    rows = logits.reshape(-1, quantizer.groups, quantizer.num_vars)
+    if mask is not None:
+        rows = rows[mask.reshape(-1)]
+    return brute_force_knn(rows / quantizer.curr_temp, k, distance)
+
+
+def count_knn_searches(monkeypatch):
+    """Counts the calls of the KNN neighbour search (local and global entry points)."""
+    calls = [0]
+    original = knn_regularizers.search_vertices
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(knn_regularizers, "search_vertices", counting)
+    monkeypatch.setattr(knn_distributed, "search_vertices", counting)
+    return calls
+
+
 # --- parity with stock wav2vec 2.0 -------------------------------------------------
 
 
@@ -115,22 +167,70 @@ def test_seeded_construction_gives_stock_weights_and_leaves_the_random_stream_al
 def test_stock_state_dict_gives_stock_outputs_losses_and_gradients(num_updates):
     """The parity test: a stock wav2vec2 state dict in wav2vec2_knnvq with
     regularizer=diversity, smoothing=gumbel_hard computes what stock wav2vec 2.0 does."""
-    stock = stock_model(seed=0)
-    ours = knnvq_model(seed=1, quantizer_regularizer="diversity", quantizer_smoothing="gumbel_hard")
+    assert_stock_parity(dict(), num_updates=num_updates, padded_samples=0)
+
+
+PLACEMENTS = {
+    "targets": dict(),
+    "input_and_targets": dict(quantize_input=True),
+    "input_only": dict(quantize_input=True, quantize_targets=False),
+    "negatives_from_everywhere": dict(negatives_from_everywhere=True),
+}
+
+
+@pytest.mark.parametrize("placement", sorted(PLACEMENTS))
+def test_diversity_variant_is_stock_on_padded_batches_in_every_placement(placement):
+    """With padding in the batch, also where a quantizer sees padded frames (the input
+    quantizer; targets from every frame): stock's values, losses and gradients."""
+    assert_stock_parity(PLACEMENTS[placement], num_updates=100, padded_samples=3000)
+
+
+@pytest.mark.parametrize("placement", ["input_only", "negatives_from_everywhere"])
+def test_diversity_counts_padding_false_excludes_padded_frames(placement):
+    overrides = PLACEMENTS[placement]
+    model = knnvq_model(quantizer_regularizer="diversity", diversity_counts_padding=False, **overrides)
+    stock = stock_model(**overrides)
+    model.load_state_dict(stock.state_dict())
+    model.eval()
+    stock.eval()
+    source, padding_mask, mask_indices = batch(model, padded_samples=3000)
+    calls = capture_quantizer_inputs(model)
+    with torch.no_grad():
+        out = model(source=source, padding_mask=padding_mask, mask_indices=mask_indices)
+        stock_out = stock(source=source, padding_mask=padding_mask, mask_indices=mask_indices)
+        y, mask = calls[-1]
+        quantizer = model.smoothed_quantizers()[0]
+        logits = quantizer.weight_proj(y).view(-1, 2, 16)
+        valid = logits[mask.reshape(-1)]
+        avg = torch.softmax(valid.float(), -1).mean(0)
+        expected = torch.exp(-(avg * torch.log(avg + 1e-7)).sum(-1)).sum()
+    assert 0 < int(mask.sum()) < mask.numel()
+    torch.testing.assert_close(out["prob_perplexity"], expected, rtol=1e-5, atol=0)
+    # stock counts the padded frames: a different number
+    assert abs(float(stock_out["prob_perplexity"]) - float(expected)) > 1e-2
+
+
+def assert_stock_parity(overrides, num_updates, padded_samples):
+    stock = stock_model(seed=0, **overrides)
+    ours = knnvq_model(seed=1, quantizer_regularizer="diversity", quantizer_smoothing="gumbel_hard", **overrides)
     ours.load_state_dict(stock.state_dict(), strict=True)
     for model in (stock, ours):
         model.train()
         model.set_num_updates(num_updates)
-    source, padding_mask, mask_indices = batch(stock)
+    source, padding_mask, mask_indices = batch(stock, padded_samples=padded_samples)
+    if padded_samples:
+        assert padding_mask.any()
+    net_input = dict(source=source, padding_mask=padding_mask, mask_indices=mask_indices)
 
-    stock_out = seeded(lambda: stock(source=source, mask_indices=mask_indices))
-    our_out = seeded(lambda: ours(source=source, mask_indices=mask_indices))
+    stock_out = seeded(lambda: stock(**net_input))
+    our_out = seeded(lambda: ours(**net_input))
     for key in ("x", "features_pen", "prob_perplexity", "code_perplexity"):
         assert torch.equal(stock_out[key], our_out[key]), key
     assert our_out["num_vars"] == stock_out["num_vars"] and our_out["temp"] == stock_out["temp"]
     stock_extra, our_extra = stock.get_extra_losses(stock_out), ours.get_extra_losses(our_out)
     assert torch.equal(stock_extra[0], our_extra[0]) and torch.equal(stock_extra[1], our_extra[1])
     assert our_extra[2] is None  # the KNN loss is only reported, not trained
+    assert stock_extra[0] is not None
 
     sample = sample_of(source, padding_mask, mask_indices)
     stock_criterion = Wav2vecCriterion(None, infonce=True, loss_weights=[0.1, 10], log_keys=STOCK_LOG_KEYS)
@@ -149,7 +249,7 @@ def test_stock_state_dict_gives_stock_outputs_losses_and_gradients(num_updates):
         if param.grad is None:
             assert our_params[name].grad is None, name
         else:
-            torch.testing.assert_close(our_params[name].grad, param.grad, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(our_params[name].grad, param.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 def test_stock_state_dict_with_quantized_input_loads_strictly():
@@ -157,10 +257,7 @@ def test_stock_state_dict_with_quantized_input_loads_strictly():
     ours = knnvq_model(seed=5, quantize_input=True, quantizer_regularizer="diversity")
     ours.load_state_dict(stock.state_dict(), strict=True)
     assert isinstance(ours.input_quantizer, SmoothedVectorQuantizer)
-    source, _, mask_indices = batch(stock)
-    stock_out = seeded(lambda: stock(source=source, mask_indices=mask_indices))
-    our_out = seeded(lambda: ours(source=source, mask_indices=mask_indices))
-    assert torch.equal(stock_out["x"], our_out["x"])
+    assert isinstance(ours.quantizer, SmoothedVectorQuantizer) and ours.quantizer is not ours.input_quantizer
 
 
 # --- the KNN term and the statistics --------------------------------------------------
@@ -183,23 +280,83 @@ def test_knn_loss_is_the_loss_of_the_masked_frames_and_is_trained(distance):
     torch.testing.assert_close(out["knn_loss"], expected)
     assert int(out["code_usage"].counts.sum()) == 2 * y.shape[0] * y.shape[1]
 
+    # trained: the gradient of the term is that of the brute-force loss
+    model = knnvq_model(quantizer_regularizer="knn", knn_distance=distance, knn_k=4, quantizer_smoothing="softmax")
     model.train()
-    out = model(source=source, mask_indices=mask_indices)
+    calls = capture_quantizer_inputs(model)
+    out = seeded(lambda: model(source=source, mask_indices=mask_indices))
     diversity, features_pen, knn = model.get_extra_losses(out)
-    assert diversity is None and features_pen is not None and knn.requires_grad
-    knn.backward()
-    assert model.quantizer.weight_proj.weight.grad.abs().sum() > 0
+    assert diversity is None and features_pen is not None
+    weight = model.quantizer.weight_proj.weight
+    (grad,) = torch.autograd.grad(knn, weight)
+    expected_loss = knn_of_call(model.quantizer, calls[-1], 4, distance)
+    (expected_grad,) = torch.autograd.grad(expected_loss, weight)
+    torch.testing.assert_close(knn.double(), expected_loss, rtol=1e-5, atol=0)
+    scale = expected_grad.abs().max()
+    assert scale > 0
+    torch.testing.assert_close(grad.double(), expected_grad.double(), rtol=0, atol=1e-4 * float(scale))
 
 
 @pytest.mark.parametrize("regularizer", ["diversity", "none"])
 def test_other_regularizers_report_but_do_not_train_the_knn_loss(regularizer):
-    model = knnvq_model(quantizer_regularizer=regularizer)
+    model = knnvq_model(quantizer_regularizer=regularizer, quantizer_smoothing="softmax", knn_k=4)
+    model.train()
     source, _, mask_indices = batch(model)
+    calls = capture_quantizer_inputs(model)
     out = model(source=source, mask_indices=mask_indices)
-    assert torch.isfinite(out["knn_loss"]) and not out["knn_loss"].requires_grad
+    expected = knn_of_call(model.quantizer, calls[-1], 4)
+    torch.testing.assert_close(out["knn_loss"].double(), expected, rtol=1e-5, atol=0)
+    assert not out["knn_loss"].requires_grad
     diversity, _, knn = model.get_extra_losses(out)
     assert knn is None
     assert (diversity is None) == (regularizer == "none")
+
+
+@pytest.mark.parametrize("regularizer", ["diversity", "none"])
+def test_baselines_compute_the_knn_loss_only_in_logged_updates(regularizer, monkeypatch):
+    """Training: a KNN search only in the updates whose logs fairseq writes (update u is
+    logged when u % log_interval == 0; the model sees u - 1); validation: always. The
+    logged value is the KNN loss of that forward call."""
+    searches = count_knn_searches(monkeypatch)
+    model = knnvq_model(quantizer_regularizer=regularizer, quantizer_smoothing="softmax", knn_k=4)
+    criterion = Wav2vecKnnVqCriterion(None, infonce=True, loss_weights=[0.1, 10], knn_log_interval=4)
+    source, padding_mask, mask_indices = batch(model)
+    sample = sample_of(source, padding_mask, mask_indices)
+    calls = capture_quantizer_inputs(model)
+    model.train()
+    logged_updates = []
+    for update in range(8):
+        model.set_num_updates(update)  # as fairseq's task.train_step does before the step
+        before = searches[0]
+        loss, _, log = seeded(lambda: criterion(model, sample))
+        loss.backward()
+        assert searches[0] - before == ("knn_loss" in log), update
+        if "knn_loss" in log:
+            logged_updates.append(update + 1)
+            expected = knn_of_call(model.quantizer, calls[-1], 4)
+            assert log["knn_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert logged_updates == [4, 8]
+    assert all(q.track_knn_loss for q in model.smoothed_quantizers())  # restored after each call
+
+    model.eval()
+    before = searches[0]
+    with torch.no_grad():
+        _, _, log = criterion(model, sample)
+    assert searches[0] - before == 1
+    expected = knn_of_call(model.quantizer, calls[-1], 4)
+    assert log["knn_loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_knn_log_interval_is_fairseqs_log_interval_and_must_be_positive():
+    from omegaconf import OmegaConf as OC
+
+    cfg = OC.merge(
+        OC.create({"common": {"log_interval": 25}}),
+        OC.create({"criterion": OC.structured(Wav2VecKnnVqCriterionConfig)}),
+    )
+    assert cfg.criterion.knn_log_interval == 25
+    with pytest.raises(ValueError, match="knn_log_interval"):
+        Wav2vecKnnVqCriterion(None, infonce=True, loss_weights=[0.1, 10], knn_log_interval=0)
 
 
 @pytest.mark.parametrize(
@@ -220,11 +377,15 @@ def test_padded_frames_never_reach_the_statistics(overrides):
 
 
 def test_same_quantizer_for_input_and_targets_stays_one_module():
-    model = knnvq_model(quantize_input=True, same_quantizer=True)
+    model = knnvq_model(quantize_input=True, same_quantizer=True, knn_k=4, quantizer_smoothing="softmax")
     assert model.input_quantizer is model.quantizer
     source, _, mask_indices = batch(model)
+    calls = capture_quantizer_inputs(model)
     out = model(source=source, mask_indices=mask_indices)
-    assert torch.isfinite(out["knn_loss"])
+    # both calls of the one module: the input frames, then the targets
+    assert len(calls) == 2 and calls[0][0].shape[1] == mask_indices.shape[1]
+    expected = sum(knn_of_call(model.quantizer, call, 4) for call in calls)
+    torch.testing.assert_close(out["knn_loss"].double(), expected, rtol=1e-5, atol=0)
 
 
 # --- the criterion ----------------------------------------------------------------------
@@ -462,4 +623,4 @@ def test_both_regularisers_are_logged_by_name_for_every_variant():
         net = seeded(lambda: model(source=source, padding_mask=padding_mask, mask_indices=mask_indices))
         expected = (net["num_vars"] - net["prob_perplexity"]) / net["num_vars"]
         assert log["diversity_loss"] == pytest.approx(float(expected), rel=1e-5), regularizer
-        assert log["knn_loss"] > 0, regularizer
+        assert log["knn_loss"] == pytest.approx(float(net["knn_loss"]), rel=1e-5), regularizer

@@ -14,6 +14,14 @@ extra losses); this class only supplies the weights and adds to the logging outp
   ``tightness_max_prob`` and ``tightness_vertex_l2`` are derived over all workers and,
   in validation, over the whole subset.
 
+The variants that do not train on the KNN loss (``quantizer_regularizer=diversity``
+or ``none``) compute it, detached, only where it is logged: in validation, and in the
+training updates whose logs fairseq writes (every ``knn_log_interval`` updates, by
+default ``common.log_interval``). Elsewhere the step runs no KNN search (and, with
+``knn_global``, no collective for it). The logged training value is therefore the KNN
+loss of the logged update, not a mean over the interval. (With fairseq's own ``wav2vec``
+criterion the model computes it in every step.)
+
 Every logging value is a sum, so the outputs are summed across workers (fairseq's fast
 all-reduce path, also the one that works for CPU/gloo training). fairseq's criterion
 averages keys such as ``temp`` or ``prob_perplexity`` by dividing by the number of
@@ -21,6 +29,7 @@ logging outputs, which is the wrong count once outputs are summed; here every ou
 carries a count, so the averages are the same for any number of workers.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -29,6 +38,7 @@ import torch
 from fairseq import utils
 from fairseq.criterions import register_criterion
 from fairseq.criterions.wav2vec_criterion import Wav2vecCriterion, Wav2VecCriterionConfig
+from omegaconf import II
 
 from ..code_usage_logging import is_usage_key, log_code_usage, usage_logging_output
 
@@ -50,6 +60,15 @@ class Wav2VecKnnVqCriterionConfig(Wav2VecCriterionConfig):
             "help": "weight of the KNN-to-vertex loss (scaled by the sample size like the "
             "other extra losses); loss_weights keep fairseq's meaning: [diversity, "
             "features_pen]"
+        },
+    )
+    knn_log_interval: int = field(
+        default=II("common.log_interval"),
+        metadata={
+            "help": "training updates between the ones in which variants that do not train "
+            "on the KNN loss (regularizer diversity, none) compute it for the logs; default "
+            "common.log_interval, i.e. exactly the updates whose logs are written. "
+            "Validation always computes it"
         },
     )
 
@@ -83,7 +102,9 @@ class _NetOutputRecorder:
 
 @register_criterion("wav2vec_knnvq", dataclass=Wav2VecKnnVqCriterionConfig)
 class Wav2vecKnnVqCriterion(Wav2vecCriterion):
-    def __init__(self, task, infonce=False, loss_weights=None, log_keys=None, knn_weight=0.1):
+    def __init__(
+        self, task, infonce=False, loss_weights=None, log_keys=None, knn_weight=0.1, knn_log_interval=1
+    ):
         log_keys = [] if log_keys is None else list(log_keys)
         for key in ("logits", "target"):
             if key in log_keys:
@@ -99,6 +120,21 @@ class Wav2vecKnnVqCriterion(Wav2vecCriterion):
             log_keys=[key for key in log_keys if key not in _ALWAYS_LOGGED],
         )
         self.knn_weight = knn_weight
+        if int(knn_log_interval) < 1:
+            raise ValueError(
+                f"criterion.knn_log_interval must be >= 1 (updates between logged KNN losses), "
+                f"got {knn_log_interval}"
+            )
+        self.knn_log_interval = int(knn_log_interval)
+
+    def tracks_knn_loss(self, model) -> bool:
+        """Whether this forward call computes the KNN loss of a variant that does not train
+        on it: always in validation; in training, in the updates whose logs fairseq writes
+        (``fairseq_cli/train.py`` logs after update ``u`` when ``u % log_interval == 0``;
+        the trainer passes the update count before the step, ``u - 1``, to the model)."""
+        if not model.training:
+            return True
+        return (int(getattr(model, "num_updates", 0)) + 1) % self.knn_log_interval == 0
 
     @staticmethod
     def extra_loss_weights(loss_weights, knn_weight: float) -> List[float]:
@@ -120,7 +156,9 @@ class Wav2vecKnnVqCriterion(Wav2vecCriterion):
 
     def forward(self, model, sample, reduce=True):
         recorder = _NetOutputRecorder(model)
-        loss, sample_size, logging_output = super().forward(recorder, sample, reduce=reduce)
+        tracking = getattr(model, "knn_tracking", None)
+        with tracking(self.tracks_knn_loss(model)) if tracking is not None else contextlib.nullcontext():
+            loss, sample_size, logging_output = super().forward(recorder, sample, reduce=reduce)
         net_output = recorder.net_output
         logging_output[COUNT_KEY] = 1
         if "knn_loss" in net_output:

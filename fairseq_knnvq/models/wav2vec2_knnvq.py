@@ -18,6 +18,7 @@ first two, and the KNN weight third (the ``wav2vec_knnvq`` criterion appends its
 fairseq's criterion skips ``None`` terms.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -27,6 +28,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 
+from .. import dummy_batches
 from ..quantization import KNN_DISTANCES, REGULARIZERS, SMOOTHING_MODES, SmoothedVectorQuantizer
 from ..quantization.quantizer import KNN_INPUTS
 
@@ -70,6 +72,16 @@ class Wav2Vec2KnnVqConfig(Wav2Vec2Config):
             "pass, e.g. the Gumbel sample) or probs (noise-free softmax(logits / temp))"
         },
     )
+    diversity_counts_padding: bool = field(
+        default=True,
+        metadata={
+            "help": "with quantizer_regularizer=diversity: quantizers that see padded frames "
+            "(quantize_input; negatives_from_everywhere) count them in the diversity loss, "
+            "the perplexities and the usage statistics, as stock wav2vec 2.0 does, so this "
+            "variant is exactly the stock baseline (default); false excludes padded frames "
+            "as the KNN variants always do"
+        },
+    )
     knn_global: bool = field(
         default=False,
         metadata={
@@ -104,6 +116,11 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
         # Filled by the quantizers' hooks during one forward call (None outside it).
         self._quantizer_outputs: Optional[List[Dict[str, Any]]] = None
         self._feature_lengths: Optional[torch.Tensor] = None
+        # Dummy batches (see mark_next_batch_dummy): the flag for the next forward call
+        # and the one of the call in progress.
+        self._next_batch_is_dummy = False
+        self._batch_is_dummy = False
+        self.num_updates = 0
         for quantizer in {id(q): q for q in (self.quantizer, self.input_quantizer) if q is not None}.values():
             quantizer.register_forward_pre_hook(self._before_quantizer, with_kwargs=True)
             quantizer.register_forward_hook(self._after_quantizer)
@@ -135,18 +152,64 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
         quantizer.load_state_dict(stock.state_dict())
         return quantizer
 
+    def set_num_updates(self, num_updates):
+        """fairseq's trainer calls this before every update (the quantizers' temperature
+        follows it); the ``wav2vec_knnvq`` criterion reads ``num_updates`` to know whether
+        the update's logs are written."""
+        super().set_num_updates(num_updates)
+        self.num_updates = num_updates
+
+    def mark_next_batch_dummy(self, is_dummy: bool) -> None:
+        """Tells the model whether the next forward call is on one of fairseq's dummy
+        batches (called by the trainer hook in :mod:`fairseq_knnvq.dummy_batches`).
+
+        On a dummy batch every quantizer call gets an all-False mask: its frames enter no
+        regulariser and no statistic (fairseq discards the batch's loss and logs anyway),
+        and with ``knn_global`` the worker still takes part in the candidate exchange, but
+        with no candidates, so the K neighbours of every vertex come from real batches."""
+        self._next_batch_is_dummy = bool(is_dummy)
+
+    def smoothed_quantizers(self) -> List[SmoothedVectorQuantizer]:
+        """The model's quantizers (one object once when ``same_quantizer``)."""
+        found = {id(q): q for q in (self.quantizer, self.input_quantizer) if q is not None}
+        return list(found.values())
+
+    @contextlib.contextmanager
+    def knn_tracking(self, enabled: bool):
+        """Within the block, quantizers whose regulariser is not KNN compute the detached
+        KNN loss they report only if ``enabled`` (a KNN search, and with ``knn_global``
+        two collectives, that a baseline pays only to log a number). The setting before
+        the block is restored after it."""
+        quantizers = self.smoothed_quantizers()
+        before = [q.track_knn_loss for q in quantizers]
+        for q in quantizers:
+            q.track_knn_loss = enabled
+        try:
+            yield
+        finally:
+            for q, value in zip(quantizers, before):
+                q.track_knn_loss = value
+
     def _before_quantizer(self, module, args, kwargs):
-        """Passes the valid-frame mask to quantizer calls that see padded frames.
+        """Passes the valid-frame mask to quantizer calls that see padded frames, and an
+        all-False mask to every call on a dummy batch.
 
         fairseq quantizes the masked frames ``y`` (never padding: masks are drawn inside
         each utterance's length) unless ``negatives_from_everywhere``; the input
-        quantizer always sees every frame."""
-        if self._quantizer_outputs is None or self._feature_lengths is None:
+        quantizer always sees every frame. The diversity variant leaves padded frames in
+        when ``diversity_counts_padding`` (stock wav2vec 2.0 counts them)."""
+        if self._quantizer_outputs is None:
+            return None
+        x = args[0]
+        if self._batch_is_dummy:
+            return args, dict(kwargs, mask=torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device))
+        if self._feature_lengths is None:
             return None
         is_input_call = self.input_quantizer is not None and not self._quantizer_outputs
         if not (is_input_call or self.negatives_from_everywhere):
             return None
-        x = args[0]
+        if self.cfg.quantizer_regularizer == "diversity" and self.cfg.diversity_counts_padding:
+            return None
         frames = torch.arange(x.shape[1], device=x.device)
         kwargs = dict(kwargs, mask=frames.unsqueeze(0) < self._feature_lengths.unsqueeze(1).to(x.device))
         return args, kwargs
@@ -156,6 +219,7 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
             self._quantizer_outputs.append(output)
 
     def forward(self, source, padding_mask=None, mask=True, features_only=False, *args, **kwargs):
+        is_dummy, self._next_batch_is_dummy = self._next_batch_is_dummy, False
         if features_only:
             return super().forward(source, padding_mask, mask, features_only, *args, **kwargs)
         self._quantizer_outputs = []
@@ -165,12 +229,14 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
             if padding_mask is not None and padding_mask.any()
             else None
         )
+        self._batch_is_dummy = is_dummy
         try:
             result = super().forward(source, padding_mask, mask, features_only, *args, **kwargs)
             outputs = self._quantizer_outputs
         finally:
             self._quantizer_outputs = None
             self._feature_lengths = None
+            self._batch_is_dummy = False
         knn_losses = [q["knn_loss"] for q in outputs if "knn_loss" in q]
         if knn_losses:
             result["knn_loss"] = torch.stack([loss.float() for loss in knn_losses]).sum()
@@ -192,3 +258,6 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
             knn = net_output["knn_loss"]
         return [diversity, features_pen, knn]
 
+
+
+dummy_batches.install()
