@@ -1,0 +1,170 @@
+"""fairseq's dummy batches stay out of the global KNN.
+
+At uneven epoch and validation ends fairseq's trainer gives a worker whose shard has run
+out a "dummy" batch (a copy of the first batch), runs it through forward (and backward)
+so that every collective still happens, and only zeroes its loss, sample size and logs.
+Its rows must not compete for the K neighbours of each vertex.
+
+Two real gloo processes: rank 0 holds a real batch, rank 1 a dummy. Checked against the
+brute-force KNN loss of rank 0's real rows alone:
+
+- model level (``mark_next_batch_dummy``): the KNN value on both ranks, and the gradient
+  that fairseq's averaging applies to the shared quantizer weights; without the mark the
+  value is measurably different (the test can fail);
+- through fairseq's own ``Trainer.valid_step`` (rank 1 passes the empty sample fairseq's
+  iterators yield, which ``Trainer._prepare_sample`` replaces by the dummy batch): the
+  logged validation KNN loss.
+"""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from omegaconf import OmegaConf
+
+import fairseq  # noqa: F401  (before the plugin, so that it registers its fairseq parts)
+import fairseq_knnvq
+
+from test_wav2vec2_knnvq import TINY, batch, brute_force_knn, capture_quantizer_inputs, sample_of
+
+fairseq_knnvq.register_with_fairseq()
+
+WORLD = 2
+K = 4
+MODEL = dict(TINY, quantizer_regularizer="knn", quantizer_smoothing="softmax", knn_k=K, knn_global=True)
+
+
+def build_model():
+    from fairseq_knnvq.models.wav2vec2_knnvq import Wav2Vec2KnnVqConfig, Wav2Vec2KnnVqModel
+
+    torch.manual_seed(0)
+    return Wav2Vec2KnnVqModel(Wav2Vec2KnnVqConfig(**MODEL))
+
+
+def fairseq_average(params, sample_size):
+    """legacy_ddp's SUM all-reduce of grad / world, then Trainer.train_step's
+    multiply_grads(world / summed sample sizes); a dummy batch's sample size is 0."""
+    total = torch.tensor([float(sample_size)], dtype=torch.float64)
+    dist.all_reduce(total)
+    for p in params:
+        p.grad.div_(WORLD)
+        dist.all_reduce(p.grad)
+        p.grad.mul_(WORLD / total.item())
+
+
+def model_level(rank, mark_dummy):
+    model = build_model()
+    model.train()
+    source, padding_mask, mask_indices = batch(model, seed=rank)
+    calls = capture_quantizer_inputs(model)
+    is_dummy = rank == 1
+    if mark_dummy:
+        model.mark_next_batch_dummy(is_dummy)
+    out = model(source=source, padding_mask=padding_mask, mask_indices=mask_indices)
+    sample_size = 0 if is_dummy else int(mask_indices.sum())
+    loss = out["knn_loss"] * sample_size  # the trainer zeroes a dummy batch's loss
+    params = list(model.quantizer.weight_proj.parameters())
+    for p in params:
+        p.grad = None
+    loss.backward()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    fairseq_average(params, sample_size)
+    return {"knn": float(out["knn_loss"]), "grads": [p.grad.clone() for p in params], "y": calls[-1][0]}
+
+
+def trainer_level(rank):
+    from fairseq import tasks
+    from fairseq.dataclass.configs import FairseqConfig
+    from fairseq.tasks.audio_pretraining import AudioPretrainingConfig
+    from fairseq.trainer import Trainer
+
+    from fairseq_knnvq.criterions.wav2vec_knnvq import Wav2VecKnnVqCriterionConfig
+    from fairseq_knnvq.models.wav2vec2_knnvq import Wav2Vec2KnnVqConfig
+
+    cfg = OmegaConf.structured(FairseqConfig)
+    cfg.common.cpu = True
+    cfg.distributed_training.distributed_world_size = WORLD
+    cfg.distributed_training.distributed_rank = rank
+    cfg.distributed_training.distributed_backend = "gloo"
+    cfg.distributed_training.ddp_backend = "legacy_ddp"
+    cfg.task = OmegaConf.structured(AudioPretrainingConfig(_name="audio_pretraining", data="unused"))
+    cfg.model = OmegaConf.structured(Wav2Vec2KnnVqConfig(_name="wav2vec2_knnvq", **MODEL))
+    cfg.criterion = OmegaConf.structured(
+        Wav2VecKnnVqCriterionConfig(_name="wav2vec_knnvq", infonce=True, loss_weights=[0.1, 10])
+    )
+    cfg.optimizer = OmegaConf.create({"_name": "adam"})
+    cfg.lr_scheduler = OmegaConf.create({"_name": "fixed"})
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(0)
+    model = task.build_model(cfg.model)
+    trainer = Trainer(cfg, task, model, task.build_criterion(cfg.criterion))
+    samples = [sample_of(*batch(model, seed=seed)) for seed in range(WORLD)]
+    # fairseq's dummy batch is the epoch's first batch; give rank 1 a different one
+    # from rank 0's real batch, so that its rows would matter
+    trainer.reset_dummy_batch(samples[1])
+    calls = capture_quantizer_inputs(model)
+    # fairseq's sharded iterators yield [] on the worker whose shard has run out
+    logged = trainer.valid_step(samples[0] if rank == 0 else [])
+    return {"knn": logged["knn_loss"], "y": calls[-1][0] if calls else None}
+
+
+def _worker(rank, init_file, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        results = {
+            "marked": model_level(rank, mark_dummy=True),
+            "unmarked": model_level(rank, mark_dummy=False),
+            "trainer": trainer_level(rank),
+        }
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dummy_gloo")
+    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
+    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def reference(y, train):
+    """Brute-force KNN loss of rows ``y`` (rank 0's real rows) and its gradient on the
+    quantizer's projection, in the model of the workers."""
+    model = build_model()
+    model.train(train)
+    quantizer = model.quantizer
+    logits = quantizer.weight_proj(y).view(-1, quantizer.groups, quantizer.num_vars) / quantizer.curr_temp
+    loss = brute_force_knn(logits, K)
+    grads = torch.autograd.grad(loss, list(quantizer.weight_proj.parameters()))
+    return float(loss), grads
+
+
+@pytest.mark.slow
+def test_dummy_rows_take_no_part_in_the_global_knn(workers):
+    real = workers[0]["marked"]
+    value, grads = reference(real["y"], train=True)
+    for rank in range(WORLD):
+        got = workers[rank]["marked"]
+        assert got["knn"] == pytest.approx(value, rel=1e-5), rank
+        for grad, expected in zip(got["grads"], grads):
+            scale = float(expected.abs().max())
+            assert scale > 0
+            torch.testing.assert_close(grad.double(), expected.double(), rtol=0, atol=1e-4 * scale)
+    # without the mark, the dummy rows compete for the K slots: another value
+    assert abs(workers[0]["unmarked"]["knn"] - value) > 100 * 1e-5 * value
+
+
+@pytest.mark.slow
+def test_fairseq_trainer_tells_the_model_about_its_dummy_batch(workers):
+    value, _ = reference(workers[0]["trainer"]["y"], train=False)
+    assert workers[1]["trainer"]["y"] is not None  # the dummy batch did run through forward
+    for rank in range(WORLD):
+        # fairseq rounds logged values to 3 decimals
+        assert workers[rank]["trainer"]["knn"] == pytest.approx(value, abs=1e-3), rank
+    unmarked_effect = abs(workers[0]["unmarked"]["knn"] - workers[0]["marked"]["knn"])
+    assert unmarked_effect > 20 * 1e-3
