@@ -92,7 +92,6 @@ def check_decoding_files(summary: dict, output_dir: Path, data: Path, require_hy
     assert (summary["num_char_errors"], summary["num_chars"]) == (char_errors, num_chars)
     assert summary["wer"] == pytest.approx(100 * word_errors / num_words, abs=1e-4)
     assert summary["cer"] == pytest.approx(100 * char_errors / num_chars, abs=1e-4)
-    assert summary["wer"] >= 0 and summary["cer"] >= 0
     if require_hypotheses:  # not the all-blank model: the comparisons above compare real hypotheses
         assert sum(len(h.split()) for h in hypotheses) > 0
 
