@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from fairseq_knnvq.quantization import diversity_loss, knn_vertex_loss
+from fairseq_knnvq.quantization.regularizers import softmax_and_knn_loss
 
 
 def brute_force_knn(logits, k, distance, valid=None):
@@ -75,14 +76,54 @@ def test_mask_excludes_positions(distance):
     assert float(grad[~mask].abs().max()) == 0.0
 
 
-def test_mask_with_one_group_dimension_left_out():
+def brute_force_diversity(rows):
+    """wav2vec 2.0's prob-perplexity loss of rows (N, G, M), written out per group."""
+    groups, entries = rows.shape[1], rows.shape[2]
+    ppl = 0.0
+    for g in range(groups):
+        avg = torch.softmax(rows[:, g].double(), dim=-1).mean(0)
+        ppl = ppl + torch.exp(-(avg * torch.log(avg + 1e-7)).sum())
+    return (groups * entries - ppl) / (groups * entries)
+
+
+@pytest.mark.parametrize("shape", [(12, 5), (12, 3, 5), (3, 4, 2, 5), (2, 3, 4, 3, 5)])
+def test_one_group_rule_with_and_without_a_mask(shape):
+    """The last two dimensions are (G, M) whether or not a mask is given (2-D: one
+    group), the mask covers the rest, and an all-True mask changes nothing."""
+    torch.manual_seed(len(shape))
+    logits = (2 * torch.randn(*shape, dtype=torch.float64)).requires_grad_()
+    positions = shape[:-1] if len(shape) == 2 else shape[:-2]
+    groups = 1 if len(shape) == 2 else shape[-2]
+    rows = logits.reshape(-1, groups, shape[-1])
+    all_true = torch.ones(positions, dtype=torch.bool)
+    for distance in ("ce", "l2"):
+        ref = brute_force_knn(rows, 3, distance)
+        plain = knn_vertex_loss(logits, k=3, distance=distance)
+        masked = knn_vertex_loss(logits, k=3, distance=distance, mask=all_true)
+        assert plain.item() == pytest.approx(ref.item(), abs=1e-12)
+        assert masked.item() == pytest.approx(ref.item(), abs=1e-12)
+        (g_ref,) = torch.autograd.grad(ref, logits)
+        (g_masked,) = torch.autograd.grad(masked, logits)
+        torch.testing.assert_close(g_masked, g_ref, atol=1e-12, rtol=1e-10)
+    div_ref = brute_force_diversity(rows.detach())
+    assert diversity_loss(logits).item() == pytest.approx(div_ref.item(), abs=1e-12)
+    assert diversity_loss(logits, mask=all_true).item() == pytest.approx(div_ref.item(), abs=1e-12)
+
+
+def test_a_mask_over_the_group_dimension_is_refused_with_the_fix():
+    """(B, T, M) is T groups of B rows; a (B, T) mask would silently change that."""
     torch.manual_seed(5)
-    logits = torch.randn(4, 6, 9, dtype=torch.float64)  # (B, T, M), one group
+    logits = torch.randn(4, 6, 9, dtype=torch.float64)
     mask = torch.ones(4, 6, dtype=torch.bool)
     mask[0, 3:] = False
-    ours = knn_vertex_loss(logits, k=2, mask=mask)
-    ref = brute_force_knn(logits.unsqueeze(2), 2, "ce", valid=mask)
-    assert ours.item() == pytest.approx(ref.item(), abs=1e-10)
+    for loss in (knn_vertex_loss, diversity_loss):
+        with pytest.raises(ValueError, match=r"G=6 groups: for one group pass logits.unsqueeze\(-2\)"):
+            loss(logits, mask=mask)
+    one_group = logits.unsqueeze(-2)  # (B, T, 1, M)
+    ref = brute_force_knn(one_group, 2, "ce", valid=mask)
+    assert knn_vertex_loss(one_group, k=2, mask=mask).item() == pytest.approx(ref.item(), abs=1e-12)
+    div_ref = brute_force_diversity(one_group.reshape(-1, 1, 9)[mask.reshape(-1)])
+    assert diversity_loss(one_group, mask=mask).item() == pytest.approx(div_ref.item(), abs=1e-12)
 
 
 def test_fewer_valid_rows_than_k_uses_all_rows():
@@ -95,18 +136,51 @@ def test_fewer_valid_rows_than_k_uses_all_rows():
 
 
 def test_all_masked_gives_zero_with_a_graph():
-    logits = torch.randn(2, 3, 5, requires_grad=True)
+    logits = torch.randn(2, 3, 1, 5, requires_grad=True)
     loss = knn_vertex_loss(logits, mask=torch.zeros(2, 3, dtype=torch.bool))
     loss.backward()
     assert loss.item() == 0.0 and float(logits.grad.abs().sum()) == 0.0
+    assert diversity_loss(logits, mask=torch.zeros(2, 3, dtype=torch.bool)).item() == 0.0
 
 
-def test_gradient_flows_only_through_selected_rows():
+@pytest.mark.parametrize("distance", ["ce", "l2"])
+def test_gradient_flows_only_through_selected_rows(distance):
+    """The rows with a gradient are exactly the brute-force neighbours, and the gradient
+    is the brute force's (N = 100 >= 4 K M: the sparse backward pass)."""
     torch.manual_seed(6)
-    logits = torch.randn(100, 1, 4, dtype=torch.float64, requires_grad=True)
-    knn_vertex_loss(logits, k=2, distance="ce").backward()
-    touched = (logits.grad.abs().sum(dim=(1, 2)) > 0).sum()
-    assert int(touched) <= 2 * 4  # at most K rows per vertex
+    logits = (2 * torch.randn(100, 1, 4, dtype=torch.float64)).requires_grad_()
+    (grad,) = torch.autograd.grad(knn_vertex_loss(logits, k=2, distance=distance), logits)
+    (ref,) = torch.autograd.grad(brute_force_knn(logits, 2, distance), logits)
+    torch.testing.assert_close(grad, ref, atol=1e-12, rtol=1e-10)
+    p = torch.softmax(logits.detach()[:, 0], -1)
+    dist = -p.log() if distance == "ce" else 1 - 2 * p + (p * p).sum(-1, keepdim=True)
+    selected = set(dist.topk(2, dim=0, largest=False).indices.flatten().tolist())
+    touched = set((grad.abs().sum(dim=(1, 2)) > 0).nonzero().flatten().tolist())
+    assert touched == selected and len(selected) >= 2
+
+
+@pytest.mark.parametrize("distance", ["ce", "l2"])
+@pytest.mark.parametrize("n", [9, 40, 200])
+def test_rows_picked_by_several_vertices_get_one_gradient(distance, n):
+    """Collapsed rows are the neighbours of many vertices; dense (n=9) and sparse
+    (n >= 4 K M) backward passes both equal the brute force, masked and not."""
+    torch.manual_seed(n)
+    logits = torch.randn(n, 2, 3, dtype=torch.float64)
+    logits[: n // 3, :, 0] += 6.0  # a third of the rows sit near vertex 0
+    logits.requires_grad_()
+    mask = torch.rand(n) > 0.2
+    few = torch.zeros(n, dtype=torch.bool)
+    few[[0, n // 2, n - 1]] = True  # 3 valid rows, each picked by all 3 vertices
+    upstream = torch.randn(logits.shape, dtype=torch.float64)
+    for m in (None, mask, few):
+        (ref,) = torch.autograd.grad(brute_force_knn(logits, 3, distance, valid=m), logits)
+        (grad,) = torch.autograd.grad(knn_vertex_loss(logits, k=3, distance=distance, mask=m), logits)
+        torch.testing.assert_close(grad, ref, atol=1e-12, rtol=1e-10)
+        # the fused softmax + KNN node: its KNN part of the gradient
+        probs, loss = softmax_and_knn_loss(logits, k=3, distance=distance, mask=m)
+        (both,) = torch.autograd.grad((probs * upstream).sum() + loss, logits)
+        (softmax_only,) = torch.autograd.grad((torch.softmax(logits, -1) * upstream).sum(), logits)
+        torch.testing.assert_close(both - softmax_only, ref, atol=1e-12, rtol=1e-10)
 
 
 def test_ce_is_finite_for_confident_logits():
@@ -163,6 +237,9 @@ def test_diversity_loss_is_the_wav2vec2_formula():
         (lambda: knn_vertex_loss(torch.randn(5, 3), k=2.5), "k must be"),
         (lambda: knn_vertex_loss(torch.randn(5, 3), distance="cosine"), "unknown knn distance"),
         (lambda: knn_vertex_loss(torch.randn(4, 5, 3), mask=torch.ones(5, dtype=torch.bool)), "mask of shape"),
+        (lambda: knn_vertex_loss(torch.randn(4, 5, 3), chunk_size=0), "chunk_size must be an integer >= 1"),
+        (lambda: knn_vertex_loss(torch.randn(4, 5, 3), chunk_size=-3), "chunk_size must be an integer >= 1"),
+        (lambda: knn_vertex_loss(torch.randn(4, 5, 3), mask=torch.ones(4, 5, dtype=torch.bool)), "unsqueeze"),
         (lambda: knn_vertex_loss(torch.randn(4, 5, 3), mask=torch.ones(4, 5)), "boolean"),
         (lambda: knn_vertex_loss(torch.tensor([[0.0, float("nan")]])), "NaN"),
         (lambda: knn_vertex_loss(torch.ones(3, 4, dtype=torch.long)), "floating point"),

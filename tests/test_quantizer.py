@@ -208,6 +208,8 @@ def test_tightness_of_onehot_and_uniform():
         (lambda: SmoothedVectorQuantizer(8, 4)(torch.randn(2, 3, 8), mask=torch.ones(3, 2, dtype=torch.bool)), "mask"),
         (lambda: codebook_stats(torch.tensor([0, 5]), num_entries=4), r"\[0, 4\)"),
         (lambda: VQVAEQuantizer(8, 4)(torch.randn(3, 7)), "expected input"),
+        (lambda: SmoothedVectorQuantizer(8, 4, knn_chunk_size=0), "knn_chunk_size must be an integer >= 1"),
+        (lambda: SmoothedVectorQuantizer(8, 4, knn_chunk_size=-1), "knn_chunk_size must be an integer >= 1"),
     ],
 )
 def test_bad_arguments(build, message):
@@ -261,10 +263,72 @@ def test_vqvae_usage_is_complete_and_poolable():
     assert stats["prob_perplexity"] == pytest.approx(stats["code_perplexity"], rel=1e-6)
 
 
-def test_quantizer_does_not_raise_on_overflow_in_training():
-    """fp16 overflow must reach fairseq's loss scaler (which skips the step)."""
-    _, mine = make_pair(regularizer="knn")
+def test_quantizer_lets_an_overflow_through_in_training():
+    """fp16 overflow must reach fairseq's loss scaler (which skips the step): no error,
+    a non-finite loss, and the other rows quantized as without the bad row."""
+    _, mine = make_pair(smoothing="softmax", regularizer="knn")
     x = torch.randn(2, 5, 64)
-    x[0, 0, 0] = float("inf")
-    out = mine(x)
-    assert not torch.isfinite(out["knn_loss"]) or not torch.isfinite(out["x"]).all()
+    bad = x.clone()
+    bad[0, 0, 0] = float("inf")
+    out = mine(bad)
+    ref = mine(x)
+    assert not torch.isfinite(out["knn_loss"])
+    assert torch.isfinite(ref["knn_loss"])
+    torch.testing.assert_close(out["x"][1], ref["x"][1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out["x"][0, 1:], ref["x"][0, 1:], atol=1e-6, rtol=0)
+
+
+def test_vqvae_lets_an_fp16_overflow_reach_the_loss_scaler():
+    """An inf from an fp16 encoder: no ValueError in forward, a non-finite vq_loss (the
+    scaler's signal), and the codes of the finite rows are the brute-force nearest."""
+    torch.manual_seed(16)
+    vq = VQVAEQuantizer(dim=6, num_vars=10, groups=2).train()
+    z = torch.randn(8, 6)
+    z[3, 1] = float("inf")
+    out = vq(z.requires_grad_())
+    assert not torch.isfinite(out["vq_loss"])
+    finite = torch.tensor([i != 3 for i in range(8)])
+    for g in range(2):
+        zg = z.detach().reshape(-1, 2, 3)[:, g][finite]
+        brute = torch.cdist(zg, vq.codebooks.detach()[g]).argmin(-1)
+        assert torch.equal(out["targets"][finite][:, g], brute)
+    out["vq_loss"].backward()  # the backward pass runs; the scaler then skips the step
+
+
+@pytest.mark.parametrize("regularizer", ["knn", "diversity", "none"])
+@pytest.mark.parametrize("smoothing", ["softmax", "gumbel_hard", "ste"])
+@pytest.mark.parametrize("shape", [(0, 7), (3, 0)])
+def test_empty_batch_gives_empty_outputs_and_zero_losses(regularizer, smoothing, shape):
+    bsz, tsz = shape
+    for time_first in (True, False):
+        _, mine = make_pair(time_first=time_first, smoothing=smoothing, regularizer=regularizer)
+        for mask in (None, torch.zeros(bsz, tsz, dtype=torch.bool)):
+            x = torch.randn(bsz, tsz, 64) if time_first else torch.randn(bsz, 64, tsz)
+            out = mine(x, produce_targets=True, mask=mask)
+            assert out["x"].shape == ((bsz, tsz, 32) if time_first else (bsz, 32, tsz))
+            assert out["targets"].shape == (bsz, tsz, 2)
+            assert torch.equal(out["code_counts"], torch.zeros(2, 16, dtype=torch.long))
+            assert out["code_perplexity"].item() == 2.0  # exp(H(0)) per group, as fairseq's +1e-7 gives
+            assert regularizer == "none" or f"{regularizer}_loss" in out
+            losses = [out[key] for key in ("knn_loss", "diversity_loss") if key in out]
+            for loss in losses:
+                assert loss.item() == 0.0
+            total = out["x"].sum() + sum(loss for loss in losses if loss.requires_grad)
+            total.backward()
+            assert all(p.grad is None or float(p.grad.abs().sum()) == 0.0 for p in mine.parameters())
+            mine.zero_grad()
+
+
+def test_all_masked_batch_gives_zero_losses_with_rows_present():
+    for regularizer in ("knn", "diversity"):
+        _, mine = make_pair(smoothing="softmax", regularizer=regularizer)
+        out = mine(torch.randn(2, 5, 64), mask=torch.zeros(2, 5, dtype=torch.bool))
+        assert out[f"{regularizer}_loss"].item() == 0.0
+        assert int(out["code_counts"].sum()) == 0
+
+
+def test_vqvae_empty_batch():
+    vq = VQVAEQuantizer(dim=6, num_vars=10, groups=2)
+    out = vq(torch.randn(0, 6, requires_grad=True))
+    assert out["x"].shape == (0, 6) and out["targets"].shape == (0, 2)
+    assert out["vq_loss"].item() == 0.0 and int(out["code_counts"].sum()) == 0

@@ -63,7 +63,9 @@ from .regularizers import (
     knn_rows,
     knn_vertex_loss,
     search_vertices,
+    selection_weight,
     softmax_and_knn_loss,
+    valid_count,
 )
 
 
@@ -85,17 +87,19 @@ def _all_gather(tensor: Tensor, group) -> Tensor:
 class GlobalSelection:
     """This worker's share of the global neighbour choice.
 
-    ``search`` holds the local candidates (``k_local`` per vertex) and ``weight`` (same
-    shape as ``search.index``) is 1 where a candidate made the global cut, else 0.
-    ``global_closeness_sum`` sums the closeness of all ``k_eff`` kept rows per vertex
-    over every worker.
+    ``search`` holds the local candidates (``min(k, N_r)`` per vertex, padding rows
+    included) and ``weight`` (same shape as ``search.index``) is 1 where a valid
+    candidate made the global cut, else 0. ``global_closeness_sum`` sums the closeness
+    of all ``k_eff`` kept rows per vertex over every worker. The counts are 0-d tensors
+    on the rows' device (``k_eff = min(k, num_total)``), so that nothing waits for the
+    device: ``num_local`` / ``num_total`` are this worker's / all workers' valid rows.
     """
 
     search: Optional[VertexSearch]
     weight: Optional[Tensor]
-    k_eff: int
-    num_local: int
-    num_total: int
+    k_eff: Tensor
+    num_local: Tensor
+    num_total: Tensor
     global_closeness_sum: Tensor
 
 
@@ -112,52 +116,58 @@ def global_vertex_selection(
     """The top-K candidate exchange (see the module docstring) for rows ``(N, G, M)``
     (``probs``: their softmax, when the caller has it; see ``search_vertices``).
 
-    Every worker of ``group`` must call it, with the same G, M, k and distance.
+    Every worker of ``group`` must call it, with the same G, M, k and distance. Every
+    size here comes from the shapes (K candidates per vertex from each worker, -inf
+    where a worker has fewer valid rows), never from the mask's contents: no host sync.
     """
-    _, groups, entries = rows.shape
+    n, groups, entries = rows.shape
     dtype = at_least_float32(rows).dtype
-    num_local = rows.shape[0] if valid is None else int(valid.sum())
-    counts = _all_gather(torch.tensor([num_local], dtype=torch.long, device=rows.device), group)
-    num_total = int(counts.sum())
-    if num_total == 0:
-        empty = torch.zeros((), dtype=dtype, device=rows.device)
-        return GlobalSelection(None, None, 0, 0, 0, empty)
-    k_eff = min(k, num_total)
-    k_local = min(k_eff, num_local)
+    num_local = valid_count(rows, valid)
+    num_total = _all_gather(num_local.view(1), group).sum()
+    k_search = min(k, n)
 
-    # Local candidates, padded to k_eff with -inf (never kept: the workers together hold
-    # sum_r min(k_eff, N_r) >= k_eff real candidates).
-    candidates = torch.full((k_eff, groups, entries), float("-inf"), dtype=dtype, device=rows.device)
+    # Local candidates, padded to k with -inf. Padding and invalid rows (-inf closeness)
+    # are never kept where real candidates remain, and weigh 0 where they are kept
+    # because fewer than k rows are valid over all workers.
+    candidates = torch.full((k, groups, entries), float("-inf"), dtype=dtype, device=rows.device)
     search = None
-    if k_local > 0:
-        search = search_vertices(rows, k_local, distance, valid, chunk_size, probs=probs)
-        candidates[:k_local] = search.closeness
-    gathered = _all_gather(candidates, group)  # (world, k_eff, G, M)
+    if k_search > 0:
+        search = search_vertices(rows, k_search, distance, valid, chunk_size, probs=probs)
+        candidates[:k_search] = search.closeness
+    gathered = _all_gather(candidates, group)  # (world, k, G, M)
     world = gathered.shape[0]
-    ordered = torch.sort(gathered.view(world * k_eff, groups, entries), dim=0, descending=True, stable=True)
-    kept = torch.zeros(world * k_eff, groups, entries, dtype=torch.bool, device=rows.device)
-    kept.scatter_(0, ordered.indices[:k_eff], True)
-    global_closeness_sum = ordered.values[:k_eff].sum()
+    ordered = torch.sort(gathered.view(world * k, groups, entries), dim=0, descending=True, stable=True)
+    kept = torch.zeros(world * k, groups, entries, dtype=torch.bool, device=rows.device)
+    kept.scatter_(0, ordered.indices[:k], True)
+    top = ordered.values[:k]
+    # closeness is finite for every valid row of finite logits, -inf for the others
+    global_closeness_sum = torch.where(top > float("-inf"), top, torch.zeros_like(top)).sum()
 
     weight = None
     if search is not None:
         rank = dist.get_rank(group)
-        weight = kept.view(world, k_eff, groups, entries)[rank, :k_local].to(dtype)
+        mine = kept.view(world, k, groups, entries)[rank, :k_search].to(dtype)
+        weight = mine * selection_weight(search.index, valid, dtype)
+    k_eff = num_total.clamp(max=k)
     return GlobalSelection(search, weight, k_eff, num_local, num_total, global_closeness_sum)
 
 
 def _global_loss(sel: GlobalSelection, total: Optional[Tensor], zero: Tensor, groups: int, entries: int, distance: str) -> Tensor:
     """The global loss value with the gradient of ``(N / N_r) * partial_r``, from this
-    worker's ``total`` of selected distances (None when it selected nothing)."""
-    if sel.num_total == 0:
-        return zero
-    normaliser = groups * entries * sel.k_eff
+    worker's ``total`` of selected distances (None when it has no rows); 0 when no
+    worker has a valid row."""
+    k_eff = sel.k_eff.to(zero.dtype)
+    normaliser = groups * entries * k_eff.clamp_min(1)
     # closeness is log p_m (CE) or 1 - d_L2 (L2)
-    kept_distances = -sel.global_closeness_sum if distance == "ce" else normaliser - sel.global_closeness_sum
+    if distance == "ce":
+        kept_distances = -sel.global_closeness_sum
+    else:
+        kept_distances = groups * entries * k_eff - sel.global_closeness_sum
     value = kept_distances / normaliser
     if total is None:
         return zero + value
-    scaled = total * (sel.num_total / (sel.num_local * normaliser))
+    num_local = sel.num_local.to(zero.dtype).clamp_min(1)  # no valid row: total is 0
+    scaled = total * (sel.num_total.to(zero.dtype) / (num_local * normaliser))
     # the forward value is the global loss, the gradient that of the scaled local part
     return scaled + (value - scaled.detach())
 
@@ -183,7 +193,7 @@ def global_knn_vertex_loss(
         return knn_vertex_loss(
             logits, k=k, distance=distance, mask=mask, chunk_size=chunk_size, check_inputs=check_inputs
         )
-    rows, valid = knn_rows(logits, k, distance, mask, check_inputs)
+    rows, valid = knn_rows(logits, k, distance, mask, check_inputs, chunk_size)
     sel = global_vertex_selection(rows, k, distance, valid, chunk_size, group)
     total = None
     if sel.search is not None:
@@ -207,7 +217,7 @@ def global_softmax_and_knn_loss(
         return softmax_and_knn_loss(
             logits, k=k, distance=distance, mask=mask, chunk_size=chunk_size, check_inputs=check_inputs
         )
-    rows, valid = knn_rows(logits, k, distance, mask, check_inputs)
+    rows, valid = knn_rows(logits, k, distance, mask, check_inputs, chunk_size)
     selections = []
 
     def select(rows32: Tensor, probs: Tensor):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .regularizers import as_rows, at_least_float32, entropy_perplexity
+from .regularizers import as_rows, at_least_float32, entropy_perplexity, masked_prob_sums
 
 
 @dataclass
@@ -71,21 +71,14 @@ class CodeUsage:
         ``softmax(logits)``, tightness of ``softmax(smoothed_logits)`` (default: logits).
         Shapes as for :func:`~fairseq_knnvq.quantization.knn_vertex_loss`."""
         rows, valid = as_rows(logits.detach(), mask)
-        if valid is not None:
-            rows = rows[valid]
-        groups, entries = rows.shape[1], rows.shape[2]
-        counts = count_codes(rows.argmax(-1), entries)
-        prob_sums = F.softmax(at_least_float32(rows), dim=-1).sum(0).double()
-        if smoothed_logits is None:
-            smoothed = rows
-        else:
-            smoothed, _ = as_rows(smoothed_logits.detach(), mask)
-            if valid is not None:
-                smoothed = smoothed[valid]
-        max_prob_sums, vertex_l2_sums = tightness_sums(F.softmax(at_least_float32(smoothed), dim=-1))
+        entries = rows.shape[2]
+        counts = count_codes(rows.argmax(-1), entries, valid=valid, check=False)
+        prob_sums = masked_prob_sums(rows, valid).double()
+        smoothed = rows if smoothed_logits is None else as_rows(smoothed_logits.detach(), mask)[0]
+        max_prob_sums, vertex_l2_sums = tightness_sums(F.softmax(at_least_float32(smoothed), dim=-1), valid)
         return cls(
             counts=counts,
-            prob_sums=prob_sums.reshape(groups, entries),
+            prob_sums=prob_sums,
             max_prob_sums=max_prob_sums,
             vertex_l2_sums=vertex_l2_sums,
         )
@@ -140,27 +133,74 @@ class CodeUsage:
 
 
 @torch.no_grad()
-def tightness_sums(probs: Tensor) -> Tuple[Tensor, Tensor]:
-    """Per-group sums over rows ``(N, G, M)`` of ``max_m p`` and of the squared distance
-    to the nearest vertex, ``1 - 2 max_m p + ||p||^2``."""
-    max_p = probs.max(-1).values
-    vertex_l2 = 1.0 - 2.0 * max_p + probs.pow(2).sum(-1)
-    return max_p.sum(0).double(), vertex_l2.sum(0).double()
+def tightness_sums(
+    probs: Tensor, valid: Optional[Tensor] = None, block_rows: Optional[int] = None
+) -> Tuple[Tensor, Tensor]:
+    """Per-group sums over the valid rows of ``(N, G, M)`` probabilities of ``max_m p``
+    and of the squared distance to the nearest vertex, ``1 - 2 max_m p + ||p||^2``.
+
+    ``valid`` ``(N,)`` bool weighs rows instead of indexing them (no host sync); the
+    squared norms run over blocks of rows, so no N x G x M temporary is made.
+    """
+    n, groups, entries = probs.shape
+    block_rows = max(1, (1 << 22) // max(1, groups * entries)) if block_rows is None else block_rows
+    max_p = probs.amax(-1)  # (N, G)
+    sq_norm = torch.empty_like(max_p)
+    for start in range(0, n, block_rows):
+        block = probs[start : start + block_rows]
+        sq_norm[start : start + block_rows] = torch.linalg.vecdot(block, block)
+    vertex_l2 = (1.0 - 2.0 * max_p).add_(sq_norm)
+    if valid is None:
+        return max_p.sum(0).double(), vertex_l2.sum(0).double()
+    weights = valid.to(max_p.dtype)
+    return (weights @ max_p).double(), (weights @ vertex_l2).double()
 
 
-def count_codes(indices: Tensor, num_entries: int) -> Tensor:
-    """Histogram ``(G, M)`` of integer codes ``(N, G)`` (or ``(N,)`` for one group)."""
+@torch.no_grad()
+def tightness_sums_of_logits(rows: Tensor, valid: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """:func:`tightness_sums` of ``softmax(rows)`` for logits ``(N, G, M)``, computed over
+    blocks of rows so that no N x G x M probability tensor is made."""
+    n, groups, entries = rows.shape
+    block_rows = max(1, (1 << 22) // max(1, groups * entries))
+    max_sums = torch.zeros(groups, dtype=torch.float64, device=rows.device)
+    l2_sums = torch.zeros_like(max_sums)
+    for start in range(0, n, block_rows):
+        stop = start + block_rows
+        probs = F.softmax(at_least_float32(rows[start:stop]), dim=-1)
+        a, b = tightness_sums(probs, None if valid is None else valid[start:stop], block_rows)
+        max_sums += a
+        l2_sums += b
+    return max_sums, l2_sums
+
+
+def count_codes(
+    indices: Tensor, num_entries: int, valid: Optional[Tensor] = None, check: bool = True
+) -> Tensor:
+    """Histogram ``(G, M)`` int64 of integer codes ``(N, G)`` (or ``(N,)`` for one group).
+
+    ``valid`` ``(N,)`` bool: count only those rows. ``check``: raise ValueError for
+    codes outside ``[0, num_entries)`` (reads the codes back to the host; the quantizers
+    pass False for their own argmax codes, which are in range by construction). Counts
+    by ``scatter_add_`` rather than ``torch.bincount``, which syncs on GPUs.
+    """
     if indices.dtype.is_floating_point:
         raise ValueError("code indices must be integers")
     if indices.dim() == 1:
         indices = indices.unsqueeze(1)
     indices = indices.reshape(-1, indices.shape[-1])
-    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_entries):
+    if check and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_entries):
         raise ValueError(f"code indices must lie in [0, {num_entries})")
     groups = indices.shape[1]
     offsets = torch.arange(groups, device=indices.device) * num_entries
-    flat = (indices + offsets).flatten()
-    return torch.bincount(flat, minlength=groups * num_entries).view(groups, num_entries)
+    flat = (indices.long() + offsets).flatten()
+    counts = torch.zeros(groups * num_entries, dtype=torch.long, device=indices.device)
+    if valid is None:
+        ones = torch.ones(1, dtype=torch.long, device=indices.device).expand(flat.numel())
+    else:
+        if tuple(valid.shape) != (indices.shape[0],):
+            raise ValueError(f"valid must have shape ({indices.shape[0]},), got {tuple(valid.shape)}")
+        ones = valid.to(device=indices.device, dtype=torch.long).unsqueeze(1).expand(-1, groups).reshape(-1)
+    return counts.scatter_add_(0, flat, ones).view(groups, num_entries)
 
 
 def codebook_stats(

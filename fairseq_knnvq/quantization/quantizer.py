@@ -16,14 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .metrics import CodeUsage, count_codes, tightness_sums
+from .metrics import CodeUsage, count_codes, tightness_sums, tightness_sums_of_logits
 from .regularizers import (
-    as_rows,
-    check_finite,
+    check_chunk_size,
     check_knn_args,
     entropy_perplexity,
     knn_vertex_loss,
     masked_mean_probs,
+    masked_prob_sums,
     softmax_and_knn_loss,
 )
 from .smoothing import (
@@ -151,6 +151,7 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         self.regularizer = _check_choice("regularizer", regularizer, REGULARIZERS)
         self.knn_input = _check_choice("knn_input", knn_input, KNN_INPUTS)
         check_knn_args(knn_k, knn_distance)
+        check_chunk_size(knn_chunk_size, "knn_chunk_size")
         self.knn_k, self.knn_distance = knn_k, knn_distance
         self.knn_global, self.knn_chunk_size = knn_global, knn_chunk_size
         self.track_knn_loss = track_knn_loss
@@ -243,15 +244,24 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         logits = self.weight_proj(x.reshape(-1, fsz)).view(bsz * tsz, self.groups, self.num_vars)
         flat_mask = None if mask is None else mask.reshape(-1)
         logits32 = logits.float()
+        num_vars = self.num_vars * self.groups
 
+        # Nothing below reads a value back to the host (no .item(), nonzero() or boolean
+        # indexing): the mask enters as weights and every size comes from the shapes.
         with torch.no_grad():
-            hard_codes = logits.argmax(-1)  # (BT, G)
-            counted = hard_codes if flat_mask is None else hard_codes[flat_mask]
-            counts = count_codes(counted, self.num_vars)
-            num_counted = counted.shape[0]
-            result["code_perplexity"] = entropy_perplexity(counts.float() / max(1, num_counted))
+            counts = count_codes(logits.argmax(-1), self.num_vars, valid=flat_mask, check=False)
+            num_counted = counts[0].sum()  # valid rows, a 0-d tensor
+            result["code_perplexity"] = entropy_perplexity(counts.float() / num_counted.clamp_min(1))
 
-        avg_probs = masked_mean_probs(logits32, flat_mask)
+        # The batch-mean probabilities keep a gradient only for the diversity loss; as a
+        # log-only statistic they are summed over blocks of rows without one.
+        if self.regularizer == "diversity" and torch.is_grad_enabled():
+            avg_probs = masked_mean_probs(logits32, flat_mask)
+            prob_sums = avg_probs.detach() * num_counted
+        else:
+            with torch.no_grad():
+                prob_sums = masked_prob_sums(logits32.detach(), flat_mask)
+            avg_probs = prob_sums / num_counted.clamp_min(1)
         result["prob_perplexity"] = entropy_perplexity(avg_probs)
         result["temp"] = self.curr_temp
 
@@ -274,18 +284,23 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
             with torch.no_grad():
                 result["knn_loss"] = self._knn_fn(with_softmax=False)(knn_logits, flat_mask)
         if self.regularizer == "diversity":
-            num_vars = self.num_vars * self.groups
-            result["diversity_loss"] = (num_vars - result["prob_perplexity"]) / num_vars
+            diversity = (num_vars - result["prob_perplexity"]) / num_vars
+            if flat_mask is not None or logits.shape[0] == 0:
+                # no valid row: 0, like the KNN loss (without a sync on the mask)
+                diversity = torch.where(num_counted > 0, diversity, diversity * 0.0)
+            result["diversity_loss"] = diversity
 
         with torch.no_grad():
-            # tightness of the KNN input; the fused path already holds its softmax
-            probs = soft.detach() if fused else F.softmax(knn_logits, dim=-1)
-            rows, valid = as_rows(probs, flat_mask)
-            max_prob_sums, vertex_l2_sums = tightness_sums(rows if valid is None else rows[valid])
+            # tightness of the KNN input; the fused path already holds its softmax, else
+            # it is computed over blocks of rows (no N x G x M copy)
+            if fused:
+                max_prob_sums, vertex_l2_sums = tightness_sums(soft.detach(), flat_mask)
+            else:
+                max_prob_sums, vertex_l2_sums = tightness_sums_of_logits(knn_logits.detach(), flat_mask)
         result["code_counts"] = counts
         result["code_usage"] = CodeUsage(
             counts=counts,
-            prob_sums=(avg_probs.detach() * num_counted).double(),
+            prob_sums=prob_sums.detach().double(),
             max_prob_sums=max_prob_sums,
             vertex_l2_sums=vertex_l2_sums,
         )
@@ -296,7 +311,7 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         codebooks = self._codebooks()
         # (G, BT, M) @ (G, M, d) -> (G, BT, d): the quantized vector p^T C per group.
         quantized = torch.bmm(selection.to(codebooks.dtype).transpose(0, 1), codebooks)
-        quantized = quantized.transpose(0, 1).reshape(bsz, tsz, -1)
+        quantized = quantized.transpose(0, 1).reshape(bsz, tsz, self.groups * codebooks.shape[-1])
         if not self.time_first:
             quantized = quantized.transpose(1, 2)
         result["x"] = quantized
@@ -366,7 +381,8 @@ class VQVAEQuantizer(nn.Module):
     def forward(self, z: Tensor) -> Dict[str, Any]:
         if z.dim() < 2 or z.shape[-1] != self.dim:
             raise ValueError(f"expected input (..., {self.dim}), got {tuple(z.shape)}")
-        check_finite(z)
+        # No finiteness check: under fp16 an overflow must reach fairseq's loss scaler
+        # (which skips the step) instead of stopping the run, and a check syncs.
         lead = z.shape[:-1]
         zg = z.reshape(-1, self.groups, self.dim // self.groups).transpose(0, 1)  # (G, N, d)
         codebooks = self.codebooks.to(z.dtype)
@@ -381,13 +397,16 @@ class VQVAEQuantizer(nn.Module):
         chosen = torch.gather(
             codebooks, 1, codes.unsqueeze(-1).expand(-1, -1, codebooks.shape[-1])
         )  # (G, N, d)
-        codebook_loss = F.mse_loss(chosen, zg.detach())
-        commitment_loss = F.mse_loss(zg, chosen.detach())
+        if zg.numel():
+            codebook_loss = F.mse_loss(chosen, zg.detach())
+            commitment_loss = F.mse_loss(zg, chosen.detach())
+        else:  # an empty batch: zero losses (a mean over nothing would be NaN)
+            codebook_loss = commitment_loss = (chosen.sum() + zg.sum()) * 0.0
         if self.rotation_trick:
             out = self.rotate_to(zg, chosen.detach())
         else:
             out = zg + (chosen - zg).detach()
-        counts = count_codes(codes.t(), self.num_vars)
+        counts = count_codes(codes.t(), self.num_vars, check=False)
         code_perplexity = entropy_perplexity(counts.float() / max(1, codes.shape[1]))
         return {
             "x": out.transpose(0, 1).reshape(*lead, self.dim),

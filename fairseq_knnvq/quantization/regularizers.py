@@ -41,34 +41,40 @@ AUTO_CHUNK_ELEMENTS = 1 << 24
 def as_rows(logits: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
     """Views ``logits`` as rows ``(N, G, M)`` and flattens ``mask`` to ``(N,)``.
 
-    Without a mask a 2-D tensor is ``(N, M)`` (one group) and a tensor of three or more
-    dimensions is ``(..., G, M)``. With a mask, the mask's shape names the leading
-    (position) dimensions and at most one group dimension may follow before M.
+    One rule for groups, with or without a mask: a 2-D tensor is ``(N, M)`` (one group)
+    and a tensor of three or more dimensions is ``(..., G, M)``, its last two dimensions
+    being the groups and the entries. A mask covers exactly the leading (position)
+    dimensions, ``logits.shape[:-2]`` (``logits.shape[:-1]`` for a 2-D tensor), so an
+    all-True mask never changes a result. One group over ``(B, T)`` positions is
+    ``(B, T, 1, M)``.
     """
     if not torch.is_tensor(logits):
         raise ValueError(f"logits must be a tensor, got {type(logits).__name__}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(
+            f"logits must have shape (N, M) or (..., G, M), got {tuple(logits.shape)}"
+        )
+    rows = logits.unsqueeze(1) if logits.dim() == 2 else logits.reshape(-1, logits.shape[-2], logits.shape[-1])
     if mask is None:
-        if logits.dim() < 2:
-            raise ValueError(
-                f"logits must have shape (N, M) or (..., G, M), got {tuple(logits.shape)}"
-            )
-        if logits.dim() == 2:
-            return logits.unsqueeze(1), None
-        return logits.reshape(-1, logits.shape[-2], logits.shape[-1]), None
+        return rows, None
 
     if not torch.is_tensor(mask) or mask.dtype != torch.bool:
         raise ValueError("mask must be a boolean tensor, True where a position is valid")
-    extra = logits.dim() - mask.dim()
-    if extra not in (1, 2) or tuple(logits.shape[: mask.dim()]) != tuple(mask.shape):
+    positions = tuple(logits.shape[:-1] if logits.dim() == 2 else logits.shape[:-2])
+    if tuple(mask.shape) != positions:
+        hint = ""
+        if logits.dim() >= 3 and tuple(mask.shape) == tuple(logits.shape[:-1]):
+            hint = (
+                f"; logits of shape {tuple(logits.shape)} are read as (..., G, M) with "
+                f"G={logits.shape[-2]} groups: for one group pass logits.unsqueeze(-2)"
+            )
         raise ValueError(
             f"mask of shape {tuple(mask.shape)} does not match logits of shape "
-            f"{tuple(logits.shape)}: it must cover the leading position dimensions, "
-            "followed by an optional group dimension and the entries"
+            f"{tuple(logits.shape)}: it must have the shape of the position dimensions "
+            f"{positions} (everything before the group and entry dimensions){hint}"
         )
-    groups = logits.shape[-2] if extra == 2 else 1
-    rows = logits.reshape(-1, groups, logits.shape[-1])
     return rows, mask.reshape(-1).to(rows.device)
 
 
@@ -90,24 +96,60 @@ def check_finite(logits: Tensor) -> None:
     )
 
 
-def check_knn_args(k: int, distance: str) -> None:
+def check_knn_args(k: int, distance: str, chunk_size: Optional[int] = None) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"knn k must be an integer >= 1, got {k!r}")
     if distance not in KNN_DISTANCES:
         raise ValueError(
             f"unknown knn distance {distance!r}; choose one of {', '.join(KNN_DISTANCES)}"
         )
+    check_chunk_size(chunk_size)
+
+
+def check_chunk_size(chunk_size: Optional[int], name: str = "chunk_size") -> None:
+    """``chunk_size`` (vertices per chunk of the neighbour search) is None or >= 1."""
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(
+            f"{name} must be an integer >= 1 (vertices per chunk of the neighbour search) "
+            f"or None for automatic chunking, got {chunk_size!r}"
+        )
 
 
 def knn_rows(
-    logits: Tensor, k: int, distance: str, mask: Optional[Tensor], check_inputs: bool
+    logits: Tensor,
+    k: int,
+    distance: str,
+    mask: Optional[Tensor],
+    check_inputs: bool,
+    chunk_size: Optional[int] = None,
 ) -> Tuple[Tensor, Optional[Tensor]]:
     """The argument checks every KNN loss starts with; returns :func:`as_rows`."""
-    check_knn_args(k, distance)
+    check_knn_args(k, distance, chunk_size)
     rows, valid = as_rows(logits, mask)
     if check_inputs:
         check_finite(rows)
     return rows, valid
+
+
+def valid_count(rows: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """Number of valid rows as a 0-d int64 tensor on the rows' device (no host sync)."""
+    if valid is None:
+        return torch.full((), rows.shape[0], dtype=torch.long, device=rows.device)
+    return valid.sum()
+
+
+def selection_weight(search_index: Tensor, valid: Optional[Tensor], dtype: torch.dtype) -> Tensor:
+    """1 for every selected row that is valid, else 0, ``(k, G, M)``.
+
+    The search always takes ``min(k, N)`` rows per vertex, a size known without looking
+    at the mask (no host sync); invalid rows score -inf and are taken only when fewer
+    than ``k`` rows are valid. Their weight 0 leaves them out of value and gradient.
+    """
+    if valid is None:
+        return torch.ones(search_index.shape, dtype=dtype, device=search_index.device)
+    return valid.to(dtype)[search_index]
 
 
 def vertex_closeness(rows: Tensor, lse: Tensor, sq_norm: Optional[Tensor], distance: str) -> Tensor:
@@ -287,6 +329,31 @@ def _per_selection(per_row: Tensor, index: Tensor) -> Tensor:
     return per_row.unsqueeze(-1).expand(n, groups, index.shape[2]).gather(0, index)
 
 
+def _selected_pairs(index: Tensor, num_rows: int) -> Tuple[Tensor, Tensor]:
+    """The (row, group) pair of every selection, flat ``row * G + g`` ``(k*G*M,)``, and
+    a float mask that is 1 at the first selection of each pair, else 0.
+
+    Its size is known from the shapes alone, so the sparse backward below needs no
+    ``nonzero()`` (a host sync on GPUs); a pair that several vertices selected is
+    computed once per selection and added once, through the mask.
+    """
+    groups = index.shape[1]
+    group_ids = torch.arange(groups, device=index.device).view(1, groups, 1)
+    pairs = (index * groups + group_ids).reshape(-1)
+    order = torch.arange(pairs.numel(), device=index.device)
+    first = torch.full((num_rows * groups,), pairs.numel(), dtype=torch.long, device=index.device)
+    first.scatter_reduce_(0, pairs, order, reduce="amin")
+    return pairs, first.gather(0, pairs) == order
+
+
+def _sparse_backward(num_rows: int, index: Tensor) -> bool:
+    """Whether a backward pass computes the selected rows only: when the selections
+    (at most ``k * M`` rows per group) are at most a quarter of the N rows. Decided
+    from the shapes, never from the data (no host sync)."""
+    k, _, entries = index.shape
+    return 4 * k * entries <= num_rows
+
+
 class SelectedVertexDistance(torch.autograd.Function):
     """``sum_{k,g,m} weight[k,g,m] * d(e_m, softmax(rows[index[k,g,m], g]))``.
 
@@ -328,7 +395,9 @@ class SelectedVertexDistance(torch.autograd.Function):
             dist = 1.0 - 2.0 * chosen + _per_selection(sq_norm, index)
         ctx.save_for_backward(rows, index, weight, full, lse, sq_norm)
         ctx.distance = distance
-        return (weight * dist).sum()
+        # a selected padding row (fewer valid rows than k) weighs 0; its CE score in
+        # ``full`` is -inf, so 0 * inf must not turn the sum into NaN
+        return torch.where(weight != 0, weight * dist, torch.zeros_like(dist)).sum()
 
     @staticmethod
     @once_differentiable
@@ -356,9 +425,8 @@ class SelectedVertexDistance(torch.autograd.Function):
 
         # Only rows that some vertex selected have a gradient. When they are few (N much
         # larger than K * M) the others are left at zero instead of computed.
-        touched = _sum_per_row((weight != 0).to(weight.dtype), index, n).view(-1) > 0
-        pairs = touched.nonzero().squeeze(1)  # flat (row, group) positions
-        if 4 * pairs.numel() <= n * groups:
+        if _sparse_backward(n, index):
+            pairs, first = _selected_pairs(index, n)
             grad = torch.zeros(rows.shape, dtype=weight.dtype, device=rows.device)
             if full is not None:
                 p = full.view(n * groups, entries).index_select(0, pairs)
@@ -366,10 +434,11 @@ class SelectedVertexDistance(torch.autograd.Function):
             else:
                 p = at_least_float32(rows.reshape(n * groups, entries).index_select(0, pairs))
                 p = p.sub_(lse.view(-1).index_select(0, pairs).unsqueeze(-1)).exp_()
+            keep = first.to(weight.dtype)  # a pair's later selections add zero
             sq = None if sq_norm is None else sq_norm.view(-1).index_select(0, pairs)
-            a = None if sel_p is None else sel_p.view(-1).index_select(0, pairs)
-            grad.view(n * groups, entries).index_copy_(
-                0, pairs, row_gradient(p, row_weight.view(-1).index_select(0, pairs), a, sq)
+            a = None if sel_p is None else sel_p.view(-1).index_select(0, pairs) * keep
+            grad.view(n * groups, entries).index_add_(
+                0, pairs, row_gradient(p, row_weight.view(-1).index_select(0, pairs) * keep, a, sq)
             )
         elif full is not None and ctx.distance == "ce":
             grad = row_gradient(full.exp(), row_weight, None, None)
@@ -404,26 +473,39 @@ def knn_vertex_loss(
     """L_KNN of ``softmax(logits)`` along the last axis (see the module docstring).
 
     Args:
-        logits: ``(N, M)`` or ``(..., G, M)``; pass ``(l + g) / tau`` for a Gumbel sample.
+        logits: ``(N, M)`` (one group) or ``(..., G, M)`` (the last two dimensions are
+            always groups and entries, with or without a mask; one group over ``(B, T)``
+            positions is ``(B, T, 1, M)``); pass ``(l + g) / tau`` for a Gumbel sample.
         k: neighbours per vertex; with fewer valid rows than ``k``, all valid rows count.
         distance: ``"ce"`` (cross-entropy to the onehot) or ``"l2"`` (squared Euclidean).
-        mask: boolean over the leading position dimensions, True where valid.
-        chunk_size: vertices per chunk of the neighbour search (default: automatic).
+        mask: boolean of the position dimensions' shape (``logits.shape[:-2]``, or
+            ``logits.shape[:-1]`` for 2-D logits), True where valid. An all-True mask
+            gives the value without a mask.
+        chunk_size: vertices per chunk of the neighbour search, an integer >= 1
+            (default: automatic).
         check_inputs: raise ValueError on NaN / inf logits. Quantizers inside a training
             loop pass False: with fp16 an overflow must reach fairseq's loss scaler (which
             skips the step), not stop the run, and the check costs a device sync.
 
     Returns a scalar (at least float32) whose gradient flows through the selected distances only.
     """
-    rows, valid = knn_rows(logits, k, distance, mask, check_inputs)
-    num_valid = rows.shape[0] if valid is None else int(valid.sum())
-    if num_valid == 0:
+    rows, valid = knn_rows(logits, k, distance, mask, check_inputs, chunk_size)
+    k_search = min(k, rows.shape[0])  # from the shapes: no host sync on the mask
+    if k_search == 0:
         return at_least_float32(rows).sum() * 0.0
-    k_eff = min(k, num_valid)
-    search = search_vertices(rows, k_eff, distance, valid, chunk_size)
-    weight = torch.ones(search.index.shape, dtype=search.closeness.dtype, device=rows.device)
+    search = search_vertices(rows, k_search, distance, valid, chunk_size)
+    weight = selection_weight(search.index, valid, search.closeness.dtype)
     total = SelectedVertexDistance.apply(rows, search.index, weight, distance, search)
-    return total / (rows.shape[1] * rows.shape[2] * k_eff)
+    return total / _normaliser(rows, valid, k)
+
+
+def _normaliser(rows: Tensor, valid: Optional[Tensor], k: int):
+    """``G * M * K_eff`` with ``K_eff = min(k, valid rows)`` (at least 1), a tensor when
+    it depends on the mask."""
+    groups_entries = rows.shape[1] * rows.shape[2]
+    if valid is None:
+        return groups_entries * max(1, min(k, rows.shape[0]))
+    return valid_count(rows, valid).clamp(1, k).to(at_least_float32(rows).dtype) * groups_entries
 
 
 class SoftmaxWithSelectedDistance(torch.autograd.Function):
@@ -474,16 +556,16 @@ class SoftmaxWithSelectedDistance(torch.autograd.Function):
         chosen_p = None if ctx.distance == "ce" else probs.gather(0, index)
         sel_p = None if chosen_p is None else _sum_per_row(weight * chosen_p, index, n)  # a_n
 
-        touched = _sum_per_row((weight != 0).to(weight.dtype), index, n).view(-1) > 0
-        pairs = touched.nonzero().squeeze(1)
-        if 4 * pairs.numel() <= n * groups:  # few rows selected: add to those only
+        if _sparse_backward(n, index):  # few rows selected: add to those only
+            pairs, first = _selected_pairs(index, n)
+            keep = first.to(probs.dtype).unsqueeze(-1)  # a pair's later selections add zero
             p = probs.view(n * groups, entries).index_select(0, pairs)
-            c = row_weight.view(-1).index_select(0, pairs).unsqueeze(-1)
+            c = row_weight.view(-1).index_select(0, pairs).unsqueeze(-1).mul_(keep)
             if ctx.distance == "ce":
                 extra = p.mul_(c)
             else:
                 sq = sq_norm.view(-1).index_select(0, pairs).unsqueeze(-1)
-                a = sel_p.view(-1).index_select(0, pairs).unsqueeze(-1)
+                a = sel_p.view(-1).index_select(0, pairs).unsqueeze(-1).mul_(keep)
                 extra = p.mul_((p - sq).mul_(c).add_(a)).mul_(2.0)
             grad.view(n * groups, entries).index_add_(0, pairs, extra)
         elif ctx.distance == "ce":
@@ -513,19 +595,17 @@ def softmax_and_knn_loss(
     one autograd node (:class:`SoftmaxWithSelectedDistance`): the same values and
     gradients as computing the two apart, with less memory and time. The probabilities
     have the shape of ``logits`` (at least float32)."""
-    rows, valid = knn_rows(logits, k, distance, mask, check_inputs)
-    num_valid = rows.shape[0] if valid is None else int(valid.sum())
-    k_eff = min(k, num_valid)
+    rows, valid = knn_rows(logits, k, distance, mask, check_inputs, chunk_size)
+    k_search = min(k, rows.shape[0])  # from the shapes: no host sync on the mask
 
     def select(rows32: Tensor, probs: Tensor):
-        if k_eff == 0:
+        if k_search == 0:
             return None
-        search = search_vertices(rows32, k_eff, distance, valid, chunk_size, probs=probs)
-        return search, torch.ones(search.index.shape, dtype=probs.dtype, device=probs.device)
+        search = search_vertices(rows32, k_search, distance, valid, chunk_size, probs=probs)
+        return search, selection_weight(search.index, valid, probs.dtype)
 
     probs, total = SoftmaxWithSelectedDistance.apply(rows, distance, select)
-    loss = total / (rows.shape[1] * rows.shape[2] * max(1, k_eff))
-    return probs.view(logits.shape), loss
+    return probs.view(logits.shape), total / _normaliser(rows, valid, k)
 
 
 def entropy_perplexity(avg_probs: Tensor) -> Tensor:
@@ -533,19 +613,65 @@ def entropy_perplexity(avg_probs: Tensor) -> Tensor:
     return torch.exp(-torch.sum(avg_probs * torch.log(avg_probs + 1e-7), dim=-1)).sum()
 
 
-def masked_mean_probs(logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-    """Mean of ``softmax(logits)`` over valid rows, ``(G, M)``."""
+def masked_prob_sums(logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Sum of ``softmax(logits)`` over valid rows, ``(G, M)``, in at least float32.
+
+    Under ``torch.no_grad()`` (statistics for logs) the softmax runs over blocks of rows,
+    so no N x G x M tensor is made; with gradient it is the one tensor the softmax's
+    backward pass needs. The mask enters as a weighted sum, not by indexing (no host
+    sync).
+    """
     rows, valid = as_rows(logits, mask)
+    n, groups, entries = rows.shape
+    dtype = at_least_float32(rows).dtype
+    weights = None if valid is None else valid.to(dtype)
+    if torch.is_grad_enabled() and rows.requires_grad:
+        probs = F.softmax(at_least_float32(rows), dim=-1)
+        if weights is None:
+            return probs.sum(0)
+        return (weights @ probs.view(n, groups * entries)).view(groups, entries)
+    total = torch.zeros(groups * entries, dtype=dtype, device=rows.device)
+    block_rows = rows_per_block(rows)
+    for start in range(0, n, block_rows):
+        block = F.softmax(at_least_float32(rows[start : start + block_rows]), dim=-1).view(-1, groups * entries)
+        if weights is None:
+            total += block.sum(0)
+        else:
+            total.addmv_(block.t(), weights[start : start + block_rows])
+    return total.view(groups, entries)
+
+
+def masked_mean_probs(logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """Mean of ``softmax(logits)`` over valid rows, ``(G, M)`` (zeros without any).
+
+    With gradient, the operations of fairseq's ``softmax(...).mean(0)`` (the same
+    rounding as stock wav2vec 2.0); without, :func:`masked_prob_sums` over blocks."""
+    rows, valid = as_rows(logits, mask)
+    if not (torch.is_grad_enabled() and rows.requires_grad):
+        return masked_prob_sums(rows, valid) / valid_count(rows, valid).clamp_min(1)
     probs = F.softmax(at_least_float32(rows), dim=-1)
     if valid is None:
-        return probs.mean(dim=0)
+        return probs.mean(dim=0) if rows.shape[0] else probs.sum(dim=0)
     weights = valid.to(probs.dtype)
     return (probs * weights.view(-1, 1, 1)).sum(0) / weights.sum().clamp_min(1.0)
 
 
-def diversity_loss(logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-    """wav2vec 2.0's diversity loss ``(G*M - sum_g exp(H(mean_n softmax(l_n)))) / (G*M)``."""
-    rows, _ = as_rows(logits, mask)
-    check_finite(rows)
+def diversity_loss(logits: Tensor, mask: Optional[Tensor] = None, check_inputs: bool = True) -> Tensor:
+    """wav2vec 2.0's diversity loss ``(G*M - sum_g exp(H(mean_n softmax(l_n)))) / (G*M)``
+    over the valid rows (0 when there are none).
+
+    Groups as :func:`as_rows` reads them: ``(N, M)`` is one group, ``(..., G, M)`` has G;
+    an all-True mask gives the value without a mask. ``check_inputs``: raise
+    ValueError on NaN / inf logits (a device sync; training loops pass False so that an
+    fp16 overflow reaches the loss scaler).
+    """
+    rows, valid = as_rows(logits, mask)
+    if check_inputs:
+        check_finite(rows)
     num_vars = rows.shape[1] * rows.shape[2]
-    return (num_vars - entropy_perplexity(masked_mean_probs(logits, mask))) / num_vars
+    loss = (num_vars - entropy_perplexity(masked_mean_probs(logits, mask))) / num_vars
+    if rows.shape[0] == 0:
+        return loss * 0.0
+    if valid is None:
+        return loss
+    return torch.where(valid.any(), loss, loss * 0.0)
