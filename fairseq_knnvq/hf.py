@@ -16,7 +16,8 @@ term changes training only, and at evaluation the quantizer picks ``argmax`` cod
   the feature extractor normalises the audio as the fairseq task did
   (``task.normalize``).
 
-Both folders hold ``config.json``, ``model.safetensors`` and ``preprocessor_config.json``.
+Both folders hold ``config.json`` and ``model.safetensors``, and the feature extractor's
+settings (``preprocessor_config.json``; in the CTC folder inside the processor's files).
 The weight names are mapped by :data:`ENCODER_RULES` / :data:`PRETRAINING_HEAD_RULES`;
 every tensor of the checkpoint must be used and every parameter of the
 ``transformers`` model filled, with equal shapes, or the export fails before anything
