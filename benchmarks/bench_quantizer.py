@@ -2,6 +2,7 @@
 
     python benchmarks/bench_quantizer.py            # every shape (19 min on a quiet 2-core machine)
     python benchmarks/bench_quantizer.py --quick    # the target shapes (3 min)
+    python benchmarks/bench_quantizer.py --quick --device cuda   # on a GPU
 
 Compares, in one process with interleaved repeats (medians):
 
@@ -21,8 +22,13 @@ and CPU time of this process; the targets compare CPU-time medians (``--time-bas
 which on a shared machine leave out the time other processes held the cores, and the
 wall-clock ratios are printed and written beside them.
 
+On a GPU (``--device cuda``) the steps run there, timings are wall-clock (each step ends
+by reading its loss back, which waits for the device), and peak memory is the CUDA
+allocator's peak above the inputs (``torch.cuda.max_memory_allocated``), still one
+fresh process per case.
+
 Prints a table and the targets, and writes JSON with every measurement and ratio to
-``benchmarks/results/quantizer[_quick].json``.
+``benchmarks/results/quantizer[_cuda][_quick].json``.
 """
 from __future__ import annotations
 
@@ -31,6 +37,8 @@ import os
 import sys
 import time
 from typing import Any, Dict, List, Optional
+
+import torch
 
 import harness as h
 
@@ -70,7 +78,7 @@ def skip_reason(c: Dict[str, Any], args) -> Optional[str]:
 
 
 def run_group(group: Dict[str, Any], args) -> Dict[str, Any]:
-    cases = {m: h.case(m, **group["shape"]) for m in group["methods"]}
+    cases = {m: h.case(m, **group["shape"], device=args.device) for m in group["methods"]}
     skipped = {m: r for m, c in cases.items() if (r := skip_reason(c, args))}
     steps = {m: h.build_step(c) for m, c in cases.items() if m not in skipped}
     losses = {m: step() for m, step in steps.items()}
@@ -184,17 +192,34 @@ def main(argv=None) -> int:
                         help="torch intra-op threads for the timings (default 1: on a shared machine, "
                         "a thread descheduled inside a parallel region stalls the others and swamps "
                         "the differences measured; 0: torch's default, all cores)")
-    parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quantizer[_quick].json)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default) or cuda[:N]; on a GPU the targets compare wall-clock medians")
+    parser.add_argument("--out", default=None,
+                        help="JSON path (default benchmarks/results/quantizer[_cuda][_quick].json)")
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 7 if args.quick else 9
-    out = args.out or os.path.join(h.HERE, "results", "quantizer_quick.json" if args.quick else "quantizer.json")
+    cuda = args.device.startswith("cuda")
+    if not (cuda or args.device == "cpu"):
+        parser.error(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device on this machine")
+    if cuda:
+        # process CPU time says nothing about GPU work
+        args.time_basis = "wall"
+        torch.cuda.set_device(torch.device(args.device))
+    name = "quantizer" + ("_cuda" if cuda else "") + ("_quick" if args.quick else "")
+    out = args.out or os.path.join(h.HERE, "results", f"{name}.json")
 
     h.set_threads(args.threads)
     info = h.machine()
+    if cuda:
+        info["gpu"] = torch.cuda.get_device_name()
+        print(f"GPU: {info['gpu']}")
     print(f"CPU: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} "
           f"({info['torch_threads']} threads), fairseq {info['fairseq']}, load {info['load_average_1min_at_start']}")
-    calibration = None if args.no_memory else h.calibrate()
+    # the calibration checks the resident-set method, which the GPU runs do not use
+    calibration = None if args.no_memory or cuda else h.calibrate()
     if calibration:
         print(f"peak memory calibration: a {h.fmt_bytes(calibration['nominal_bytes'])} tensor measured as "
               f"{h.fmt_bytes(calibration['peak_bytes'])}")

@@ -75,7 +75,7 @@ def naive_cdist_knn(logits: torch.Tensor, k: int) -> torch.Tensor:
     """The KNN-L2 loss written the obvious way: distances of every smoothed vector to
     an identity codebook, ``cdist(eye(M), P)``, O(N * M^2) per group."""
     n, groups, entries = logits.shape
-    eye = torch.eye(entries, dtype=logits.dtype)
+    eye = torch.eye(entries, dtype=logits.dtype, device=logits.device)
     total = logits.new_zeros(())
     for g in range(groups):
         p = torch.softmax(logits[:, g], dim=-1)
@@ -86,15 +86,18 @@ def naive_cdist_knn(logits: torch.Tensor, k: int) -> torch.Tensor:
 
 def build_step(c: Dict[str, Any], seed: int = 0) -> Callable[[], float]:
     """Inputs and modules for case ``c``; returns a function that runs one forward +
-    backward pass and returns the loss (a float, so the work cannot be skipped)."""
+    backward pass and returns the loss (a float, so the work cannot be skipped, and on a
+    GPU the step has finished when it returns). ``c["device"]``: where it runs (default
+    cpu); the inputs are drawn on the CPU and moved, so every device gets the same."""
     torch.manual_seed(seed)
     n, dim, groups, entries, vq_dim = c["n"], c["dim"], c["groups"], c["entries"], c["vq_dim"]
+    device = torch.device(c.get("device", "cpu"))
     method = c["method"]
     k = c.get("k", 8)
 
     if method in ("regularizer_knn_ce", "regularizer_knn_l2", "naive_cdist_l2"):
         # the regulariser alone, on given logits (N, G, M)
-        logits = (3.0 * torch.randn(n, groups, entries)).requires_grad_()
+        logits = (3.0 * torch.randn(n, groups, entries)).to(device).requires_grad_()
 
         def step() -> float:
             logits.grad = None
@@ -111,10 +114,10 @@ def build_step(c: Dict[str, Any], seed: int = 0) -> Callable[[], float]:
         # the bare smoothing: logits from a projection, p = softmax(l / tau), q = p C;
         # "_knn_ce" adds the KNN loss the way the quantizer does (softmax_and_knn_loss,
         # one autograd node), "_knn_ce_separate" as a second node (knn_vertex_loss)
-        proj = torch.nn.Linear(dim, groups * entries)
-        codebooks = torch.nn.Parameter(torch.rand(groups, entries, vq_dim // groups))
-        x = torch.randn(n, dim)
-        upstream = torch.randn(groups, n, vq_dim // groups)
+        proj = torch.nn.Linear(dim, groups * entries).to(device)
+        codebooks = torch.nn.Parameter(torch.rand(groups, entries, vq_dim // groups).to(device))
+        x = torch.randn(n, dim).to(device)
+        upstream = torch.randn(groups, n, vq_dim // groups).to(device)
         chunk = c.get("chunk_size")
 
         def step() -> float:
@@ -150,9 +153,9 @@ def build_step(c: Dict[str, Any], seed: int = 0) -> Callable[[], float]:
         regularizer = {"ours_none": "none", "ours_diversity": "diversity", "ours": "knn"}[regularizer]
         quantizer = _ours(c, regularizer, distance or "ce")
         key = {"none": None, "diversity": "diversity_loss", "knn": "knn_loss"}[regularizer]
-    quantizer.train()
-    x = torch.randn(1, n, dim)
-    upstream = torch.randn(1, n, vq_dim)
+    quantizer.to(device).train()
+    x = torch.randn(1, n, dim).to(device)
+    upstream = torch.randn(1, n, vq_dim).to(device)
 
     def step() -> float:
         quantizer.zero_grad(set_to_none=True)
@@ -214,6 +217,16 @@ def measure_peak_here(c: Dict[str, Any]) -> Dict[str, Any]:
     else:
         step = build_step(c)
     step()
+    if c.get("device", "cpu").startswith("cuda"):
+        # on a GPU: the allocator's peak above what the inputs and modules hold
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before_gpu = torch.cuda.memory_allocated()
+        start = time.perf_counter()
+        step()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() - before_gpu
+        return {"peak_bytes": peak, "rss_before_bytes": before_gpu, "seconds": seconds}
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
