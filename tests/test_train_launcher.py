@@ -1,0 +1,137 @@
+"""knnvq-train: fairseq-hydra-train with the plugin registered before hydra composes.
+
+Against stock fairseq-hydra-train on the same YAML: a plugin field that the YAML does not
+list needs ``+`` there and not here; ``model=wav2vec2_knnvq`` is refused there ("No match
+in the defaults list") and selects the plugin's model here; hydra's own flags pass
+through. The runs are one or two updates (the path is what is checked)."""
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fairseq_run import CONFIG_DIR, console_script, last_record, parse_json_log
+
+TINY = CONFIG_DIR / "pretraining" / "tiny_knn_ce.yaml"
+ENV = dict(os.environ, OMP_NUM_THREADS="1")
+
+
+def run(script: str, config_dir: Path, config_name: str, overrides, cwd: Path, timeout: float = 300):
+    return subprocess.run(
+        [console_script(script), "--config-dir", str(config_dir), "--config-name", config_name, *overrides],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout, env=ENV, cwd=str(cwd))
+
+
+def output(result: subprocess.CompletedProcess) -> str:
+    """stdout and stderr (fairseq logs to both)."""
+    return result.stdout + result.stderr
+
+
+def write_config(dest: Path, name: str, edit) -> Path:
+    """A copy of tiny_knn_ce.yaml changed by ``edit(config_dict)``."""
+    config = yaml.safe_load(TINY.read_text())
+    edit(config)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    return dest
+
+
+def checkpoint_cfg(run_dir: Path):
+    state = torch.load(run_dir / "checkpoints" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    return state["cfg"]
+
+
+def short_run(run_dir: Path, manifests: Path, updates: int = 1):
+    return [f"task.data={manifests}", f"optimization.max_update={updates}", "dataset.disable_validation=true",
+            "common.log_interval=1", f"hydra.run.dir={run_dir}"]
+
+
+@pytest.mark.slow
+def test_plugin_field_missing_from_the_yaml_needs_no_plus(tiny_manifests, tmp_path):
+    def drop_knn_input(config):
+        del config["model"]["knn_input"]
+        del config["model"]["knn_k"]
+
+    config_dir = write_config(tmp_path / "configs", "without_knn_input", drop_knn_input)
+    overrides = ["model.knn_input=probs", "model.knn_k=4"]
+
+    stock = run("fairseq-hydra-train", config_dir, "without_knn_input",
+                [*overrides, *short_run(tmp_path / "stock", tiny_manifests)], tmp_path)
+    assert stock.returncode != 0
+    assert "Could not override 'model.knn_input'" in output(stock) and "+model.knn_input=probs" in output(stock)
+
+    launched = run("knnvq-train", config_dir, "without_knn_input",
+                   [*overrides, *short_run(tmp_path / "launched", tiny_manifests)], tmp_path)
+    assert launched.returncode == 0, output(launched)[-4000:]
+    cfg = checkpoint_cfg(tmp_path / "launched")
+    assert (cfg["model"]["knn_input"], cfg["model"]["knn_k"], cfg["model"]["_name"]) == ("probs", 4, "wav2vec2_knnvq")
+    # The dataclass defaults of the fields nobody set, and the YAML's own values.
+    assert cfg["model"]["knn_global"] is False and cfg["model"]["latent_vars"] == 32
+    assert last_record(parse_json_log(output(launched)), "train_inner")["num_updates"] == 1
+
+
+@pytest.mark.slow
+def test_the_shipped_config_with_a_plain_override(tiny_manifests, tmp_path):
+    """The command of the issue: the repository's config and model.knn_k=4, no user_dir."""
+    launched = run("knnvq-train", CONFIG_DIR / "pretraining", "tiny_knn_ce",
+                   ["model.knn_k=4", *short_run(tmp_path / "run", tiny_manifests, updates=2)], tmp_path)
+    assert launched.returncode == 0, output(launched)[-4000:]
+    cfg = checkpoint_cfg(tmp_path / "run")
+    assert cfg["model"]["knn_k"] == 4
+    import fairseq_knnvq
+
+    assert cfg["common"]["user_dir"] == fairseq_knnvq.PLUGIN_DIR
+    records = parse_json_log(output(launched))
+    assert [r["num_updates"] for r in records if r["_logger"] == "train_inner"] == [1, 2]
+    assert "knn_loss" in last_record(records, "train_inner")
+
+
+@pytest.mark.slow
+def test_group_choice_selects_the_plugin_classes(tiny_manifests, tmp_path):
+    """A YAML written for stock wav2vec 2.0 (model wav2vec2, criterion wav2vec) trains the
+    plugin's model and criterion by group choice."""
+    plugin_model_fields = ("quantizer_smoothing", "quantizer_regularizer", "knn_k", "knn_distance", "knn_input", "knn_global")
+
+    def stock(config):
+        config["model"]["_name"] = "wav2vec2"
+        for key in plugin_model_fields:
+            config["model"].pop(key)
+        config["criterion"]["_name"] = "wav2vec"
+        config["criterion"].pop("knn_weight")
+
+    config_dir = write_config(tmp_path / "configs", "stock_w2v", stock)
+    choices = ["model=wav2vec2_knnvq", "criterion=wav2vec_knnvq", "model.knn_k=4", "criterion.knn_weight=0.5"]
+    refused = run("fairseq-hydra-train", config_dir, "stock_w2v",
+                  [*choices, *short_run(tmp_path / "stock", tiny_manifests)], tmp_path)
+    assert refused.returncode != 0 and "Could not override 'model'" in output(refused)
+
+    launched = run("knnvq-train", config_dir, "stock_w2v", [*choices, *short_run(tmp_path / "run", tiny_manifests)], tmp_path)
+    assert launched.returncode == 0, output(launched)[-4000:]
+    cfg = checkpoint_cfg(tmp_path / "run")
+    assert cfg["model"]["_name"] == "wav2vec2_knnvq" and cfg["criterion"]["_name"] == "wav2vec_knnvq"
+    assert cfg["model"]["knn_k"] == 4 and cfg["criterion"]["knn_weight"] == 0.5
+    assert cfg["model"]["encoder_embed_dim"] == 64  # the YAML's model settings still apply
+    record = last_record(parse_json_log(output(launched)), "train_inner")
+    assert "knn_loss" in record and "code_usage" in record
+
+
+@pytest.mark.slow
+def test_hydra_flags_pass_through_and_errors_name_the_key(tiny_manifests, tmp_path):
+    shown = run("knnvq-train", CONFIG_DIR / "pretraining", "tiny_knn_ce",
+                ["--cfg", "job", f"task.data={tiny_manifests}", "model.knn_k=5", "model.mask_dropout=0.25"], tmp_path)
+    assert shown.returncode == 0, output(shown)[-3000:]
+    job = yaml.safe_load(shown.stdout)  # --cfg job prints the composed config on stdout
+    assert job["model"]["knn_k"] == 5 and job["model"]["mask_dropout"] == 0.25
+    assert not (tmp_path / "outputs").exists()  # --cfg job prints and trains nothing
+
+    typo = run("knnvq-train", CONFIG_DIR / "pretraining", "tiny_knn_ce",
+               ["--cfg", "job", f"task.data={tiny_manifests}", "model.knn_kk=5"], tmp_path)
+    assert typo.returncode != 0 and "knn_kk" in output(typo) and "Wav2Vec2KnnVqConfig" in output(typo)
+
+    unknown = run("knnvq-train", CONFIG_DIR / "pretraining", "tiny_knn_ce",
+                  [f"task.data={tiny_manifests}", "model=wav2vec2_knnv"], tmp_path)
+    assert unknown.returncode != 0
+    assert "knnvq-train: error: model=wav2vec2_knnv: no model named 'wav2vec2_knnv'" in output(unknown)
+    assert "wav2vec2_knnvq" in output(unknown)
