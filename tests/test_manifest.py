@@ -240,3 +240,43 @@ def test_manifest_of_the_shipped_corpus(tmp_path: Path) -> None:
     assert [rel for rel, _ in entries] == flac_files
     for rel, frames in entries:
         assert frames == soundfile.info(str(TINY_CORPUS / "dev" / rel)).frames
+
+
+def truncate_to_half(path: Path) -> Path:
+    """Cut a file to half its bytes: the header still promises every frame."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_truncated_flac_is_found_by_decoding_it(tmp_path: Path) -> None:
+    """soundfile.info accepts a truncated FLAC (its header still holds the full frame
+    count); the check decodes every file, names the truncated one, writes nothing and
+    exits non-zero, with the same result over 1 or 3 worker processes."""
+    root = tmp_path / "audio"
+    for i in range(40):  # more files than one worker chunk, so the pool is used
+        write_tone(root / f"spk{i % 3}" / f"utt{i:02d}.flac", 16000 + 37 * i)
+    truncated = truncate_to_half(root / "spk1" / "utt07.flac")
+    assert soundfile.info(str(truncated)).frames == 16000 + 37 * 7  # the header still says so
+
+    dest = tmp_path / "m"
+    for workers in ("1", "3"):
+        with pytest.raises(SystemExit) as raised:
+            manifest_cli.main([str(root), "--dest", str(dest), "--workers", workers, "--no-progress"])
+        message = str(raised.value)
+        assert message.startswith("knnvq-manifest: error: 1 of 40 audio files cannot be read")
+        assert str(truncated) in message and "Nothing was written" in message
+        assert not dest.exists()
+
+
+def test_parallel_check_equals_serial_check(audio_tree: Path) -> None:
+    paths = manifest_cli.find_audio_files(audio_tree, "flac,wav") * 5
+    serial = manifest_cli.check_audio_files(paths, workers=1)
+    parallel = manifest_cli.check_audio_files(paths, workers=2)
+    assert parallel == serial
+    assert [c.num_frames for c in serial[:8]] == [soundfile.info(str(p)).frames for p in paths[:8]]
+
+
+def test_workers_must_be_positive(audio_tree: Path, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--workers must be at least 1, got 0"):
+        manifest_cli.main([str(audio_tree), "--dest", str(tmp_path / "m"), "--workers", "0"])

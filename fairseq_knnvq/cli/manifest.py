@@ -10,10 +10,11 @@ A manifest is what fairseq's ``audio_pretraining`` / ``audio_finetuning`` tasks 
 This is fairseq's ``examples/wav2vec/wav2vec_manifest.py`` with the same options and
 the same seeded train/valid split, plus what that script leaves to the user:
 
-* files are checked before anything is written: an unreadable file, a sample rate
-  other than ``--sample-rate`` or more than one channel stops with a message naming
-  the files and the fix, instead of a training run failing (or silently training on
-  wrong-rate audio) hours later;
+* files are checked before anything is written: every file is decoded to its end (in
+  parallel over the CPUs, ``--workers``, with a progress bar), and a file that does not
+  decode (truncated, corrupt, empty), a sample rate other than ``--sample-rate`` or more
+  than one channel stops with a message naming the files and the fix, instead of a
+  training run failing (or silently training on wrong-rate audio) hours later;
 * ``--resample`` converts such files to ``--sample-rate`` mono 16-bit audio under
   ``--dest`` (polyphase filtering, ``scipy.signal.resample_poly``), and the manifest
   then points at that folder;
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import multiprocessing
 import os
 import random
 import sys
@@ -40,6 +42,10 @@ from typing import Iterable, Mapping, Sequence
 import soundfile
 
 DEFAULT_SAMPLE_RATE = 16000
+# Frames decoded per read while checking a file (64k frames = 4 s at 16 kHz, 128 KiB).
+DECODE_BLOCK_FRAMES = 1 << 16
+# Files handed to a worker process at a time while checking.
+CHECK_CHUNK_SIZE = 16
 # How many problem files an error message lists before it says "... and N more".
 MAX_LISTED_PROBLEMS = 10
 # What soundfile raises for a file it cannot read (SoundFileError is new in 0.11).
@@ -156,16 +162,67 @@ def find_audio_files(
 
 
 def _check_audio_file(path: Path) -> _AudioCheck:
+    """Reads the header of ``path`` and then decodes the whole file.
+
+    Reading only the header (``soundfile.info``) accepts a truncated FLAC, whose header
+    still promises every frame; fairseq then fails on it in the middle of training. A
+    file whose decoding fails, or ends before the frame count of its header, is
+    reported with a ``read_error``.
+    """
     try:
-        info = soundfile.info(str(path))
+        with soundfile.SoundFile(str(path)) as audio:
+            num_frames, sample_rate, channels = int(audio.frames), int(audio.samplerate), int(audio.channels)
+            decoded = 0
+            for block in audio.blocks(blocksize=DECODE_BLOCK_FRAMES, dtype="int16", always_2d=True):
+                decoded += block.shape[0]
     except _SOUNDFILE_READ_ERRORS as error:
-        return _AudioCheck(path=path, read_error=str(error).strip() or type(error).__name__)
-    return _AudioCheck(
-        path=path,
-        num_frames=int(info.frames),
-        sample_rate=int(info.samplerate),
-        channels=int(info.channels),
-    )
+        reason = str(error).strip() or type(error).__name__
+        return _AudioCheck(path=path, read_error=f"does not decode ({reason})")
+    if decoded != num_frames:
+        return _AudioCheck(
+            path=path,
+            read_error=f"decodes to {decoded} frames, but its header says {num_frames} (truncated?)",
+        )
+    return _AudioCheck(path=path, num_frames=num_frames, sample_rate=sample_rate, channels=channels)
+
+
+def default_workers() -> int:
+    """The CPUs this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def check_audio_files(
+    paths: Sequence[Path], workers: int | None = None, progress: bool = False
+) -> list[_AudioCheck]:
+    """:func:`_check_audio_file` for every path, in order, over ``workers`` processes
+    (default: every CPU), with a progress bar on stderr when ``progress`` is set."""
+    from tqdm import tqdm
+
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise ManifestError(f"--workers must be at least 1, got {workers}")
+    bar = tqdm(total=len(paths), unit="file", desc="decoding audio", disable=not progress, file=sys.stderr)
+    checks: list[_AudioCheck] = []
+    try:
+        if workers == 1 or len(paths) <= CHECK_CHUNK_SIZE:
+            for path in paths:
+                checks.append(_check_audio_file(path))
+                bar.update()
+        else:
+            # fork where there is one: the workers only need soundfile, and a forked
+            # worker does not re-import the caller's main module (which spawn needs).
+            methods = multiprocessing.get_all_start_methods()
+            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+            with context.Pool(min(workers, len(paths))) as pool:
+                for check in pool.imap(_check_audio_file, paths, chunksize=CHECK_CHUNK_SIZE):
+                    checks.append(check)
+                    bar.update()
+    finally:
+        bar.close()
+    return checks
 
 
 def _list_problems(lines: Sequence[str]) -> str:
@@ -229,10 +286,13 @@ def build_manifest(
     sample_rate: int = DEFAULT_SAMPLE_RATE,
     resample_dir: Path | None = None,
     exclude_dirs: Iterable[Path] = (),
+    workers: int | None = None,
+    progress: bool = False,
 ) -> Manifest:
     """Find and check the audio files under ``root`` and describe them as a manifest.
 
-    Every file must be readable, mono and at ``sample_rate``. Files that are readable
+    Every file must decode to its end (checked over ``workers`` processes, see
+    :func:`check_audio_files`), be mono and at ``sample_rate``. Files that are readable
     but at another rate or with several channels are an error unless ``resample_dir``
     is given; then they are converted into ``resample_dir`` (which mirrors ``root``'s
     folder tree), the other files are linked there, and the manifest's root is
@@ -250,13 +310,14 @@ def build_manifest(
             f"found under {root} (hidden files are skipped; choose the extension with --ext)"
         )
 
-    checks = [_check_audio_file(path) for path in paths]
+    checks = check_audio_files(paths, workers=workers, progress=progress)
     unreadable = [c for c in checks if c.read_error is not None]
     if unreadable:
         raise ManifestError(
             f"{len(unreadable)} of {len(checks)} audio files cannot be read:\n"
             + _list_problems([f"{c.path}: {c.read_error}" for c in unreadable])
-            + "\nRemove or replace them, or leave them out with --path-must-contain / --ext."
+            + "\nReplace them with intact copies (e.g. download or extract them again), delete "
+            "them, or leave them out with --path-must-contain / --ext. Nothing was written."
         )
     mismatched = [c for c in checks if c.needs_conversion(sample_rate)]
     if mismatched and resample_dir is None:
@@ -390,7 +451,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="convert files at another rate or with several channels into DEST/resampled_<rate>hz/",
     )
+    add_check_arguments(parser)
     return parser
+
+
+def add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--workers`` and ``--no-progress``: how the audio files are checked."""
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes that decode the audio files to check them (default: every CPU)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar while checking the audio")
 
 
 def run(args: argparse.Namespace) -> dict[str, Manifest]:
@@ -406,6 +479,8 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
         resample_dir=resample_folder(dest, args.sample_rate, args.split_name) if args.resample else None,
         # Converted copies of earlier runs (any split name) are output, never input.
         exclude_dirs=[resample_folder(dest, args.sample_rate)],
+        workers=args.workers,
+        progress=not args.no_progress,
     )
     if args.split_name:
         manifests = {args.split_name: manifest}

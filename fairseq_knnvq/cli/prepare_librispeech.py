@@ -46,6 +46,7 @@ from fairseq_knnvq.cli.manifest import (
     AudioEntry,
     Manifest,
     ManifestError,
+    add_check_arguments,
     build_manifest,
     describe,
     resample_folder,
@@ -269,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="convert audio at another rate or with several channels into DEST/resampled_<rate>hz/NAME/",
     )
+    add_check_arguments(parser)
     return parser
 
 
@@ -301,6 +303,8 @@ def run(args: argparse.Namespace) -> dict[str, LabelledSplit]:
                 sample_rate=args.sample_rate,
                 resample_dir=resample_folder(dest, args.sample_rate, spec.name) if args.resample else None,
                 exclude_dirs=[resample_folder(dest, args.sample_rate)],
+                workers=args.workers,
+                progress=not args.no_progress,
             )
         except ManifestError as error:
             raise PreparationError(f"split {spec.name!r}: {error}") from None
