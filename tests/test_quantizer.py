@@ -332,3 +332,42 @@ def test_vqvae_empty_batch():
     out = vq(torch.randn(0, 6, requires_grad=True))
     assert out["x"].shape == (0, 6) and out["targets"].shape == (0, 2)
     assert out["vq_loss"].item() == 0.0 and int(out["code_counts"].sum()) == 0
+
+
+@pytest.mark.parametrize("smoothing", ["softmax", "ste", "gumbel"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_diversity_training_step_equals_autograd_reference(smoothing, masked):
+    """softmax / ste: the smoothing and the batch-mean softmax in one node that keeps
+    only softmax(l / tau) (TemperedSoftmaxWithMeanProbs); gumbel: plain autograd. Both
+    against the formulas written out with autograd, in float64."""
+    _, mine = make_pair(smoothing=smoothing, regularizer="diversity", track_knn_loss=False)
+    mine = mine.double()
+    mine.set_num_updates(50000)  # tau = 2 * 0.999995**50000 = 1.56
+    x = torch.randn(3, 9, 64, dtype=torch.float64)
+    mask = torch.rand(3, 9) > 0.3 if masked else None
+    upstream = torch.randn(3, 9, 32, dtype=torch.float64)
+    torch.manual_seed(4)
+    out = mine(x, mask=mask)
+    ((out["x"] * upstream).sum() + 3.0 * out["diversity_loss"]).backward()
+    got = [p.grad.clone() for p in mine.parameters()]
+    mine.zero_grad()
+
+    tau = mine.curr_temp
+    logits = mine.weight_proj(x.reshape(-1, 64)).view(-1, 2, 16).float()  # as fairseq's
+    torch.manual_seed(4)
+    selection, _ = smooth(logits, smoothing, tau)
+    selection = selection.double()
+    quantized = torch.einsum("ngm,gmd->ngd", selection, mine.vars.view(2, 16, 16)).reshape(3, 9, 32)
+    valid = torch.ones(27, dtype=torch.bool) if mask is None else mask.reshape(-1)
+    avg = F.softmax(logits[valid], dim=-1).mean(0)
+    ppl = torch.exp(-(avg * torch.log(avg + 1e-7)).sum(-1)).sum()
+    diversity = (32 - ppl) / 32
+    ((quantized * upstream).sum() + 3.0 * diversity).backward()
+    # the quantizer computes in float32 (as fairseq's does): float32 rounding
+    torch.testing.assert_close(out["x"], quantized, atol=1e-6, rtol=1e-6)
+    assert out["diversity_loss"].item() == pytest.approx(diversity.item(), abs=1e-7)
+    assert out["prob_perplexity"].item() == pytest.approx(ppl.item(), rel=1e-6)
+    for g, p in zip(got, mine.parameters()):
+        scale = float(p.grad.abs().max())
+        assert scale > 1e-2
+        torch.testing.assert_close(g, p.grad, atol=1e-5 * scale, rtol=1e-5)

@@ -25,6 +25,7 @@ from .regularizers import (
     masked_mean_probs,
     masked_prob_sums,
     softmax_and_knn_loss,
+    tempered_softmax_and_mean_probs,
 )
 from .smoothing import (
     TemperatureSchedule,
@@ -253,36 +254,56 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
             num_counted = counts[0].sum()  # valid rows, a 0-d tensor
             result["code_perplexity"] = entropy_perplexity(counts.float() / num_counted.clamp_min(1))
 
-        # The batch-mean probabilities keep a gradient only for the diversity loss; as a
-        # log-only statistic they are summed over blocks of rows without one.
-        if self.regularizer == "diversity" and torch.is_grad_enabled():
-            avg_probs = masked_mean_probs(logits32, flat_mask)
-            prob_sums = avg_probs.detach() * num_counted
-        else:
+        tau = self.curr_temp
+        result["temp"] = tau
+        train_diversity = self.regularizer == "diversity" and torch.is_grad_enabled()
+        # KNN regulariser on the smoothing's own soft vectors: softmax and loss in one
+        # autograd node (SoftmaxWithSelectedDistance), so the regulariser keeps no
+        # N x G x M tensor of its own. Same values as smooth() + knn_vertex_loss().
+        fused_knn = self.training and self.regularizer == "knn" and self.knn_input == "smoothed"
+        # Diversity loss with a noise-free smoothing: softmax(l / tau) and the batch-mean
+        # softmax(l) in one node that keeps only the former (TemperedSoftmaxWithMeanProbs).
+        fused_diversity = self.training and train_diversity and self.smoothing in ("softmax", "ste")
+
+        if not train_diversity:
+            # The batch-mean probabilities as a log-only statistic: summed over blocks of
+            # rows without gradient, before the smoothing's tensors exist.
             with torch.no_grad():
                 prob_sums = masked_prob_sums(logits32.detach(), flat_mask)
             avg_probs = prob_sums / num_counted.clamp_min(1)
-        result["prob_perplexity"] = entropy_perplexity(avg_probs)
-        result["temp"] = self.curr_temp
 
-        fused = self.training and self.regularizer == "knn" and self.knn_input == "smoothed"
-        if fused:
-            # The smoothing's soft vectors are the KNN input: one autograd node computes
-            # both, so the regulariser keeps no N x G x M tensor of its own (see
-            # SoftmaxWithSelectedDistance). Same values as smooth() + knn_vertex_loss().
-            smoothed_logits = smoothed_logits_of(logits32, self.smoothing, self.curr_temp)
+        soft = None  # softmax of the KNN input, where a node already holds it
+        smoothed_logits = None
+        if fused_knn:
+            smoothed_logits = smoothed_logits_of(logits32, self.smoothing, tau)
             soft, result["knn_loss"] = self._knn_fn(with_softmax=True)(smoothed_logits, flat_mask)
             selection = select_codes(soft, smoothed_logits, logits32, self.smoothing)
+        elif fused_diversity:
+            soft, avg_probs = tempered_softmax_and_mean_probs(logits32, tau, flat_mask)
+            selection = select_codes(soft, None, logits32, self.smoothing)
         else:
-            selection, smoothed_logits = smooth(logits32, self.smoothing, self.curr_temp, self.training)
-        knn_logits = smoothed_logits if self.knn_input == "smoothed" else logits32 / self.curr_temp
+            selection, smoothed_logits = smooth(logits32, self.smoothing, tau, self.training)
+            if self.training and self.smoothing in ("softmax", "gumbel"):
+                soft = selection  # the soft vector itself multiplies the codebook
+
+        # The batch-mean probabilities keep a gradient only for the diversity loss.
+        if train_diversity:
+            if not fused_diversity:
+                avg_probs = masked_mean_probs(logits32, flat_mask)
+            prob_sums = avg_probs.detach() * num_counted
+        result["prob_perplexity"] = entropy_perplexity(avg_probs)
+
+        def knn_input() -> Tensor:
+            if self.knn_input == "smoothed" and smoothed_logits is not None:
+                return smoothed_logits
+            return logits32 / tau  # also the smoothed logits of softmax and ste
 
         if self.regularizer == "knn":
-            if not fused:
-                result["knn_loss"] = self._knn_fn(with_softmax=False)(knn_logits, flat_mask)
+            if not fused_knn:
+                result["knn_loss"] = self._knn_fn(with_softmax=False)(knn_input(), flat_mask)
         elif self.track_knn_loss:
             with torch.no_grad():
-                result["knn_loss"] = self._knn_fn(with_softmax=False)(knn_logits, flat_mask)
+                result["knn_loss"] = self._knn_fn(with_softmax=False)(knn_input(), flat_mask)
         if self.regularizer == "diversity":
             diversity = (num_vars - result["prob_perplexity"]) / num_vars
             if flat_mask is not None or logits.shape[0] == 0:
@@ -291,12 +312,12 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
             result["diversity_loss"] = diversity
 
         with torch.no_grad():
-            # tightness of the KNN input; the fused path already holds its softmax, else
-            # it is computed over blocks of rows (no N x G x M copy)
-            if fused:
+            # tightness of the KNN input: from a softmax some node already holds when it
+            # is that input, else over blocks of rows (no N x G x M copy)
+            if soft is not None and (self.knn_input == "smoothed" or self.smoothing in ("softmax", "ste")):
                 max_prob_sums, vertex_l2_sums = tightness_sums(soft.detach(), flat_mask)
             else:
-                max_prob_sums, vertex_l2_sums = tightness_sums_of_logits(knn_logits.detach(), flat_mask)
+                max_prob_sums, vertex_l2_sums = tightness_sums_of_logits(knn_input().detach(), flat_mask)
         result["code_counts"] = counts
         result["code_usage"] = CodeUsage(
             counts=counts,

@@ -36,6 +36,9 @@ KNN_DISTANCES: Tuple[str, ...] = ("ce", "l2")
 # Above this many selection scores (N * G * M), the neighbour search is chunked over
 # vertices; 2**24 floats are 64 MiB.
 AUTO_CHUNK_ELEMENTS = 1 << 24
+# Blocks of log-only statistics (batch-mean probabilities, tightness): 2**22 values,
+# 16 MiB in float32, small next to one N x M tensor at large codebooks.
+STATISTICS_BLOCK_ELEMENTS = 1 << 22
 
 
 def as_rows(logits: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
@@ -608,6 +611,73 @@ def softmax_and_knn_loss(
     return probs.view(logits.shape), total / _normaliser(rows, valid, k)
 
 
+class TemperedSoftmaxWithMeanProbs(torch.autograd.Function):
+    """``p = softmax(rows / tau)`` (the smoothing) and ``mean_n softmax(rows_n)`` over the
+    valid rows (the diversity loss's input) as one autograd node that saves only ``p``.
+
+    The backward pass recomputes ``softmax(rows)`` from ``p``: both are normalised
+    exponentials of the same logits, so ``softmax(l) = p**tau / sum_m p_m**tau``. The
+    diversity loss then adds no N x G x M tensor to what the smoothing keeps. With
+    ``w_n`` the row weights (1 valid, 0 not), ``c = sum_n w_n`` and ``g`` the gradient of
+    the mean, the gradient is the smoothing's plus
+
+        dL/dl_n += (w_n / c) * q_n * (g - <q_n, g>),   q_n = softmax(l_n),
+
+    computed over blocks of rows into the same buffer. Entries where ``p`` underflows to
+    0 while ``softmax(l)`` does not (``tau < 1`` and logits ~50 below the row's largest)
+    get a zero diversity gradient, where autograd's would be below 1e-21.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, tau: float, weights: Optional[Tensor], count: Tensor):
+        rows32 = at_least_float32(rows)
+        probs = F.softmax(rows32 / tau, dim=-1)
+        with torch.no_grad():
+            valid = None if weights is None else weights > 0
+            mean = masked_prob_sums(rows32, valid) / count.clamp_min(1).to(probs.dtype)
+        ctx.save_for_backward(probs, weights, count)
+        ctx.tau, ctx.input_dtype = tau, rows.dtype
+        return probs, mean
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_probs: Optional[Tensor], grad_mean: Optional[Tensor]):
+        probs, weights, count = ctx.saved_tensors
+        n, groups, entries = probs.shape
+        if grad_probs is None:
+            grad = torch.zeros_like(probs)
+        else:
+            grad = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype).div_(ctx.tau)
+        if grad_mean is not None and n:
+            scale = 1.0 / count.clamp_min(1).to(probs.dtype)
+            block_rows = rows_per_block(probs, STATISTICS_BLOCK_ELEMENTS)
+            for start in range(0, n, block_rows):
+                stop = start + block_rows
+                q = probs[start:stop].pow(ctx.tau)
+                q.div_(q.sum(-1, keepdim=True))
+                inner = grad_mean - torch.linalg.vecdot(q, grad_mean).unsqueeze(-1)
+                row_scale = scale if weights is None else (weights[start:stop] * scale).view(-1, 1, 1)
+                grad[start:stop].addcmul_(q.mul_(row_scale), inner)
+                del q, inner
+        return grad.to(ctx.input_dtype), None, None, None
+
+
+def tempered_softmax_and_mean_probs(
+    logits: Tensor, tau: float, mask: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor]:
+    """``(softmax(logits / tau), masked_mean_probs(logits, mask))`` in one autograd node
+    (:class:`TemperedSoftmaxWithMeanProbs`): the values and gradients of computing the
+    two apart, keeping one N x G x M tensor instead of two. Shapes as :func:`as_rows`;
+    the probabilities have the shape of ``logits`` (at least float32), the mean is
+    ``(G, M)``."""
+    if tau <= 0:
+        raise ValueError(f"temperature must be > 0, got {tau}")
+    rows, valid = as_rows(logits, mask)
+    weights = None if valid is None else valid.to(at_least_float32(rows).dtype)
+    probs, mean = TemperedSoftmaxWithMeanProbs.apply(rows, float(tau), weights, valid_count(rows, valid))
+    return probs.view(logits.shape), mean
+
+
 def entropy_perplexity(avg_probs: Tensor) -> Tensor:
     """``sum_g exp(H(avg_probs_g))`` with fairseq's ``+1e-7`` inside the log."""
     return torch.exp(-torch.sum(avg_probs * torch.log(avg_probs + 1e-7), dim=-1)).sum()
@@ -631,7 +701,7 @@ def masked_prob_sums(logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
             return probs.sum(0)
         return (weights @ probs.view(n, groups * entries)).view(groups, entries)
     total = torch.zeros(groups * entries, dtype=dtype, device=rows.device)
-    block_rows = rows_per_block(rows)
+    block_rows = rows_per_block(rows, STATISTICS_BLOCK_ELEMENTS)
     for start in range(0, n, block_rows):
         block = F.softmax(at_least_float32(rows[start : start + block_rows]), dim=-1).view(-1, groups * entries)
         if weights is None:

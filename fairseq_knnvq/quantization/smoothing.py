@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from typing import Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -95,10 +95,11 @@ def smoothed_logits_of(logits: Tensor, mode: str, tau: float, training: bool = T
 
 
 def select_codes(
-    soft: Tensor, smoothed_logits: Tensor, logits: Tensor, mode: str, training: bool = True
+    soft: Tensor, smoothed_logits: Optional[Tensor], logits: Tensor, mode: str, training: bool = True
 ) -> Tensor:
     """The code-selection vector that multiplies the codebook, given the soft vectors
-    ``soft = softmax(smoothed_logits)``."""
+    ``soft = softmax(smoothed_logits)`` (``smoothed_logits`` is read by ``gumbel_hard``
+    only)."""
     if not training:
         return onehot_argmax(logits)
     if mode == "gumbel_hard":
