@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from fairseq.data.data_utils import compute_mask_indices
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
@@ -89,6 +90,15 @@ class Wav2Vec2KnnVqConfig(Wav2Vec2Config):
             "(distributed training) instead of each worker's own batch"
         },
     )
+    seeded_masks: bool = field(
+        default=True,
+        metadata={
+            "help": "draw the time masks (and channel masks applied after the time masks) "
+            "from generators seeded by (the seed fairseq sets for the update, the worker, "
+            "the forward call), so the same common.seed gives the same run, also after a "
+            "resume; false: stock fairseq's unseeded masks"
+        },
+    )
 
 
 @register_model("wav2vec2_knnvq", dataclass=Wav2Vec2KnnVqConfig)
@@ -113,6 +123,8 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
             else:
                 self.input_quantizer = self._smoothed_like(self.input_quantizer, cfg)
 
+        # [torch seed, forward calls since it was set]: see _mask_seed.
+        self._mask_calls = [None, 0]
         # Filled by the quantizers' hooks during one forward call (None outside it).
         self._quantizer_outputs: Optional[List[Dict[str, Any]]] = None
         self._feature_lengths: Optional[torch.Tensor] = None
@@ -124,6 +136,49 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
         for quantizer in {id(q): q for q in (self.quantizer, self.input_quantizer) if q is not None}.values():
             quantizer.register_forward_pre_hook(self._before_quantizer, with_kwargs=True)
             quantizer.register_forward_hook(self._after_quantizer)
+
+    def _mask_seed(self) -> int:
+        """A seed for this forward call's masks: a function of the torch seed that fairseq's
+        trainer sets before every update (``common.seed + num_updates``), the worker's rank
+        and the number of calls since that seed was set (gradient accumulation,
+        validation batches). It draws nothing from torch's generator, so everything else
+        (negatives, Gumbel noise, dropout) draws what stock wav2vec 2.0 draws."""
+        torch_seed = torch.initial_seed()
+        if self._mask_calls[0] != torch_seed:
+            self._mask_calls = [torch_seed, 0]
+        self._mask_calls[1] += 1
+        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        return hash((torch_seed, rank, self._mask_calls[1])) & 0x7FFFFFFF
+
+    def apply_mask(self, x, padding_mask, mask_indices=None, mask_channel_indices=None):
+        """fairseq's masking, with the masks drawn from seeded generators (``seeded_masks``).
+
+        fairseq's ``compute_mask_indices`` draws from ``np.random.default_rng(None)`` (fresh
+        OS entropy) unless it is given a seed; here it gets one per forward call, and
+        fairseq's ``apply_mask`` then uses the masks as if they had been passed in. Channel
+        masks applied before the time masks (``mask_channel_before``) stay stock."""
+        if not self.cfg.seeded_masks:
+            return super().apply_mask(x, padding_mask, mask_indices, mask_channel_indices)
+        B, T, C = x.shape
+        seed = self._mask_seed()
+        if self.mask_prob > 0 and mask_indices is None:
+            mask_indices = torch.from_numpy(
+                compute_mask_indices(
+                    (B, T), padding_mask, self.mask_prob, self.mask_length, self.mask_selection,
+                    self.mask_other, min_masks=2, no_overlap=self.no_mask_overlap,
+                    min_space=self.mask_min_space, require_same_masks=self.cfg.require_same_masks,
+                    mask_dropout=self.cfg.mask_dropout, seed=seed, epoch=0, indices=torch.arange(B),
+                )
+            ).to(x.device)
+        if self.mask_channel_prob > 0 and not self.mask_channel_before and mask_channel_indices is None:
+            channels = compute_mask_indices(
+                (B, C), None, self.mask_channel_prob, self.mask_channel_length,
+                self.mask_channel_selection, self.mask_channel_other,
+                no_overlap=self.no_mask_channel_overlap, min_space=self.mask_channel_min_space,
+                seed=seed, epoch=1, indices=torch.arange(B),
+            )
+            mask_channel_indices = torch.from_numpy(channels).to(x.device).unsqueeze(1).expand(-1, T, -1)
+        return super().apply_mask(x, padding_mask, mask_indices, mask_channel_indices)
 
     def _smoothed_like(self, stock, cfg: Wav2Vec2KnnVqConfig) -> SmoothedVectorQuantizer:
         """A SmoothedVectorQuantizer with the arguments and the weights of fairseq's
