@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from fairseq.data import FairseqDataset
+
+from .unreadable import UnreadableFileLog
 
 logger = logging.getLogger(__name__)
 
@@ -239,25 +241,11 @@ class ImageFolderDataset(FairseqDataset):
         return False
 
 
-class UnreadableImageLog:
-    """Warns once per unreadable file and counts them (in the process that trains)."""
+class UnreadableImageLog(UnreadableFileLog):
+    """Warns once per unreadable image file and counts them (in the process that trains)."""
 
     def __init__(self):
-        self.seen: Set[str] = set()
-
-    def note(self, unreadable: Sequence[Sequence[str]]) -> int:
-        """Logs the files not seen before; returns how many entries the batch had."""
-        for path, reason in unreadable:
-            if path not in self.seen:
-                self.seen.add(path)
-                logger.warning(
-                    f"skipping unreadable image {path} ({reason}); this is reported once "
-                    f"per file ({len(self.seen)} so far)"
-                )
-        return len(unreadable)
-
-    def __len__(self) -> int:
-        return len(self.seen)
+        super().__init__("image")
 
 
 def write_synthetic_image_folder(

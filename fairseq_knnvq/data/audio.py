@@ -1,0 +1,97 @@
+"""Audio datasets that survive unreadable files.
+
+fairseq's ``FileAudioDataset`` raises ``Exception("Failed to load ...")`` for a file
+that does not decode (truncated, corrupt, deleted or moved since the manifest was
+written), and that exception ends the whole training run. A LibriSpeech 960 h run
+reads 281k files for days, so :class:`ReplaceUnreadableDataset` wraps the task's
+dataset and replaces such an item by the next readable one of the split, as the image
+dataset does (batches keep their size, which the KNN loss depends on). Each item and
+batch carries ``unreadable``: the ``(path, reason)`` pairs it skipped, so that the
+process that trains warns once per file and counts them, also when loading runs in
+data-loader worker processes (see :class:`fairseq_knnvq.data.unreadable.UnreadableFileLog`).
+
+For fine-tuning the wrapper goes around fairseq's ``AddTargetDataset``, so a replaced
+item brings its own transcript: audio and labels never get out of step.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Tuple
+
+from fairseq.data import BaseWrapperDataset, FairseqDataset
+
+from .image_folder import MAX_REPLACEMENT_TRIES
+
+
+
+def audio_path(dataset: FairseqDataset, index: int) -> str:
+    """The file behind item ``index`` of a (possibly wrapped) ``FileAudioDataset``;
+    ``"item <index>"`` when the dataset keeps no file names."""
+    inner = dataset
+    while not hasattr(inner, "fnames") and isinstance(getattr(inner, "dataset", None), FairseqDataset):
+        inner = inner.dataset
+    names = getattr(inner, "fnames", None)
+    if names is None or not hasattr(inner, "text_compressor"):
+        return f"item {index}"
+    name = names[index]
+    name = name if isinstance(names, list) else name.as_py()  # a pyarrow array when pyarrow is installed
+    return os.path.join(getattr(inner, "root_dir", ""), inner.text_compressor.decompress(name))
+
+
+def is_load_error(error: BaseException) -> bool:
+    """Whether ``error`` says that a file could not be loaded: fairseq's bare
+    ``Exception("Failed to load ...")`` (or its sample-rate ``Exception``), an
+    ``OSError`` or soundfile's ``LibsndfileError`` (a ``RuntimeError``). Anything else
+    (``TypeError``, ``KeyError``, ...) is a bug and must not be hidden."""
+    return type(error) is Exception or isinstance(error, (OSError, RuntimeError))
+
+
+class ReplaceUnreadableDataset(BaseWrapperDataset):
+    """Replaces an item whose loading fails by the next item that loads.
+
+    An item that failed once is remembered (per process), so fairseq's three read
+    attempts (with 0 + 1 + 2 s of sleep) are spent once per file, not once per epoch;
+    it is still reported in every batch that asked for it, so the counts per epoch are
+    complete. After ``MAX_REPLACEMENT_TRIES`` consecutive failures the data is taken to
+    be broken (a missing folder, a wrong ``task.data``) and the error is raised.
+    """
+
+    def __init__(self, dataset: FairseqDataset):
+        super().__init__(dataset)
+        self.failed: Dict[int, Tuple[str, str]] = {}
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        unreadable: List[Tuple[str, str]] = []
+        tries = min(MAX_REPLACEMENT_TRIES, len(self.dataset))
+        first_error = None
+        for step in range(tries):
+            current = (index + step) % len(self.dataset)
+            if current in self.failed:
+                unreadable.append(self.failed[current])
+                continue
+            try:
+                item = self.dataset[current]
+            except Exception as error:
+                if not is_load_error(error):
+                    raise  # a bug or a configuration error, not a bad file
+                reason = f"{type(error).__name__}: {error}"
+                first_error = first_error or error
+                self.failed[current] = (audio_path(self.dataset, current), reason)
+                unreadable.append(self.failed[current])
+                continue
+            item["id"] = index  # ids stay unique within a batch
+            item["unreadable"] = unreadable
+            return item
+        raise RuntimeError(
+            f"could not load any of {tries} consecutive audio files starting at "
+            f"{audio_path(self.dataset, index)} (first error: {first_error or unreadable[0][1]}); check that "
+            f"task.data points at the right manifests and that the audio is where their first "
+            f"line says"
+        ) from first_error
+
+    def collater(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+        unreadable = [entry for sample in samples for entry in sample.pop("unreadable", ())]
+        batch = self.dataset.collater(samples)
+        if unreadable and len(batch) > 0:
+            batch["unreadable"] = unreadable
+        return batch

@@ -1,0 +1,94 @@
+"""fairseq's audio tasks with datasets that survive unreadable files.
+
+``audio_pretraining_knnvq`` and ``audio_finetuning_knnvq`` are fairseq's
+``audio_pretraining`` and ``audio_finetuning`` (same options, same data), except that
+an audio file that fails to load during the run (truncated, corrupt, deleted since the
+manifest was written) is replaced by the next readable one of its split instead of
+ending the run (see :mod:`fairseq_knnvq.data.audio`). Each such file is logged once
+(``skipping unreadable audio file <path> (<reason>)``) and counted in fairseq's
+logged metrics as ``unreadable_audio`` (items replaced, summed over workers, in the
+``train_inner``, ``train`` and ``valid`` records where it happened).
+
+``knnvq-manifest`` / ``knnvq-prepare-librispeech`` already refuse files that do not
+decode; this covers what happens to the files after that check.
+"""
+import logging
+
+from fairseq.tasks import register_task
+from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
+from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrainingTask
+from fairseq.logging import metrics
+
+from ..data.audio import ReplaceUnreadableDataset
+from ..data.unreadable import UnreadableFileLog
+
+logger = logging.getLogger(__name__)
+
+# The logged metric (fairseq prefixes it: train_unreadable_audio, valid_unreadable_audio).
+UNREADABLE_METRIC = "unreadable_audio"
+
+
+class ReplaceUnreadableAudioMixin:
+    """Wraps every loaded split in :class:`ReplaceUnreadableDataset`, warns once per
+    unreadable file and logs the count. Goes before a fairseq audio task in the bases."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.unreadable = UnreadableFileLog(
+            "audio file", replacement=": replaced by the next readable file of its split"
+        )
+
+    def load_dataset(self, split: str, task_cfg=None, **kwargs):
+        super().load_dataset(split, task_cfg, **kwargs)
+        self.datasets[split] = ReplaceUnreadableDataset(self.datasets[split])
+
+    def _take_unreadable(self, sample, count: bool) -> int:
+        """Removes the batch's ``unreadable`` entries and warns about new files; returns
+        how many items were replaced (0 for fairseq's dummy batches: ``count`` False)."""
+        if not sample or "unreadable" not in sample:
+            return 0
+        entries = sample.pop("unreadable")
+        return self.unreadable.note(entries) if count else 0
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        replaced = self._take_unreadable(sample, count=not ignore_grad)
+        loss, sample_size, logging_output = super().train_step(
+            sample, model, criterion, optimizer, update_num, ignore_grad
+        )
+        if replaced:
+            logging_output[UNREADABLE_METRIC] = replaced
+        return loss, sample_size, logging_output
+
+    def valid_step(self, sample, model, criterion):
+        replaced = self._take_unreadable(sample, count=True)
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        if replaced:
+            logging_output[UNREADABLE_METRIC] = replaced
+        return loss, sample_size, logging_output
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        # Taken out before the criterion sees them: wav2vec's criterion logs the mean
+        # of every key it does not know, which is not a count.
+        replaced = sum(log.pop(UNREADABLE_METRIC, 0) for log in logging_outputs)
+        super().reduce_metrics(logging_outputs, criterion)
+        if replaced:
+            metrics.log_scalar_sum(UNREADABLE_METRIC, replaced, round=0)
+
+    def begin_epoch(self, epoch, model):
+        super().begin_epoch(epoch, model)
+        if len(self.unreadable):
+            logger.warning(
+                f"{len(self.unreadable)} unreadable audio file(s) skipped so far (replaced by "
+                f"the next readable file of their split); fix or remove them and rewrite the "
+                f"manifests with knnvq-manifest / knnvq-prepare-librispeech"
+            )
+
+
+@register_task("audio_pretraining_knnvq", dataclass=AudioPretrainingConfig)
+class AudioPretrainingKnnvqTask(ReplaceUnreadableAudioMixin, AudioPretrainingTask):
+    """fairseq's ``audio_pretraining``; unreadable files are replaced, logged and counted."""
+
+
+@register_task("audio_finetuning_knnvq", dataclass=AudioFinetuningConfig)
+class AudioFinetuningKnnvqTask(ReplaceUnreadableAudioMixin, AudioFinetuningTask):
+    """fairseq's ``audio_finetuning``; unreadable files are replaced, logged and counted."""
