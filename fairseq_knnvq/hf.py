@@ -371,6 +371,8 @@ class ExportResult:
     num_parameters: int
     files: Tuple[str, ...]
     notes: Tuple[str, ...] = ()
+    # verify_export's largest differences to the fairseq model (empty without verify)
+    differences: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 def _import_transformers():
@@ -416,9 +418,67 @@ def feature_extractor_for(transformers, task_cfg: Mapping[str, Any], feat_extrac
     )
 
 
-def export_checkpoint(checkpoint: Path, out_dir: Path, overwrite: bool = False, dictionary_path: Optional[Path] = None) -> ExportResult:
+VERIFY_TOLERANCE = 1e-4
+VERIFY_SECONDS = 1.0
+
+
+def verify_export(checkpoint: Path, state: Mapping[str, Any], kind: str, folder: Path, dictionary: Any = None) -> Dict[str, float]:
+    """Runs the fairseq model and the transformers model read back from ``folder`` on the
+    same audio (a fixed pseudo-random second at the task's sample rate) and returns the
+    largest absolute differences: CNN features, transformer output, quantized vectors
+    and the share of differing code indices for a pretraining model; CTC logits for a
+    fine-tuned one. ExportError when one exceeds :data:`VERIFY_TOLERANCE`."""
+    import transformers
+    from fairseq import checkpoint_utils
+
+    state = dict(state)
+    if dictionary is not None:  # the one exported (it may not be in the checkpoint or its data folder)
+        state["task_state"] = dict(state.get("task_state") or {}, target_dictionary=dictionary)
+    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)], state=state)
+    fairseq_model = models[0].eval()
+    sample_rate = int(state["cfg"].task.get("sample_rate", 16000))
+    generator = torch.Generator().manual_seed(0)
+    audio = 0.1 * torch.randn(1, int(VERIFY_SECONDS * sample_rate), generator=generator)
+    if state["cfg"].task.get("normalize", False):
+        audio = torch.nn.functional.layer_norm(audio, audio.shape[1:])
+    differences: Dict[str, float] = {}
+    with torch.no_grad():
+        if kind == "pretraining":
+            exported = transformers.Wav2Vec2ForPreTraining.from_pretrained(str(folder)).eval()
+            features = fairseq_model.layer_norm(fairseq_model.feature_extractor(audio).transpose(1, 2))
+            encoded = fairseq_model.extract_features(audio, None, mask=False)["x"]
+            quantized = fairseq_model.quantizer(features, produce_targets=True)
+            hf_out = exported.wav2vec2(audio)
+            hf_quantized, _ = exported.quantizer(hf_out.extract_features)
+            logits = exported.quantizer.weight_proj(hf_out.extract_features)
+            hf_codes = logits.view(*logits.shape[:2], exported.config.num_codevector_groups, -1).argmax(-1)
+            differences["features"] = (hf_out.extract_features - features).abs().max().item()
+            differences["hidden_states"] = (hf_out.last_hidden_state - encoded).abs().max().item()
+            differences["quantized"] = (hf_quantized - quantized["x"]).abs().max().item()
+            differences["code_indices"] = (hf_codes != quantized["targets"]).float().mean().item()
+        else:
+            exported = transformers.Wav2Vec2ForCTC.from_pretrained(str(folder)).eval()
+            fairseq_logits = fairseq_model.get_logits(fairseq_model(source=audio, padding_mask=None)).transpose(0, 1)
+            differences["logits"] = (exported(audio).logits - fairseq_logits).abs().max().item()
+    too_large = {name: value for name, value in differences.items() if not value <= VERIFY_TOLERANCE}
+    if too_large:
+        raise ExportError(
+            f"the transformers model does not compute what the fairseq model in {checkpoint} computes "
+            f"(largest differences {too_large}, tolerance {VERIFY_TOLERANCE}); nothing was written"
+        )
+    return differences
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    out_dir: Path,
+    overwrite: bool = False,
+    dictionary_path: Optional[Path] = None,
+    verify: bool = True,
+) -> ExportResult:
     """Writes ``out_dir`` (see the module docstring); every check runs before anything is
-    written, and the folder appears complete or not at all."""
+    written, and the folder appears complete or not at all. With ``verify`` the written
+    model is read back and compared with the fairseq model (:func:`verify_export`)."""
     checkpoint = Path(checkpoint).resolve()
     out_dir = Path(out_dir).resolve()
     check_output_dir(out_dir, overwrite)
@@ -445,7 +505,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, overwrite: bool = False, 
         config_kwargs["diversity_loss_weight"] = float(loss_weights[0] if loss_weights[0] is not None else 0.0)
         hf_config = transformers.Wav2Vec2Config(**config_kwargs)
         model_class = transformers.Wav2Vec2ForPreTraining
-        head_rules, encoder_prefix, vocabulary = PRETRAINING_HEAD_RULES, "", None
+        head_rules, encoder_prefix, vocabulary, dictionary = PRETRAINING_HEAD_RULES, "", None, None
         if w2v.get("quantizer_regularizer") == "knn":
             notes.append(
                 "transformers' Wav2Vec2ForPreTraining loss uses the diversity term, not the KNN "
@@ -518,6 +578,7 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, overwrite: bool = False, 
             processor = transformers.Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
             processor.save_pretrained(str(staged))
         files = tuple(sorted(p.name for p in staged.iterdir()))
+        differences = verify_export(checkpoint, state, kind, staged, dictionary) if verify else {}
         _replace_folder(staged, out_dir)
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)
@@ -529,4 +590,5 @@ def export_checkpoint(checkpoint: Path, out_dir: Path, overwrite: bool = False, 
         num_parameters=sum(p.numel() for p in model.parameters()),
         files=files,
         notes=tuple(notes),
+        differences=differences,
     )

@@ -94,6 +94,7 @@ def test_pretraining_export_computes_what_fairseq_computes(pretrained, data, tmp
     result = run_cli(str(pretrained), str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Wav2Vec2ForPreTraining" in result.stdout
+    assert "checked against the fairseq model" in result.stdout  # the CLI's own read-back check
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
     assert json.loads((out / "preprocessor_config.json").read_text())["do_normalize"] is False  # task.normalize
 
@@ -178,7 +179,7 @@ def test_ctc_export_logits_and_pipeline_wer_equal_fairseq(finetuned, data, tmp_p
 
 
 @pytest.mark.slow
-def test_export_errors_name_the_problem_and_write_nothing(pretrained, finetuned, data, tmp_path):
+def test_export_errors_name_the_problem_and_write_nothing(pretrained, finetuned, data, tmp_path, monkeypatch):
     missing = tmp_path / "missing.pt"
     assert str(missing) in export_error(missing, tmp_path / "a")
 
@@ -224,6 +225,16 @@ def test_export_errors_name_the_problem_and_write_nothing(pretrained, finetuned,
     assert "give the dictionary it was fine-tuned with" in export_error(older, tmp_path / "e", "--dictionary", short)
     assert not any((tmp_path / name).exists() for name in "abcde")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+
+    # The read-back check catches a wrong mapping (queries and keys swapped: same shapes).
+    swapped = [(pattern.replace("(q|k|v|out)_proj", "(v|out)_proj"), target) for pattern, target in hf.ENCODER_RULES]
+    swapped += [(r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"encoder.layers.\1.attention.k_proj.\2"),
+                (r"encoder\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"encoder.layers.\1.attention.q_proj.\2")]
+    monkeypatch.setattr(hf, "ENCODER_RULES", swapped)
+    message = export_error(pretrained, tmp_path / "g")
+    assert "does not compute what the fairseq model" in message and "hidden_states" in message
+    assert not (tmp_path / "g").exists()
+    monkeypatch.undo()
 
     # With the right dictionary the export works and equals the one from the stored dictionary.
     export_hf.main([str(older), str(tmp_path / "e"), "--dictionary", str(data / "dict.ltr.txt")])

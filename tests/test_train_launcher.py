@@ -120,10 +120,12 @@ def test_group_choice_selects_the_plugin_classes(tiny_manifests, tmp_path):
 @pytest.mark.slow
 def test_hydra_flags_pass_through_and_errors_name_the_key(tiny_manifests, tmp_path):
     shown = run("knnvq-train", CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                ["--cfg", "job", f"task.data={tiny_manifests}", "model.knn_k=5", "model.mask_dropout=0.25"], tmp_path)
+                [f"task.data={tiny_manifests}", "model=wav2vec2_knnvq", "model.knn_k=5", "model.mask_dropout=0.25", "--cfg", "job"],
+                tmp_path)
     assert shown.returncode == 0, output(shown)[-3000:]
     job = yaml.safe_load(shown.stdout)  # --cfg job prints the composed config on stdout
     assert job["model"]["knn_k"] == 5 and job["model"]["mask_dropout"] == 0.25
+    assert job["model"]["_name"] == "wav2vec2_knnvq"
     assert not (tmp_path / "outputs").exists()  # --cfg job prints and trains nothing
 
     typo = run("knnvq-train", CONFIG_DIR / "pretraining", "tiny_knn_ce",

@@ -37,21 +37,45 @@ def build_parser() -> argparse.ArgumentParser:
         help="fine-tuning dictionary (dict.ltr.txt) for a CTC checkpoint that does not carry one "
         "(default: the one stored in the checkpoint, else the checkpoint's task.data/dict.LABELS.txt)",
     )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the check that reads the written model back and compares it with the fairseq model",
+    )
     return parser
+
+
+def quiet_progress_bars() -> None:
+    """transformers and huggingface_hub draw progress bars for loading and writing a
+    model of a few files; the summary line says what was written."""
+    try:
+        import huggingface_hub.utils
+        import transformers.utils.logging
+
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
+    except ImportError:  # reported with the fix by export_checkpoint
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    from fairseq_knnvq.hf import ExportError, export_checkpoint
+    from fairseq_knnvq.hf import VERIFY_SECONDS, ExportError, export_checkpoint
 
+    quiet_progress_bars()
     try:
-        result = export_checkpoint(args.checkpoint, args.out_dir, overwrite=args.overwrite, dictionary_path=args.dictionary)
+        result = export_checkpoint(
+            args.checkpoint, args.out_dir, overwrite=args.overwrite, dictionary_path=args.dictionary, verify=not args.no_verify
+        )
     except ExportError as error:
         raise SystemExit(f"knnvq-export-hf: error: {error}") from None
     print(
         f"{result.out_dir}: {result.model_class} ({result.kind} checkpoint, {result.num_parameters:,} parameters): "
         + ", ".join(result.files)
     )
+    if result.differences:
+        shown = ", ".join(f"{name} {value:.2g}" for name, value in result.differences.items())
+        print(f"checked against the fairseq model on {VERIFY_SECONDS:g} s of noise, largest differences: {shown}")
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
 

@@ -158,11 +158,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         args = parse_hydra_args(argv)
         config_name = args.config_name or "config"
         names, in_defaults = read_primary(primary_config_path(args.config_dir, args.config_name))
+        # argparse takes hydra's positional overrides from one contiguous run of
+        # arguments only: an added override goes next to the user's.
+        insert_at = argv.index(args.overrides[0]) if args.overrides else len(argv)
         argv, chosen = rewrite_overrides(argv, args.overrides, names, in_defaults)
     except LaunchError as error:
         raise SystemExit(f"knnvq-train: error: {error}") from None
     if not any(override.split("=", 1)[0].lstrip("+") == "common.user_dir" for override in args.overrides):
-        argv.append(f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}")
+        argv.insert(insert_at, f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}")
     store_schema(config_name, chosen)
 
     from fairseq_cli.hydra_train import hydra_main
