@@ -140,6 +140,9 @@ def build_step(c: Dict[str, Any], seed: int = 0) -> Callable[[], float]:
 
         return step
 
+    if method.startswith("image_"):
+        return build_image_step(c, seed)
+
     if method == "fairseq_diversity":
         from fairseq.modules import GumbelVectorQuantizer
 
@@ -166,6 +169,68 @@ def build_step(c: Dict[str, Any], seed: int = 0) -> Callable[[], float]:
             loss = loss + (out["num_vars"] - out["prob_perplexity"]) / out["num_vars"]
         elif key is not None:
             loss = loss + out[key]
+        del out
+        loss.backward()
+        return float(loss.detach())
+
+    return step
+
+
+class BareSmoothing(torch.nn.Module):
+    """The least a smoothed quantizer computes, as a drop-in for the image model's
+    quantizer: logits ``l = W z``, ``p = softmax((l + g) / tau)`` (``gumbel``) or
+    ``softmax(l / tau)``, ``q = p C``; its ``targets`` are ``argmax p`` (no gradient)."""
+
+    def __init__(self, dim: int, entries: int, tau: float, smoothing: str):
+        super().__init__()
+        self.weight_proj = torch.nn.Linear(dim, entries)
+        self.vars = torch.nn.Parameter(torch.rand(entries, dim))
+        self.tau, self.smoothing = tau, smoothing
+
+    def forward(self, x: torch.Tensor, produce_targets: bool = True) -> Dict[str, Any]:
+        bsz, tsz, dim = x.shape
+        logits = self.weight_proj(x.reshape(-1, dim))
+        if self.smoothing == "gumbel":
+            logits = logits - torch.empty_like(logits).exponential_().log()
+        p = F.softmax(logits / self.tau, dim=-1)
+        del logits
+        return {"x": (p @ self.vars).view(bsz, tsz, -1), "targets": p.detach().argmax(-1).view(bsz, tsz, 1)}
+
+
+def build_image_step(c: Dict[str, Any], seed: int = 0) -> Callable[[], float]:
+    """One training step of ``vq_image_autoencoder`` (encoder, quantizer, decoder; MSE
+    reconstruction plus 0.1 x the quantizer's training losses, as the ImageNet configs
+    weigh them), on ``c["batch"]`` random images of ``c["image_size"]`` pixels.
+
+    ``image_ours_<regularizer>``: the model as built from the config;
+    ``image_bare``: the same model with :class:`BareSmoothing` in place of its quantizer.
+    """
+    from fairseq_knnvq.models.vq_image_autoencoder import VQImageAutoencoder, VQImageAutoencoderConfig
+
+    torch.manual_seed(seed)
+    method = c["method"]
+    regularizer = "none" if method == "image_bare" else method[len("image_ours_"):].replace("knn_ce", "knn")
+    cfg = VQImageAutoencoderConfig(
+        channels=c.get("channels", 128), max_channels=c.get("max_channels", 512),
+        num_res_blocks=c.get("num_res_blocks", 2), code_dim=c["dim"],
+        downsample_factor=c["downsample_factor"], codebook_size=c["entries"],
+        quantizer="smoothed", smoothing=c.get("smoothing", "gumbel"), regularizer=regularizer,
+        knn_distance="ce", knn_k=c.get("k", 8), knn_global=False,
+    )
+    model = VQImageAutoencoder(cfg)
+    model.quantizer.track_knn_loss = False  # only the training losses, as in bench_memory
+    if method == "image_bare":
+        model.quantizer = BareSmoothing(c["dim"], c["entries"], TEMP[0], str(cfg.smoothing))
+    model.train()
+    size = c["image_size"]
+    images = torch.rand(c["batch"], 3, size, size) * 2 - 1
+
+    def step() -> float:
+        model.zero_grad(set_to_none=True)
+        out = model(images)
+        loss = F.mse_loss(out["x"], images)
+        for key in out["training_losses"] if method != "image_bare" else ():
+            loss = loss + 0.1 * out[key]
         del out
         loss.backward()
         return float(loss.detach())
