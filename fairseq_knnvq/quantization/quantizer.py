@@ -105,7 +105,8 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         knn_input: ``smoothed`` (the vector used in the forward pass, e.g. the Gumbel
             sample) or ``probs`` (the noise-free ``softmax(l / tau)``).
         knn_global: pick each vertex's neighbours from the batch of all workers.
-        knn_chunk_size: vertices per chunk of the neighbour search (default automatic).
+        knn_chunk_size: vertices per chunk of the neighbour search, an integer >= 1
+            (default automatic).
         track_knn_loss: also report a detached KNN loss when the regulariser is not KNN,
             so criteria can be compared on it.
 
@@ -113,6 +114,13 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
     where valid) returns fairseq's keys ``x``, ``num_vars``, ``code_perplexity``,
     ``prob_perplexity``, ``temp`` (and ``targets``), plus ``knn_loss`` and/or
     ``diversity_loss``, ``code_counts`` (G, M) and ``code_usage`` (:class:`CodeUsage`).
+    An empty batch (B or T = 0) or one without a valid position gives correctly shaped
+    empty outputs and zero losses.
+
+    A training step reads nothing back to the host (no ``.item()``, ``nonzero()``,
+    boolean indexing or ``bincount``; ``tests/test_host_sync.py``), and keeps no
+    N x G x M tensor beyond those its gradient needs: statistics for the logs are taken
+    without gradient over blocks of rows or from a softmax the step holds anyway.
     """
 
     def __init__(
