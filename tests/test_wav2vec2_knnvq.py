@@ -534,9 +534,16 @@ def test_every_compared_variant_has_a_base_and_a_tiny_config():
 
 @pytest.mark.parametrize("path", BASE_CONFIGS, ids=lambda p: p.stem)
 def test_base_configs_are_fairseqs_base_recipe_except_the_quantizer(path):
+    """Apart from the quantizer, the only difference is the task: the plugin's
+    ``audio_pretraining_knnvq``, fairseq's ``audio_pretraining`` with the same config."""
+    from fairseq.tasks import TASK_REGISTRY
+    from fairseq.tasks.audio_pretraining import AudioPretrainingTask
+
     stock, ours = _load(STOCK_BASE_YAML), _load(path)
+    assert stock["task._name"] == "audio_pretraining" and ours["task._name"] == "audio_pretraining_knnvq"
+    assert issubclass(TASK_REGISTRY[ours["task._name"]], AudioPretrainingTask)
     for key, value in stock.items():
-        if key not in QUANTIZER_KEYS:
+        if key not in QUANTIZER_KEYS | {"task._name"}:
             assert ours.get(key) == value, key
     assert set(ours) - set(stock) <= QUANTIZER_KEYS
 
