@@ -5,13 +5,12 @@ import glob
 import os
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 import fairseq  # noqa: F401
 import fairseq_knnvq
-from fairseq.dataclass.initialize import add_defaults, hydra_init
+from fairseq.dataclass.initialize import add_defaults
+from test_config_user_dir import compose_like_fairseq_hydra_train
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "image")
 METHODS = {
@@ -26,10 +25,7 @@ SCALES = {"f16_m1024": (16, 1024), "f8_m16384": (8, 16384)}
 
 def compose_like_fairseq(name):
     fairseq_knnvq.register_with_fairseq()
-    GlobalHydra.instance().clear()
-    hydra_init(name)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-        cfg = compose(config_name=name, overrides=["task.data=/data/imagenet"])
+    cfg = compose_like_fairseq_hydra_train(CONFIG_DIR, name, ["task.data=/data/imagenet"])
     add_defaults(cfg)
     return cfg
 
@@ -69,4 +65,6 @@ def test_config_composes_with_its_method_and_scale(name):
         assert cfg.task.image_size == 256
         assert (cfg.model.downsample_factor, cfg.model.codebook_size) == (f, m)
         assert cfg.common.fp16 and cfg.distributed_training.distributed_world_size == 8
-    OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
+    # Every interpolation of the job's config resolves (hydra's own sweep section is not run).
+    OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+    assert os.path.samefile(cfg.common.user_dir, fairseq_knnvq.PLUGIN_DIR)

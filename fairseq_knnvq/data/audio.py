@@ -23,7 +23,6 @@ from fairseq.data import BaseWrapperDataset, FairseqDataset
 from .image_folder import MAX_REPLACEMENT_TRIES
 
 
-
 def audio_path(dataset: FairseqDataset, index: int) -> str:
     """The file behind item ``index`` of a (possibly wrapped) ``FileAudioDataset``;
     ``"item <index>"`` when the dataset keeps no file names."""
