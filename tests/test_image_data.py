@@ -208,3 +208,71 @@ def test_worker_processes_see_each_epoch_and_report_unreadable_files(image_root,
             assert torch.equal(in_process[epoch][i], in_workers[epoch][i])
     assert any(not torch.equal(in_workers[0][i], in_workers[1][i]) for i in in_workers[0])
     assert bad_main == bad_workers == [str(bad), str(bad)]  # once per epoch
+
+
+def _palette_image(indices, colours, transparent=None):
+    im = Image.fromarray(np.array(indices, dtype=np.uint8), "P")
+    flat = [c for colour in colours for c in colour]
+    im.putpalette(flat + [0] * (768 - len(flat)))
+    if transparent is not None:
+        im.info["transparency"] = transparent
+    return im
+
+
+def _levels(*pixels):
+    """2x2 expected RGB levels (row-major pixels) as the (3, 2, 2) tensor in [-1, 1]."""
+    grid = torch.tensor(pixels, dtype=torch.float32).reshape(2, 2, 3)
+    return grid.permute(2, 0, 1).div(127.5).sub(1.0)
+
+
+def _grey(*values):
+    return _levels(*[(v, v, v) for v in values])
+
+
+# (file name, image, expected levels): every mode Pillow opens, with values whose 8-bit
+# RGB result is exact.
+IMAGE_MODES = {
+    "I;16": ("g16.png", lambda: Image.fromarray(np.array([[0, 257 * 128], [65535, 257 * 64]], np.uint16)),
+             _grey(0, 128, 255, 64)),
+    "I": ("g32.tif", lambda: Image.fromarray(np.array([[0, 65535], [70000, 257 * 10]], np.int32)),
+          _grey(0, 255, 255, 10)),
+    "F": ("f32.tif", lambda: Image.fromarray(np.array([[0.0, 0.2], [1.0, 2.0]], np.float32)),
+          _grey(0, 51, 255, 255)),
+    "P": ("pal.png", lambda: _palette_image([[0, 1], [2, 1]], [(10, 20, 30), (200, 0, 100), (0, 255, 0)]),
+          _levels((10, 20, 30), (200, 0, 100), (0, 255, 0), (200, 0, 100))),
+    "P+transparency": ("palt.png",
+                       lambda: _palette_image([[0, 1], [2, 1]], [(10, 20, 30), (200, 0, 100), (0, 0, 0)], 2),
+                       _levels((10, 20, 30), (200, 0, 100), (255, 255, 255), (200, 0, 100))),
+    "CMYK": ("cmyk.tif", lambda: Image.fromarray(
+        np.array([[[0, 0, 0, 0], [255, 0, 0, 0]], [[0, 255, 0, 0], [0, 0, 0, 255]]], np.uint8), "CMYK"),
+        _levels((255, 255, 255), (0, 255, 255), (255, 0, 255), (0, 0, 0))),
+    "RGBA": ("rgba.png", lambda: Image.fromarray(
+        np.array([[[10, 20, 30, 255], [10, 20, 30, 0]], [[0, 0, 0, 51], [200, 100, 0, 102]]], np.uint8), "RGBA"),
+        _levels((10, 20, 30), (255, 255, 255), (204, 204, 204), (233, 193, 153))),
+    "LA": ("la.png", lambda: Image.fromarray(np.array([[[0, 51], [100, 255]], [[7, 0], [255, 255]]], np.uint8), "LA"),
+           _grey(204, 100, 255, 255)),
+    "L": ("l.png", lambda: Image.fromarray(np.array([[0, 7], [128, 255]], np.uint8), "L"), _grey(0, 7, 128, 255)),
+    "1": ("bw.png", lambda: Image.fromarray(np.array([[0, 255], [255, 0]], np.uint8), "L").convert("1"),
+          _grey(0, 255, 255, 0)),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(IMAGE_MODES))
+def test_every_image_mode_is_scaled_to_its_brightness_in_minus_one_to_one(mode, tmp_path):
+    """The evaluation path (centre crop, no resize at this size): exact levels / 127.5 - 1."""
+    name, make, expected = IMAGE_MODES[mode]
+    path = str(tmp_path / name)
+    make().save(path)
+    with Image.open(path) as opened:  # the file really holds that mode
+        assert opened.mode == mode.split("+")[0] or (mode == "I;16" and opened.mode.startswith("I;16"))
+    image = ImageFolderDataset([path], image_size=2, augment=False)[0]["image"]
+    assert image.shape == (3, 2, 2)
+    assert torch.allclose(image, expected, atol=1e-6, rtol=0), (mode, image, expected)
+
+
+def test_sixteen_bit_grey_keeps_mid_grey_near_zero(tmp_path):
+    """The reported case: a 16-bit PNG of mid grey has mean ~0, not the saturated +1."""
+    path = str(tmp_path / "mid.png")
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(path)
+    image = ImageFolderDataset([path], image_size=8, augment=False)[0]["image"]
+    assert torch.allclose(image, torch.full_like(image, 128 / 127.5 - 1), atol=1e-6, rtol=0)

@@ -101,12 +101,48 @@ def find_split(root: str, split: str) -> List[str]:
     )
 
 
+# Modes whose pixels are integers on a 16-bit scale (0 = black, 65535 = white):
+# 16-bit PNGs and TIFFs; Pillow's convert("RGB") clips them at 255, i.e. saturates.
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Transparent pixels are shown over this colour (as an image viewer shows them on a
+# white page); their stored colour is often arbitrary.
+ALPHA_BACKGROUND = 255
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any image Pillow opens, as 8-bit RGB with its intended brightness.
+
+    * 16-bit grey (``I;16*``, and ``I``, which Pillow uses for 16-bit PNGs and TIFFs):
+      0..65535 is mapped linearly to 0..255 (``round(v / 257)``), values outside
+      clipped; ``convert("RGB")`` would clip at 255 and turn almost all of it white.
+    * 32-bit float (``F``): taken as 0..1 (TIFF convention), clipped, times 255.
+    * alpha (``RGBA``, ``LA``, ``PA``, ``La``, ``RGBa``, palettes with a transparent
+      entry): composited over white, ``round(c * a + 255 * (1 - a))`` with ``a`` in 0..1.
+    * palette (``P``), ``CMYK``, ``YCbCr``, ``L``, ``1``: Pillow's own conversion.
+    """
+    mode = im.mode
+    if mode in _SIXTEEN_BIT_MODES:
+        grey = np.clip(np.rint(np.asarray(im, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if mode == "F":
+        grey = np.clip(np.rint(np.asarray(im, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode in ("P", "L", "RGB") and "transparency" in im.info)
+    if not has_alpha:
+        return im.convert("RGB")
+    rgba = np.asarray(im.convert("RGBA"), dtype=np.float64)
+    alpha = rgba[..., 3:] / 255.0
+    rgb = np.rint(rgba[..., :3] * alpha + ALPHA_BACKGROUND * (1.0 - alpha))
+    return Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB")
+
+
 def load_image(path: str, resize_size: int) -> Image.Image:
-    """Decodes ``path`` as RGB with its shorter side resized to ``resize_size``."""
+    """Decodes ``path`` as RGB (see :func:`to_rgb` for the modes) with its shorter side
+    resized to ``resize_size``."""
     with Image.open(path) as im:
         # JPEG only: decode at a reduced DCT scale that is still >= the target size.
         im.draft("RGB", (resize_size, resize_size))
-        im = im.convert("RGB")
+        im = to_rgb(im)
     width, height = im.size
     scale = resize_size / min(width, height)
     if scale != 1.0:
