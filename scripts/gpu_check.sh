@@ -14,7 +14,7 @@
 #   2. benchmarks/bench_quantizer.py --quick --device cuda (time and peak memory against
 #      fairseq's GumbelVectorQuantizer);
 #   3. benchmarks/bench_step.py --device cuda: one wav2vec 2.0 BASE training step, plugin
-#      (KNN-CE) against stock fairseq (diversity), in float32 and under fp16 autocast.
+#      (KNN-CE) against stock fairseq (diversity), in float32 and as an fp16 model (common.fp16).
 # Writes the logs, the JSON results and summary.txt (the figures, one line each) into
 # OUT_DIR; exits non-zero if any stage failed or ran out of time.
 set -uo pipefail
@@ -55,7 +55,7 @@ stage() {  # stage NAME CAP_SECONDS COMMAND...
 stage pytest_cuda 210 "$PY" -m pytest -m cuda -rs -q -p no:cacheprovider tests --junitxml "$OUT/pytest_cuda.xml"
 stage bench_quantizer 120 "$PY" benchmarks/bench_quantizer.py --quick --device cuda --out "$OUT/quantizer_cuda_quick.json"
 stage bench_step_fp32 75 "$PY" benchmarks/bench_step.py --device cuda --batch 8 --seconds 15 --repeats 5 --out "$OUT/step_cuda_fp32.json"
-stage bench_step_fp16 75 "$PY" benchmarks/bench_step.py --device cuda --batch 8 --seconds 15 --repeats 5 --autocast fp16 --out "$OUT/step_cuda_fp16.json"
+stage bench_step_fp16 75 "$PY" benchmarks/bench_step.py --device cuda --batch 8 --seconds 15 --repeats 5 --precision fp16 --out "$OUT/step_cuda_fp16.json"
 
 # The figures, one line each, from the JSON files the stages wrote.
 "$PY" - "$OUT" >> "$SUMMARY" 2>&1 <<'EOF'
