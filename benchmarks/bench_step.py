@@ -138,12 +138,13 @@ def measure_peak_here(variant: str, args) -> Dict[str, Any]:
     step = make_step(variant, args)
     loss = step()  # warm-up: libraries load, workspaces and gradients appear
     if args.device.startswith("cuda"):
+        device = torch.device(args.device)
         sync(args.device)
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
         step()
         sync(args.device)
-        return {"peak_bytes": torch.cuda.max_memory_allocated() - before, "loss": loss}
+        return {"peak_bytes": torch.cuda.max_memory_allocated(device) - before, "loss": loss}
     before = h._status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")

@@ -284,13 +284,14 @@ def measure_peak_here(c: Dict[str, Any]) -> Dict[str, Any]:
     step()
     if c.get("device", "cpu").startswith("cuda"):
         # on a GPU: the allocator's peak above what the inputs and modules hold
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before_gpu = torch.cuda.memory_allocated()
+        device = torch.device(c["device"])
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before_gpu = torch.cuda.memory_allocated(device)
         start = time.perf_counter()
         step()
         seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated() - before_gpu
+        peak = torch.cuda.max_memory_allocated(device) - before_gpu
         return {"peak_bytes": peak, "rss_before_bytes": before_gpu, "seconds": seconds}
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
