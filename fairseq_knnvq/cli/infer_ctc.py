@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fairseq_knnvq.cli.manifest import ManifestError, read_manifest, write_files_atomically
+from fairseq_knnvq.data.labels import describe_unknown_units, find_unknown_units
 
 DEFAULT_MAX_TOKENS = 1_600_000  # audio samples per batch: 100 s at 16 kHz
 
@@ -402,12 +403,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     model, _, task = build_model(state, checkpoint, device)
     dictionary = task.target_dictionary
-    unknown_units = sorted({unit for line in reference.label_lines for unit in line.split()} - set(dictionary.indices))
-    if unknown_units:
-        shown = " ".join(repr(unit) for unit in unknown_units[:10])
+    unknown = find_unknown_units(reference.label_lines, dictionary.indices)
+    if unknown is not None:
         raise InferenceError(
-            f"{reference.label_path} has units that the model's dictionary lacks ({shown}); the model "
-            f"was fine-tuned with labels={trained_labels} of another preparation: "
+            describe_unknown_units(str(reference.label_path), unknown, "the model's dictionary")
+            + f"; the model was fine-tuned with labels={trained_labels} of another preparation: "
             "give the --labels (and --data) it was fine-tuned with"
         )
     post_process = detect_post_process(dictionary.symbols) if args.post_process == "auto" else args.post_process

@@ -13,6 +13,7 @@ logged metrics as ``unreadable_audio`` (items replaced, summed over workers, in 
 decode; this covers what happens to the files after that check.
 """
 import logging
+import os
 
 from fairseq.tasks import register_task
 from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
@@ -20,6 +21,7 @@ from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrai
 from fairseq.logging import metrics
 
 from ..data.audio import ReplaceUnreadableDataset
+from ..data.labels import describe_unknown_units, find_unknown_units
 from ..data.unreadable import UnreadableFileLog
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,41 @@ class AudioPretrainingKnnvqTask(ReplaceUnreadableAudioMixin, AudioPretrainingTas
     """fairseq's ``audio_pretraining``; unreadable files are replaced, logged and counted."""
 
 
+class LabelError(ValueError):
+    """Fine-tuning labels that the dictionary cannot express; the message says how to fix it."""
+
+
 @register_task("audio_finetuning_knnvq", dataclass=AudioFinetuningConfig)
 class AudioFinetuningKnnvqTask(ReplaceUnreadableAudioMixin, AudioFinetuningTask):
-    """fairseq's ``audio_finetuning``; unreadable files are replaced, logged and counted."""
+    """fairseq's ``audio_finetuning``; unreadable files are replaced, logged and counted,
+    and every split's labels are checked against the dictionary before it is loaded
+    (fairseq would silently train units it lacks as ``<unk>``)."""
+
+    def load_dataset(self, split: str, task_cfg=None, **kwargs):
+        cfg = task_cfg or self.cfg
+        if cfg.labels and cfg.get("multi_corpus_keys") is None:
+            self.check_labels(os.path.join(self.cfg.data, f"{split}.{cfg.labels}"))
+        super().load_dataset(split, task_cfg, **kwargs)
+
+    def check_labels(self, label_path: str) -> None:
+        """Raises :class:`LabelError` naming the lines and units of ``label_path`` that
+        the target dictionary lacks (the same rule as ``knnvq-infer``)."""
+        if not os.path.isfile(label_path):
+            return  # fairseq's own error names the missing file
+        dictionary_dir = self.cfg.target_dictionary or self.cfg.data
+        dictionary_path = os.path.join(dictionary_dir, f"dict.{self.cfg.labels}.txt")
+        try:
+            with open(label_path, encoding="utf-8") as label_file:
+                found = find_unknown_units(label_file, self.target_dictionary.indices)
+        except UnicodeDecodeError as error:
+            raise LabelError(f"{label_path} is not UTF-8 text ({error}); write it again with knnvq-prepare-librispeech") from None
+        if found is not None:
+            raise LabelError(
+                describe_unknown_units(label_path, found, dictionary_path)
+                + ". fairseq would train them as <unk>. Labels and dictionary must come from the "
+                "same knnvq-prepare-librispeech run (its dictionary holds the units of the "
+                "--dict-from split, 'train' by default, so every other split may only use those), "
+                "and the transcripts should be normalised first (LibriSpeech style: upper case, "
+                "digits spelled out, no accents); or add the units to the dictionary before "
+                "fine-tuning starts."
+            )
