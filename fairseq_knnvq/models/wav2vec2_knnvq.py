@@ -78,9 +78,9 @@ class Wav2Vec2KnnVqConfig(Wav2Vec2Config):
         metadata={
             "help": "with quantizer_regularizer=diversity: quantizers that see padded frames "
             "(quantize_input; negatives_from_everywhere) count them in the diversity loss, "
-            "the perplexities and the usage statistics, as stock wav2vec 2.0 does, so this "
-            "variant is exactly the stock baseline (default); false excludes padded frames "
-            "as the KNN variants always do"
+            "the perplexities, the usage statistics and the logged KNN loss, as stock "
+            "wav2vec 2.0 counts them, so this variant is exactly the stock baseline "
+            "(default); false excludes padded frames as the KNN variants always do"
         },
     )
     knn_global: bool = field(
