@@ -254,3 +254,52 @@ def test_conv_layer_spec_and_vocabulary():
     vocabulary = hf.ctc_vocabulary(["<s>", "<pad>", "</s>", "<unk>", "|", "E"], blank=0, pad=1, eos=2, unk=3)
     assert vocabulary.tokens == {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, "|": 4, "E": 5}
     assert (vocabulary.blank_id, vocabulary.bos_id, vocabulary.word_delimiter) == (0, 1, "|")
+
+
+def test_large_style_architecture_round_trips(tmp_path):
+    """The other branch of wav2vec 2.0 (LV-60 / large style): layer-norm CNN with biases,
+    pre-norm transformer, an encoder wider than the CNN (post_extract_proj), one codebook
+    group with its own latent_dim, and task.normalize. A randomly initialised model (every
+    weight perturbed, so no norm is an identity), saved in fairseq's checkpoint layout,
+    exports and computes what fairseq computes."""
+    from omegaconf import OmegaConf
+
+    from fairseq_knnvq.models.wav2vec2_knnvq import Wav2Vec2KnnVqConfig, Wav2Vec2KnnVqModel
+
+    cfg = Wav2Vec2KnnVqConfig(
+        extractor_mode="layer_norm", layer_norm_first=True, conv_bias=True,
+        conv_feature_layers="[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2",
+        encoder_layers=2, encoder_embed_dim=48, encoder_ffn_embed_dim=96, encoder_attention_heads=4,
+        conv_pos=8, conv_pos_groups=4, final_dim=24, latent_dim=16, latent_vars=20, latent_groups=1,
+        quantize_targets=True, activation_fn="relu")
+    cfg._name = "wav2vec2_knnvq"
+    torch.manual_seed(0)
+    model = Wav2Vec2KnnVqModel(cfg)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    assert model.post_extract_proj is not None
+    state = {
+        "cfg": {"model": OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True),
+                "task": {"_name": "audio_pretraining", "data": str(tmp_path), "normalize": True, "sample_rate": 16000},
+                "criterion": {"_name": "wav2vec_knnvq", "loss_weights": [0.1, 10]}},
+        "model": model.state_dict(),
+        "optimizer_history": [{"num_updates": 0, "optimizer_name": "adam", "lr_scheduler_state": {"best": None}}],
+        "extra_state": {"train_iterator": {"epoch": 1}},
+    }
+    checkpoint = tmp_path / "large_style.pt"
+    torch.save(state, checkpoint)
+
+    result = hf.export_checkpoint(checkpoint, tmp_path / "hf")
+    assert set(result.differences) == {"features", "hidden_states", "quantized", "code_indices"}
+    assert all(value <= hf.VERIFY_TOLERANCE for value in result.differences.values())
+    exported = transformers.Wav2Vec2ForPreTraining.from_pretrained(str(tmp_path / "hf")).eval()
+    config = exported.config
+    assert (config.feat_extract_norm, config.do_stable_layer_norm, config.conv_bias, config.hidden_act) == ("layer", True, True, "relu")
+    assert (config.num_codevector_groups, config.codevector_dim, config.proj_codevector_dim) == (1, 16, 24)
+    assert json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())["do_normalize"] is True
+    model.eval()
+    audio = torch.nn.functional.layer_norm(0.1 * torch.randn(1, 8000), (8000,))
+    with torch.no_grad():
+        torch.testing.assert_close(exported.wav2vec2(audio).last_hidden_state,
+                                   model.extract_features(audio, None, mask=False)["x"], atol=TOLERANCE, rtol=0)
