@@ -75,7 +75,8 @@ def model_level(rank, mark_dummy):
     return {"knn": float(out["knn_loss"]), "grads": [p.grad.clone() for p in params], "y": calls[-1][0]}
 
 
-def trainer_level(rank):
+def build_trainer(world_size=1, rank=0):
+    """fairseq's own Trainer for the tiny model of these tests, on the CPU."""
     from fairseq import tasks
     from fairseq.dataclass.configs import FairseqConfig
     from fairseq.tasks.audio_pretraining import AudioPretrainingConfig
@@ -86,7 +87,7 @@ def trainer_level(rank):
 
     cfg = OmegaConf.structured(FairseqConfig)
     cfg.common.cpu = True
-    cfg.distributed_training.distributed_world_size = WORLD
+    cfg.distributed_training.distributed_world_size = world_size
     cfg.distributed_training.distributed_rank = rank
     cfg.distributed_training.distributed_backend = "gloo"
     cfg.distributed_training.ddp_backend = "legacy_ddp"
@@ -100,7 +101,11 @@ def trainer_level(rank):
     task = tasks.setup_task(cfg.task)
     torch.manual_seed(0)
     model = task.build_model(cfg.model)
-    trainer = Trainer(cfg, task, model, task.build_criterion(cfg.criterion))
+    return Trainer(cfg, task, model, task.build_criterion(cfg.criterion)), model
+
+
+def trainer_level(rank):
+    trainer, model = build_trainer(WORLD, rank)
     samples = [sample_of(*batch(model, seed=seed)) for seed in range(WORLD)]
     # fairseq's dummy batch is the epoch's first batch; give rank 1 a different one
     # from rank 0's real batch, so that its rows would matter
@@ -168,3 +173,32 @@ def test_fairseq_trainer_tells_the_model_about_its_dummy_batch(workers):
         assert workers[rank]["trainer"]["knn"] == pytest.approx(value, abs=1e-3), rank
     unmarked_effect = abs(workers[0]["unmarked"]["knn"] - workers[0]["marked"]["knn"])
     assert unmarked_effect > 20 * 1e-3
+
+
+def test_trainer_hook_is_installed_once():
+    from fairseq.trainer import Trainer
+
+    from fairseq_knnvq import dummy_batches
+
+    hooked = Trainer._prepare_sample
+    assert getattr(hooked, dummy_batches._INSTALLED, False)
+    dummy_batches.install()
+    assert Trainer._prepare_sample is hooked
+
+
+def test_one_process_trainer_marks_its_dummy_batch():
+    """fairseq's Trainer, one process: the empty sample becomes the dummy batch, whose
+    frames enter no statistic and no KNN loss, while a real batch's KNN loss is the
+    brute-force one; the mark lasts for one forward call only."""
+    trainer, model = build_trainer()
+    real = sample_of(*batch(model, seed=0))
+    trainer.reset_dummy_batch(sample_of(*batch(model, seed=1)))
+    calls = capture_quantizer_inputs(model)
+    logged = trainer.valid_step(real)
+    value, _ = reference(calls[-1][0], train=False)
+    assert logged["knn_loss"] == pytest.approx(value, abs=1e-3) and value > 0.1
+    dummy = trainer.valid_step([])
+    assert dummy["knn_loss"] == 0 and dummy["used_codes"] == 0
+    assert not calls[-1][1].any()  # the quantizer got an all-False mask
+    again = trainer.valid_step(real)
+    assert again["knn_loss"] == logged["knn_loss"]
