@@ -48,6 +48,7 @@ setup(
             "knnvq-eval-image = fairseq_knnvq.cli.eval_image:main",
             "knnvq-export-hf = fairseq_knnvq.cli.export_hf:main",
             "knnvq-train = fairseq_knnvq.cli.train:main",
+            "knnvq-study = fairseq_knnvq.cli.study:main",
         ],
     },
 )
