@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fairseq_knnvq.cli.outputs import output_file_problem
+
 logger = logging.getLogger("fairseq_knnvq.cli.eval_image")
 
 PIXEL_RANGE = 2.0  # images in [-1, 1]
@@ -305,6 +307,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    problem = output_file_problem(args.output, "--output")
+    if problem:
+        print(f"knnvq-eval-image: error: {problem}", file=sys.stderr)
+        return 2
     try:
         result = evaluate(
             args.checkpoint, args.images, batch_size=args.batch_size, num_workers=args.num_workers,

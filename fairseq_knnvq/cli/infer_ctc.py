@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fairseq_knnvq.cli.manifest import ManifestError, read_manifest, write_files_atomically
+from fairseq_knnvq.cli.outputs import output_folder_problem
 from fairseq_knnvq.data.labels import describe_unknown_units, find_unknown_units
 
 DEFAULT_MAX_TOKENS = 1_600_000  # audio samples per batch: 100 s at 16 kHz
@@ -387,6 +388,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise InferenceError(f"--batch-size must be positive, got {args.batch_size}")
     if not checkpoint.is_file():
         raise InferenceError(f"checkpoint {checkpoint} does not exist (give the .pt file that fine-tuning wrote)")
+    output_dir: Path = (args.output_dir or checkpoint.parent).resolve()
+    problem = output_folder_problem(output_dir, "--output-dir" if args.output_dir else "--output-dir (default: the checkpoint's folder)")
+    if problem:
+        raise InferenceError(problem)
     import_plugins(args.user_dir)
 
     data_dir = args.data.resolve() if args.data is not None else None
@@ -440,7 +445,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": batching.max_tokens,
         "batch_size": batching.batch_size,
     }
-    output_dir: Path = (args.output_dir or checkpoint.parent).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     write_files_atomically(
         {

@@ -41,6 +41,8 @@ from typing import Iterable, Mapping, Sequence
 
 import soundfile
 
+from fairseq_knnvq.cli.outputs import output_folder_problem
+
 DEFAULT_SAMPLE_RATE = 16000
 # Frames decoded per read while checking a file (64k frames = 4 s at 16 kHz, 128 KiB).
 DECODE_BLOCK_FRAMES = 1 << 16
@@ -407,6 +409,54 @@ def read_manifest(path: Path) -> Manifest:
     return Manifest(root, tuple(entries))
 
 
+# The split that must share no audio with any other manifest of its folder.
+TRAIN_SPLIT = "train"
+
+
+def check_dest(dest: Path) -> None:
+    """Stops before any work when ``--dest`` cannot be written."""
+    problem = output_folder_problem(dest, "--dest")
+    if problem:
+        raise ManifestError(problem)
+
+
+def stale_manifest_problems(dest: Path, new: Mapping[str, Manifest]) -> list[str]:
+    """Manifests already in ``dest`` that this run does not rewrite but that share audio
+    files with a new manifest, where one of the two is the training split
+    (``train.tsv``, fairseq's default ``dataset.train_subset``): left from an earlier run
+    (e.g. an old ``valid.tsv`` after a run without a valid split), they would validate
+    on training audio. Other overlaps (``all.tsv`` and a subset) are allowed."""
+    new_files = {name: {m.root / e.relative_path for e in m.entries} for name, m in new.items()}
+    problems = []
+    for path in sorted(Path(dest).glob("*.tsv")):
+        if path.stem in new:
+            continue
+        try:
+            old = read_manifest(path)
+        except (OSError, StopIteration, ValueError, UnicodeDecodeError):
+            continue  # not a manifest
+        old_files = {old.root / e.relative_path for e in old.entries}
+        for name, files in new_files.items():
+            if TRAIN_SPLIT not in (name, path.stem):
+                continue
+            shared = len(old_files & files)
+            if shared:
+                problems.append(f"{path} lists {shared} audio files that the new {name}.tsv also lists")
+    return problems
+
+
+def refuse_stale_manifests(dest: Path, new: Mapping[str, Manifest]) -> None:
+    problems = stale_manifest_problems(dest, new)
+    if problems:
+        raise ManifestError(
+            "this run would leave manifests of an earlier run that share audio with the new ones "
+            "(training audio in another split):\n"
+            + _list_problems(problems)
+            + f"\nDelete them (with their .ltr/.wrd/.spm labels), or choose another --dest. "
+            "Nothing was written."
+        )
+
+
 def describe(name: str, manifest: Manifest, sample_rate: int) -> str:
     hours = manifest.total_frames / sample_rate / 3600
     return f"{name}: {len(manifest.entries)} files, {hours:.3f} h"
@@ -471,6 +521,7 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
     dest: Path = args.dest.resolve()
     if args.sample_rate <= 0:
         raise ManifestError(f"--sample-rate must be positive, got {args.sample_rate}")
+    check_dest(dest)
     manifest = build_manifest(
         args.root,
         extensions=args.ext,
@@ -488,6 +539,7 @@ def run(args: argparse.Namespace) -> dict[str, Manifest]:
         train, valid = split_train_valid(manifest, args.valid_percent, args.seed)
         # Like fairseq's script: no valid.tsv at all when nothing is asked for.
         manifests = {"train": train, "valid": valid} if args.valid_percent > 0 else {"train": train}
+    refuse_stale_manifests(dest, manifests)
     write_files_atomically({dest / f"{name}.tsv": m.to_text() for name, m in manifests.items()})
     for name, written in manifests.items():
         print(f"wrote {dest / f'{name}.tsv'} ({describe(name, written, args.sample_rate)})", file=sys.stderr)

@@ -48,7 +48,9 @@ from fairseq_knnvq.cli.manifest import (
     ManifestError,
     add_check_arguments,
     build_manifest,
+    check_dest,
     describe,
+    refuse_stale_manifests,
     resample_folder,
     write_files_atomically,
 )
@@ -289,6 +291,7 @@ def run(args: argparse.Namespace) -> dict[str, LabelledSplit]:
     units = list(dict.fromkeys(args.units))
     if "spm" in units and args.spm_vocab < 2:
         raise PreparationError(f"--spm-vocab must be at least 2, got {args.spm_vocab}")
+    check_dest(dest)
 
     # Read and check everything before writing anything.
     splits: dict[str, LabelledSplit] = {}
@@ -310,6 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, LabelledSplit]:
             raise PreparationError(f"split {spec.name!r}: {error}") from None
         splits[spec.name] = attach_transcripts(spec.name, manifest)
 
+    refuse_stale_manifests(dest, {name: split.manifest for name, split in splits.items()})
     outputs: dict[Path, str] = {}
     for name, split in splits.items():
         outputs[dest / f"{name}.tsv"] = split.manifest.to_text()

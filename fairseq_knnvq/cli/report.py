@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from fairseq_knnvq.cli.outputs import output_folder_problem
+
 # Metrics plotted by default, in this order, with the axis label of each. The code
 # metrics are those of fairseq_knnvq.code_usage_logging (pooled over the log interval
 # or the whole validation subset) and of fairseq's quantizer (per batch).
@@ -578,6 +580,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        problem = output_folder_problem(args.out, "--out")
+        if problem:
+            raise ReportError(problem)
         if args.command == "curves":
             if args.name is not None and len(args.name) != len(args.runs):
                 raise ReportError(f"got {len(args.runs)} runs but {len(args.name)} --name labels: pass one per run")
