@@ -316,3 +316,15 @@ def test_prepare_runs_on_the_shipped_corpus(tmp_path: Path) -> None:
     symbols = [line.split(" ")[0] for line in read_lines(dest / "dict.ltr.txt")]
     assert symbols[0] == "|"
     assert set(symbols) == set("ABCDEFGHIJKLMNOPQRSTUVWXYZ'|")
+
+
+def test_transcript_that_is_not_utf8_is_named_with_its_line(corpus: Path, tmp_path: Path) -> None:
+    trans = corpus / "dev-other" / "84" / "121" / "84-121.trans.txt"
+    trans.write_bytes("84-121-0000 WORLD OF CATS\n84-121-0001 Z\xc8BRA\n".encode("latin-1"))
+    with pytest.raises(SystemExit) as raised:
+        prepare_cli.main([str(corpus), "--dest", str(tmp_path / "d"), "--split", "train=train-clean-100",
+                          "--split", "dev_other=dev-other", "--no-progress"])
+    assert str(raised.value) == (
+        f"knnvq-prepare-librispeech: error: {trans} line 2 is not UTF-8 text (byte 0xc8 at column 14); "
+        "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 (with its real encoding)")
+    assert not (tmp_path / "d").exists()

@@ -112,8 +112,16 @@ def read_transcripts(folder: Path) -> dict[str, str]:
     """
     transcripts: dict[str, str] = {}
     for trans_path in sorted(folder.glob("*.trans.txt")):
-        with open(trans_path, encoding="utf-8") as trans_file:
-            for line in trans_file:
+        with open(trans_path, "rb") as trans_file:
+            for number, raw_line in enumerate(trans_file, start=1):
+                try:
+                    line = raw_line.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise PreparationError(
+                        f"{trans_path} line {number} is not UTF-8 text (byte {raw_line[error.start]:#04x} "
+                        f"at column {error.start + 1}); convert the file to UTF-8, e.g. "
+                        f"iconv -f latin1 -t utf-8 (with its real encoding)"
+                    ) from None
                 fields = line.split()
                 if fields:
                     transcripts[fields[0]] = " ".join(fields[1:])
