@@ -249,7 +249,9 @@ def assert_stock_parity(overrides, num_updates, padded_samples):
         if param.grad is None:
             assert our_params[name].grad is None, name
         else:
-            torch.testing.assert_close(our_params[name].grad, param.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                our_params[name].grad, param.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}"
+            )
 
 
 def test_stock_state_dict_with_quantized_input_loads_strictly():
