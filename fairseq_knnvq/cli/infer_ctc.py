@@ -192,6 +192,7 @@ class ReferenceData:
     label_path: Path
     label_lines: tuple[str, ...]
     audio_seconds: float
+    num_samples: tuple[int, ...] = ()  # of each manifest line, in order
 
 
 def checkpoint_has_dictionary(state: dict[str, Any]) -> bool:
@@ -244,7 +245,35 @@ def check_data(data_dir: Path, subset: str, labels: str, sample_rate: int, need_
             f"{len(manifest.entries)} audio files; both must come from the same preparation run"
         )
     audio_seconds = manifest.total_frames / sample_rate
-    return ReferenceData(manifest_path, label_path, label_lines, audio_seconds)
+    return ReferenceData(manifest_path, label_path, label_lines, audio_seconds,
+                         tuple(entry.num_frames for entry in manifest.entries))
+
+
+def min_input_samples(model) -> int:
+    """The fewest audio samples that give one output frame: the receptive field of the
+    model's convolutional feature extractor (400 samples, 25 ms, for wav2vec 2.0).
+    A shorter clip has no frame to decode (and crashes ``conv1d`` when alone)."""
+    import torch
+
+    convs = [m for name, m in model.named_modules() if "feature_extractor" in name and isinstance(m, torch.nn.Conv1d)]
+    length = 1
+    for conv in reversed(convs):
+        length = (length - 1) * conv.stride[0] + conv.kernel_size[0]
+    return length
+
+
+def check_clip_lengths(reference: ReferenceData, min_samples: int, sample_rate: int) -> None:
+    """Stops, naming them, when clips of the manifest are shorter than ``min_samples``."""
+    short = [(line, n) for line, n in enumerate(reference.num_samples, start=2) if n < min_samples]
+    if short:
+        shown = ", ".join(f"line {line} ({n} samples)" for line, n in short[:10])
+        more = f" ... and {len(short) - 10} more" if len(short) > 10 else ""
+        raise InferenceError(
+            f"{len(short)} clips of {reference.manifest_path} are shorter than the model's receptive field "
+            f"({min_samples} samples, {1000 * min_samples / sample_rate:g} ms at {sample_rate} Hz), so the model "
+            f"gives them no output frame: {shown}{more}. Leave them out of the manifest (and the same lines "
+            f"out of {reference.label_path.name}), or pad them with silence"
+        )
 
 
 # --- decoding -----------------------------------------------------------------------
@@ -314,8 +343,14 @@ def decode_subset(model, task, subset: str, batching: Batching, device: str, pro
     import tqdm
     from fairseq import utils
 
+    from fairseq_knnvq.data.audio import ReplaceUnreadableDataset
+
     task.load_dataset(subset)
     dataset = task.dataset(subset)
+    if isinstance(dataset, ReplaceUnreadableDataset):
+        # Scoring needs every utterance's own audio: an unreadable file is an error here
+        # (fairseq's "Failed to load <path>"), not replaced by the next one.
+        dataset = dataset.dataset
     blank = task.target_dictionary.index(task.blank_symbol) if hasattr(task, "blank_symbol") else task.target_dictionary.bos()
     iterator = task.get_batch_iterator(
         dataset=dataset,
@@ -407,6 +442,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     started = time.perf_counter()
     model, _, task = build_model(state, checkpoint, device)
+    check_clip_lengths(reference, min_input_samples(model), int(task_cfg.get("sample_rate", 16000)))
     dictionary = task.target_dictionary
     unknown = find_unknown_units(reference.label_lines, dictionary.indices)
     if unknown is not None:
