@@ -70,3 +70,40 @@ def test_labels_outside_the_dictionary_stop_before_training(prepared, tmp_path):
     (data / "dev.ltr").write_bytes("A B |\n".encode("utf-8") * (len(lines) - 1) + "\xe9 |\n".encode("latin-1"))
     with pytest.raises(LabelError, match="dev.ltr is not UTF-8 text"):
         task_for(data).load_dataset("dev")
+
+
+def test_w2v_path_that_is_not_a_pretraining_checkpoint_is_named(tmp_path):
+    """What fairseq's Wav2VecEncoder would fail on with KeyError 544502645, an
+    AttributeError about remove_pretraining_modules or torch's weights_only advice."""
+    import argparse
+
+    import torch
+
+    from fairseq_knnvq.tasks.audio_resilient import PretrainedCheckpointError, check_pretrained_checkpoint
+
+    fix = "give model.w2v_path the checkpoint_last.pt or checkpoint_best.pt of a pretraining run (configs/pretraining)"
+    missing = tmp_path / "missing.pt"
+    text = tmp_path / "notes.pt"
+    text.write_text("this is a text file\n" * 10)
+    no_cfg = tmp_path / "weights.pt"
+    torch.save({"weights": torch.zeros(2)}, no_cfg)
+    fine_tuned = tmp_path / "ctc.pt"
+    torch.save({"cfg": {"model": {"_name": "wav2vec_ctc"}}, "model": {}}, fine_tuned)
+    old_fairseq = tmp_path / "old.pt"
+    torch.save({"args": argparse.Namespace(arch="wav2vec2"), "model": {}}, old_fairseq)
+    pretrained = tmp_path / "pretrained.pt"
+    torch.save({"cfg": {"model": {"_name": "wav2vec2_knnvq"}}, "model": {}}, pretrained)
+
+    cases = {
+        missing: f"model.w2v_path {missing} does not exist; {fix}",
+        text: f"model.w2v_path {text} is not a PyTorch checkpoint (",
+        no_cfg: f"model.w2v_path {no_cfg} is a PyTorch file but not a fairseq checkpoint",
+        fine_tuned: f"model.w2v_path {fine_tuned} holds a 'wav2vec_ctc' model (e.g. an already fine-tuned or an "
+                    f"image model), not a wav2vec 2.0 pretraining checkpoint; {fix}",
+        old_fairseq: "needs TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1",
+    }
+    for path, expected in cases.items():
+        with pytest.raises(PretrainedCheckpointError) as raised:
+            check_pretrained_checkpoint(str(path))
+        assert expected in str(raised.value), (path, str(raised.value))
+    check_pretrained_checkpoint(str(pretrained))  # the plugin's pretraining model: accepted

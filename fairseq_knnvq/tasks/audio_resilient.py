@@ -95,11 +95,86 @@ class LabelError(ValueError):
     """Fine-tuning labels that the dictionary cannot express; the message says how to fix it."""
 
 
+class PretrainedCheckpointError(ValueError):
+    """``model.w2v_path`` is not a wav2vec 2.0 pretraining checkpoint; the message says why."""
+
+
+_PRETRAINING_FIX = (
+    "give model.w2v_path the checkpoint_last.pt or checkpoint_best.pt of a pretraining run "
+    "(configs/pretraining)"
+)
+
+
+def check_pretrained_checkpoint(w2v_path: str) -> None:
+    """Raises :class:`PretrainedCheckpointError` unless ``w2v_path`` is a checkpoint of a
+    registered model that fine-tuning can start from (one with
+    ``remove_pretraining_modules``: wav2vec 2.0, this plugin's wav2vec2_knnvq).
+
+    Without this, fairseq's ``Wav2VecEncoder`` fails with ``KeyError: 544502645`` (a
+    text file), an ``AttributeError`` about ``remove_pretraining_modules`` (a fine-tuned
+    or image checkpoint) or torch's advice to load with ``weights_only=False``.
+    """
+    import pickle
+
+    import torch
+    from fairseq.models import MODEL_REGISTRY
+
+    if not os.path.isfile(w2v_path):
+        raise PretrainedCheckpointError(f"model.w2v_path {w2v_path} does not exist; {_PRETRAINING_FIX}")
+    try:
+        with open(w2v_path, "rb") as checkpoint_file:
+            state = torch.load(checkpoint_file, map_location="cpu")  # as fairseq loads it
+    except pickle.UnpicklingError as error:
+        if "weights_only" not in str(error).lower() and "weights only" not in str(error).lower():
+            raise PretrainedCheckpointError(
+                f"model.w2v_path {w2v_path} is not a PyTorch checkpoint ({error}); {_PRETRAINING_FIX}"
+            ) from None
+        raise PretrainedCheckpointError(
+            f"model.w2v_path {w2v_path} holds Python objects that torch's weights-only loading refuses "
+            f"({str(error).splitlines()[-1] if str(error) else 'UnpicklingError'}). A checkpoint of an older "
+            f"fairseq (e.g. the official wav2vec_small.pt) needs TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in the "
+            f"environment; only do that for files you trust. Otherwise {_PRETRAINING_FIX}"
+        ) from None
+    except Exception as error:  # a text file, a truncated download, another format
+        raise PretrainedCheckpointError(
+            f"model.w2v_path {w2v_path} is not a PyTorch checkpoint ({type(error).__name__}: {error}); "
+            f"{_PRETRAINING_FIX}"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state or ("cfg" not in state and "args" not in state):
+        raise PretrainedCheckpointError(
+            f"model.w2v_path {w2v_path} is a PyTorch file but not a fairseq checkpoint (no 'model' and "
+            f"'cfg' entries); {_PRETRAINING_FIX}"
+        )
+    if state.get("cfg") is not None:
+        model_name = state["cfg"]["model"]["_name"]
+    else:
+        model_name = getattr(state["args"], "arch", None)
+    model_class = MODEL_REGISTRY.get(model_name)
+    if model_class is None:
+        raise PretrainedCheckpointError(
+            f"model.w2v_path {w2v_path} holds a '{model_name}' model, which no imported plugin registers; "
+            f"pass common.user_dir of the plugin that trained it, or {_PRETRAINING_FIX}"
+        )
+    if not hasattr(model_class, "remove_pretraining_modules"):
+        raise PretrainedCheckpointError(
+            f"model.w2v_path {w2v_path} holds a '{model_name}' model (e.g. an already fine-tuned or an "
+            f"image model), not a wav2vec 2.0 pretraining checkpoint; {_PRETRAINING_FIX}"
+        )
+
+
 @register_task("audio_finetuning_knnvq", dataclass=AudioFinetuningConfig)
 class AudioFinetuningKnnvqTask(ReplaceUnreadableAudioMixin, AudioFinetuningTask):
     """fairseq's ``audio_finetuning``; unreadable files are replaced, logged and counted,
     and every split's labels are checked against the dictionary before it is loaded
     (fairseq would silently train units it lacks as ``<unk>``)."""
+
+    def build_model(self, model_cfg, from_checkpoint=False):
+        # Only when fairseq's Wav2VecEncoder will read w2v_path: not when the config
+        # already holds the pretrained model's config (a fine-tuned checkpoint).
+        w2v_path = model_cfg.get("w2v_path", None)
+        if w2v_path and model_cfg.get("w2v_args", None) is None:
+            check_pretrained_checkpoint(w2v_path)
+        return super().build_model(model_cfg, from_checkpoint)
 
     def load_dataset(self, split: str, task_cfg=None, **kwargs):
         cfg = task_cfg or self.cfg
