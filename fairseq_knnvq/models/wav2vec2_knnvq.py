@@ -101,6 +101,32 @@ class Wav2Vec2KnnVqConfig(Wav2Vec2Config):
     )
 
 
+def check_quantizer_options(cfg: Wav2Vec2KnnVqConfig) -> None:
+    """Raises ``ValueError`` naming the ``model.*`` option and a valid value, before
+    any module is built (a bad value otherwise fails deep inside the quantizer)."""
+    import ast
+
+    def positive(name: str, meaning: str, example: str) -> None:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"model.{name} must be a positive integer ({meaning}), got {value!r}; e.g. model.{name}={example}")
+
+    positive("knn_k", "K, the smoothed vectors pulled towards each codebook vertex", "8")
+    positive("latent_vars", "codebook entries per group", "320")
+    positive("latent_groups", "codebook groups", "2")
+    positive("quantizer_depth", "layers of the quantizer's projection", "1")
+    temp = ast.literal_eval(cfg.latent_temp) if isinstance(cfg.latent_temp, str) else cfg.latent_temp
+    try:
+        start, end, decay = (float(t) for t in temp)
+    except (TypeError, ValueError):
+        raise ValueError(f"model.latent_temp must be (start, end, decay), got {cfg.latent_temp!r}; e.g. model.latent_temp='[2.0,0.5,0.999995]'") from None
+    if not (start > 0 and end > 0 and 0 < decay <= 1):
+        raise ValueError(
+            f"model.latent_temp (start, end, decay) needs start > 0, end > 0 and 0 < decay <= 1, got "
+            f"{cfg.latent_temp!r}; e.g. model.latent_temp='[2.0,0.5,0.999995]'"
+        )
+
+
 @register_model("wav2vec2_knnvq", dataclass=Wav2Vec2KnnVqConfig)
 class Wav2Vec2KnnVqModel(Wav2Vec2Model):
     """``Wav2Vec2Model`` whose quantizers are :class:`SmoothedVectorQuantizer`.
@@ -113,6 +139,7 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
     """
 
     def __init__(self, cfg: Wav2Vec2KnnVqConfig):
+        check_quantizer_options(cfg)
         super().__init__(cfg)
         stock_quantizer = self.quantizer
         if self.quantizer is not None:

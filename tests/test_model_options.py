@@ -1,0 +1,42 @@
+"""Bad quantizer options of wav2vec2_knnvq stop before the model is built, naming the
+model.* option and a valid value."""
+import pytest
+
+import fairseq  # noqa: F401
+import fairseq_knnvq
+from fairseq.dataclass.utils import merge_with_parent
+from omegaconf import OmegaConf
+
+from fairseq_knnvq.models.wav2vec2_knnvq import Wav2Vec2KnnVqConfig, Wav2Vec2KnnVqModel
+
+fairseq_knnvq.register_with_fairseq()
+
+SMALL = dict(conv_feature_layers="[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2", encoder_layers=1,
+             encoder_embed_dim=32, encoder_ffn_embed_dim=32, encoder_attention_heads=1, conv_pos=4,
+             conv_pos_groups=1, final_dim=16, latent_vars=8, latent_groups=2, quantize_targets=True)
+
+
+def build(**options):
+    cfg = merge_with_parent(Wav2Vec2KnnVqConfig(), OmegaConf.create(dict(SMALL, **options)))
+    return Wav2Vec2KnnVqModel.build_model(cfg)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(knn_k=0), "model.knn_k must be a positive integer (K, the smoothed vectors pulled towards each codebook "
+                    "vertex), got 0; e.g. model.knn_k=8"),
+    (dict(knn_k=-3), "model.knn_k must be a positive integer"),
+    (dict(latent_vars=0), "model.latent_vars must be a positive integer (codebook entries per group), got 0"),
+    (dict(latent_groups=0), "model.latent_groups must be a positive integer"),
+    (dict(latent_temp=[2.0, 0.5, 1.5]), "model.latent_temp (start, end, decay) needs start > 0, end > 0 and "
+                                        "0 < decay <= 1, got [2.0, 0.5, 1.5]"),
+    (dict(latent_temp=[0.0, 0.5, 0.9]), "needs start > 0"),
+])
+def test_bad_quantizer_option_is_named(options, message):
+    with pytest.raises(ValueError) as raised:
+        build(**options)
+    assert message in str(raised.value)
+
+
+def test_good_options_build():
+    model = build(knn_k=1, latent_temp=[2.0, 0.5, 0.999995])
+    assert model.quantizer.knn_k == 1
