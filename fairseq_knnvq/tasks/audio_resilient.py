@@ -14,6 +14,10 @@ decode; this covers what happens to the files after that check.
 """
 import logging
 import os
+import sys
+from dataclasses import dataclass, field
+
+from omegaconf import II
 
 from fairseq.tasks import register_task
 from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
@@ -28,6 +32,32 @@ logger = logging.getLogger(__name__)
 
 # The logged metric (fairseq prefixes it: train_unreadable_audio, valid_unreadable_audio).
 UNREADABLE_METRIC = "unreadable_audio"
+
+
+@dataclass
+class AudioPretrainingKnnvqConfig(AudioPretrainingConfig):
+    max_update: int = field(
+        default=II("optimization.max_update"),
+        metadata={"help": "read from optimization.max_update: a run resumed at that update stops at once"},
+    )
+
+
+@dataclass
+class AudioFinetuningKnnvqConfig(AudioFinetuningConfig):
+    max_update: int = field(
+        default=II("optimization.max_update"),
+        metadata={"help": "read from optimization.max_update: a run resumed at that update stops at once"},
+    )
+
+
+def model_num_updates(model) -> int:
+    """The update count fairseq's trainer gave the model (``set_num_updates``, also
+    right after loading a checkpoint); 0 when no module keeps it."""
+    for module in model.modules():
+        value = getattr(module, "num_updates", None)
+        if isinstance(value, int):
+            return value
+    return 0
 
 
 class ReplaceUnreadableAudioMixin:
@@ -68,6 +98,21 @@ class ReplaceUnreadableAudioMixin:
             logging_output[UNREADABLE_METRIC] = replaced
         return loss, sample_size, logging_output
 
+    def _stop_if_finished(self, model) -> None:
+        """fairseq's training loop checks ``max_update`` only after an update, so the same
+        command run again after it finished trains one update more and saves it
+        (``checkpoint_last.pt`` and possibly ``checkpoint_best.pt``). Ends the process
+        before that update instead."""
+        max_update = self.cfg.get("max_update", None) or 0
+        done = model_num_updates(model)
+        if max_update > 0 and done >= max_update:
+            logger.info(
+                f"the checkpoint this run resumed from has {done} updates, optimization.max_update is "
+                f"{max_update}: nothing to train, no checkpoint is written. Raise "
+                f"optimization.max_update to train longer, or set a new checkpoint.save_dir for a new run"
+            )
+            sys.exit(0)
+
     def reduce_metrics(self, logging_outputs, criterion):
         # Taken out before the criterion sees them: wav2vec's criterion logs the mean
         # of every key it does not know, which is not a count.
@@ -78,6 +123,7 @@ class ReplaceUnreadableAudioMixin:
 
     def begin_epoch(self, epoch, model):
         super().begin_epoch(epoch, model)
+        self._stop_if_finished(model)
         if len(self.unreadable):
             logger.warning(
                 f"{len(self.unreadable)} unreadable audio file(s) skipped so far (replaced by "
@@ -86,7 +132,7 @@ class ReplaceUnreadableAudioMixin:
             )
 
 
-@register_task("audio_pretraining_knnvq", dataclass=AudioPretrainingConfig)
+@register_task("audio_pretraining_knnvq", dataclass=AudioPretrainingKnnvqConfig)
 class AudioPretrainingKnnvqTask(ReplaceUnreadableAudioMixin, AudioPretrainingTask):
     """fairseq's ``audio_pretraining``; unreadable files are replaced, logged and counted."""
 
@@ -162,7 +208,7 @@ def check_pretrained_checkpoint(w2v_path: str) -> None:
         )
 
 
-@register_task("audio_finetuning_knnvq", dataclass=AudioFinetuningConfig)
+@register_task("audio_finetuning_knnvq", dataclass=AudioFinetuningKnnvqConfig)
 class AudioFinetuningKnnvqTask(ReplaceUnreadableAudioMixin, AudioFinetuningTask):
     """fairseq's ``audio_finetuning``; unreadable files are replaced, logged and counted,
     and every split's labels are checked against the dictionary before it is loaded
