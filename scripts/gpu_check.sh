@@ -52,10 +52,10 @@ stage() {  # stage NAME CAP_SECONDS COMMAND...
     echo "   exit $rc, $((SECONDS - start)) s" | tee -a "$SUMMARY"
 }
 
-stage pytest_cuda 210 "$PY" -m pytest -m cuda -rs -q -p no:cacheprovider tests --junitxml "$OUT/pytest_cuda.xml"
-stage bench_quantizer 120 "$PY" benchmarks/bench_quantizer.py --quick --device cuda --out "$OUT/quantizer_cuda_quick.json"
-stage bench_step_fp32 75 "$PY" benchmarks/bench_step.py --device cuda --batch 8 --seconds 15 --repeats 5 --out "$OUT/step_cuda_fp32.json"
-stage bench_step_fp16 75 "$PY" benchmarks/bench_step.py --device cuda --batch 8 --seconds 15 --repeats 5 --precision fp16 --out "$OUT/step_cuda_fp16.json"
+stage pytest_cuda 150 "$PY" -m pytest -m cuda -rs -q -p no:cacheprovider tests --junitxml "$OUT/pytest_cuda.xml"
+stage bench_quantizer 150 "$PY" benchmarks/bench_quantizer.py --quick --device cuda --out "$OUT/quantizer_cuda_quick.json"
+stage bench_step_fp32 90 "$PY" benchmarks/bench_step.py --device cuda --batch 8 --seconds 15 --repeats 5 --out "$OUT/step_cuda_fp32.json"
+stage bench_step_fp16 90 "$PY" benchmarks/bench_step.py --device cuda --batch 8 --seconds 15 --repeats 5 --precision fp16 --out "$OUT/step_cuda_fp16.json"
 
 # The figures, one line each, from the JSON files the stages wrote.
 "$PY" - "$OUT" >> "$SUMMARY" 2>&1 <<'EOF'
