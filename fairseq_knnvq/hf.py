@@ -389,8 +389,11 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
         raise ExportError(f"output {out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"output folder {out_dir} exists and is not empty; pass --overwrite to replace it")
-    if not out_dir.parent.is_dir():
-        raise ExportError(f"the folder {out_dir.parent} that should hold {out_dir.name} does not exist")
+    for parent in out_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"output {out_dir}: {parent} is a file, not a folder")
+            break
 
 
 def _replace_folder(staged: Path, out_dir: Path) -> None:
@@ -557,6 +560,7 @@ def export_checkpoint(
     model.eval()
     feature_extractor = feature_extractor_for(transformers, task_cfg, hf_config.feat_extract_norm)
 
+    out_dir.parent.mkdir(parents=True, exist_ok=True)  # after every check: like mkdir -p
     staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
     try:
         model.save_pretrained(str(staged), safe_serialization=True)

@@ -187,6 +187,8 @@ def test_export_errors_name_the_problem_and_write_nothing(pretrained, finetuned,
     not_a_checkpoint.write_text("not a checkpoint")
     assert "could not be read as a fairseq checkpoint" in export_error(not_a_checkpoint, tmp_path / "b")
 
+    assert "is a file, not a folder" in export_error(pretrained, not_a_checkpoint / "out")
+
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("x")
@@ -240,6 +242,9 @@ def test_export_errors_name_the_problem_and_write_nothing(pretrained, finetuned,
     export_hf.main([str(older), str(tmp_path / "e"), "--dictionary", str(data / "dict.ltr.txt")])
     export_hf.main([str(finetuned), str(tmp_path / "f")])
     assert (tmp_path / "e" / "vocab.json").read_text() == (tmp_path / "f" / "vocab.json").read_text()
+    # Missing parent folders are created (after the checks), as mkdir -p does.
+    export_hf.main([str(pretrained), str(tmp_path / "new" / "folders" / "g"), "--no-verify"])
+    assert (tmp_path / "new" / "folders" / "g" / "model.safetensors").is_file()
     # --overwrite replaces a folder.
     export_hf.main([str(pretrained), str(tmp_path / "f"), "--overwrite"])
     assert json.loads((tmp_path / "f" / "config.json").read_text())["architectures"] == ["Wav2Vec2ForPreTraining"]
