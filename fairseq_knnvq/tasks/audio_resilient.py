@@ -11,10 +11,13 @@ logged metrics as ``unreadable_audio`` (items replaced, summed over workers, in 
 
 ``knnvq-manifest`` / ``knnvq-prepare-librispeech`` already refuse files that do not
 decode; this covers what happens to the files after that check.
+
+Also: ``audio_finetuning_knnvq`` checks every split's labels against the dictionary and
+``model.w2v_path`` before fairseq uses them, and both tasks stop a run resumed at
+``optimization.max_update`` before it trains (:mod:`fairseq_knnvq.tasks.finished_run`).
 """
 import logging
 import os
-import sys
 from dataclasses import dataclass, field
 
 from omegaconf import II
@@ -27,6 +30,7 @@ from fairseq.logging import metrics
 from ..data.audio import ReplaceUnreadableDataset
 from ..data.labels import describe_unknown_units, find_unknown_units
 from ..data.unreadable import UnreadableFileLog
+from .finished_run import MAX_UPDATE_HELP, StopWhenFinishedMixin
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +42,7 @@ UNREADABLE_METRIC = "unreadable_audio"
 class AudioPretrainingKnnvqConfig(AudioPretrainingConfig):
     max_update: int = field(
         default=II("optimization.max_update"),
-        metadata={"help": "read from optimization.max_update: a run resumed at that update stops at once"},
+        metadata={"help": MAX_UPDATE_HELP},
     )
 
 
@@ -46,18 +50,8 @@ class AudioPretrainingKnnvqConfig(AudioPretrainingConfig):
 class AudioFinetuningKnnvqConfig(AudioFinetuningConfig):
     max_update: int = field(
         default=II("optimization.max_update"),
-        metadata={"help": "read from optimization.max_update: a run resumed at that update stops at once"},
+        metadata={"help": MAX_UPDATE_HELP},
     )
-
-
-def model_num_updates(model) -> int:
-    """The update count fairseq's trainer gave the model (``set_num_updates``, also
-    right after loading a checkpoint); 0 when no module keeps it."""
-    for module in model.modules():
-        value = getattr(module, "num_updates", None)
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 class ReplaceUnreadableAudioMixin:
@@ -98,21 +92,6 @@ class ReplaceUnreadableAudioMixin:
             logging_output[UNREADABLE_METRIC] = replaced
         return loss, sample_size, logging_output
 
-    def _stop_if_finished(self, model) -> None:
-        """fairseq's training loop checks ``max_update`` only after an update, so the same
-        command run again after it finished trains one update more and saves it
-        (``checkpoint_last.pt`` and possibly ``checkpoint_best.pt``). Ends the process
-        before that update instead."""
-        max_update = self.cfg.get("max_update", None) or 0
-        done = model_num_updates(model)
-        if max_update > 0 and done >= max_update:
-            logger.info(
-                f"the checkpoint this run resumed from has {done} updates, optimization.max_update is "
-                f"{max_update}: nothing to train, no checkpoint is written. Raise "
-                f"optimization.max_update to train longer, or set a new checkpoint.save_dir for a new run"
-            )
-            sys.exit(0)
-
     def reduce_metrics(self, logging_outputs, criterion):
         # Taken out before the criterion sees them: wav2vec's criterion logs the mean
         # of every key it does not know, which is not a count.
@@ -123,7 +102,6 @@ class ReplaceUnreadableAudioMixin:
 
     def begin_epoch(self, epoch, model):
         super().begin_epoch(epoch, model)
-        self._stop_if_finished(model)
         if len(self.unreadable):
             logger.warning(
                 f"{len(self.unreadable)} unreadable audio file(s) skipped so far (replaced by "
@@ -133,7 +111,7 @@ class ReplaceUnreadableAudioMixin:
 
 
 @register_task("audio_pretraining_knnvq", dataclass=AudioPretrainingKnnvqConfig)
-class AudioPretrainingKnnvqTask(ReplaceUnreadableAudioMixin, AudioPretrainingTask):
+class AudioPretrainingKnnvqTask(StopWhenFinishedMixin, ReplaceUnreadableAudioMixin, AudioPretrainingTask):
     """fairseq's ``audio_pretraining``; unreadable files are replaced, logged and counted."""
 
 
@@ -209,7 +187,7 @@ def check_pretrained_checkpoint(w2v_path: str) -> None:
 
 
 @register_task("audio_finetuning_knnvq", dataclass=AudioFinetuningKnnvqConfig)
-class AudioFinetuningKnnvqTask(ReplaceUnreadableAudioMixin, AudioFinetuningTask):
+class AudioFinetuningKnnvqTask(StopWhenFinishedMixin, ReplaceUnreadableAudioMixin, AudioFinetuningTask):
     """fairseq's ``audio_finetuning``; unreadable files are replaced, logged and counted,
     and every split's labels are checked against the dictionary before it is loaded
     (fairseq would silently train units it lacks as ``<unk>``)."""

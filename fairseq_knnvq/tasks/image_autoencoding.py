@@ -15,6 +15,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 
 from ..data.image_folder import ImageFolderDataset, UnreadableImageLog, find_split
+from .finished_run import MAX_UPDATE_HELP, StopWhenFinishedMixin
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ class ImageAutoencodingConfig(FairseqDataclass):
         metadata={"help": "random crop and horizontal flip for the training subset"},
     )
     train_subset: str = II("dataset.train_subset")
+    max_update: int = field(default=II("optimization.max_update"), metadata={"help": MAX_UPDATE_HELP})
     seed: int = II("common.seed")
     # Read by FairseqTask.get_batch_iterator. Rebuilding the batches every epoch
     # reshuffles which images share a batch (not only the batch order), and a fresh
@@ -63,7 +65,7 @@ class ImageAutoencodingConfig(FairseqDataclass):
 
 
 @register_task("image_autoencoding", dataclass=ImageAutoencodingConfig)
-class ImageAutoencodingTask(FairseqTask):
+class ImageAutoencodingTask(StopWhenFinishedMixin, FairseqTask):
     cfg: ImageAutoencodingConfig
 
     def __init__(self, cfg: ImageAutoencodingConfig):
@@ -111,6 +113,7 @@ class ImageAutoencodingTask(FairseqTask):
         return super().valid_step(sample, model, criterion)
 
     def begin_epoch(self, epoch, model):
+        super().begin_epoch(epoch, model)
         if len(self.unreadable):
             logger.warning(
                 f"{len(self.unreadable)} unreadable image file(s) skipped so far "
