@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from fairseq_run import CONFIG_DIR, console_script, last_record, parse_json_log
+from fairseq_run import CONFIG_DIR, TINY_CORPUS, console_script, last_record, parse_json_log
 
 TINY = CONFIG_DIR / "pretraining" / "tiny_knn_ce.yaml"
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
@@ -73,10 +73,15 @@ def test_plugin_field_missing_from_the_yaml_needs_no_plus(tiny_manifests, tmp_pa
 
 
 @pytest.mark.slow
-def test_the_shipped_config_with_a_plain_override(tiny_manifests, tmp_path):
+def test_the_shipped_config_with_a_plain_override(tmp_path):
     """The command of the issue: the repository's config and model.knn_k=4, no user_dir."""
+    from fairseq_knnvq.cli import prepare_librispeech
+
+    data = tmp_path / "data"
+    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(data), "--split", "train=train", "--split", "dev=dev",
+                              "--units", "letter"])
     launched = run("knnvq-train", CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                   ["model.knn_k=4", *short_run(tmp_path / "run", tiny_manifests, updates=2)], tmp_path)
+                   ["model.knn_k=4", "dataset.valid_subset=dev", *short_run(tmp_path / "run", data, updates=2)], tmp_path)
     assert launched.returncode == 0, output(launched)[-4000:]
     cfg = checkpoint_cfg(tmp_path / "run")
     assert cfg["model"]["knn_k"] == 4
@@ -86,6 +91,31 @@ def test_the_shipped_config_with_a_plain_override(tiny_manifests, tmp_path):
     records = parse_json_log(output(launched))
     assert [r["num_updates"] for r in records if r["_logger"] == "train_inner"] == [1, 2]
     assert "knn_loss" in last_record(records, "train_inner")
+
+    # Fine-tuning that checkpoint with a config written as fairseq's own are (fairseq's
+    # audio_finetuning task, no common.user_dir): stock fairseq-hydra-train cannot rebuild
+    # the plugin's pretrained model; knnvq-train can.
+    def as_fairseq_config(config):
+        config["common"].pop("user_dir")
+        config["task"]["_name"] = "audio_finetuning"
+
+    finetuning = yaml.safe_load((CONFIG_DIR / "finetuning" / "tiny.yaml").read_text())
+    as_fairseq_config(finetuning)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "fairseq_style.yaml").write_text(yaml.safe_dump(finetuning))
+    overrides = [f"task.data={data}", f"model.w2v_path={tmp_path / 'run' / 'checkpoints' / 'checkpoint_last.pt'}",
+                 "optimization.max_update=4", "dataset.disable_validation=true"]
+    stock = run("fairseq-hydra-train", tmp_path / "configs", "fairseq_style", [*overrides, f"hydra.run.dir={tmp_path / 'ft_stock'}"], tmp_path)
+    # fairseq fails on the first plugin name it meets in the pretrained checkpoint: the
+    # task (audio_pretraining_knnvq, "Could not infer task type") or, for a checkpoint of
+    # fairseq's own task, the model (KeyError: "'_name'").
+    refused = output(stock)
+    assert stock.returncode != 0
+    assert "Could not infer task type from {'_name': 'audio_pretraining_knnvq'" in refused or "KeyError: \"'_name'\"" in refused
+    tuned = run("knnvq-train", tmp_path / "configs", "fairseq_style", [*overrides, f"hydra.run.dir={tmp_path / 'ft'}"], tmp_path)
+    assert tuned.returncode == 0, output(tuned)[-4000:]
+    cfg = checkpoint_cfg(tmp_path / "ft")
+    assert cfg["model"]["_name"] == "wav2vec_ctc" and cfg["model"]["w2v_args"]["model"]["_name"] == "wav2vec2_knnvq"
 
 
 @pytest.mark.slow
