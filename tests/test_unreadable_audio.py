@@ -151,3 +151,36 @@ def test_pretraining_and_fine_tuning_keep_going_and_count_the_bad_files(broken, 
     for path in bad_files:
         assert finetune.stdout.count(f"skipping unreadable audio file {path}") == 1, path
     assert (tmp_path / "finetune" / "checkpoint_last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_two_workers_sum_the_count(broken, tmp_path):
+    """Two gloo workers (torchrun): fairseq sums logging outputs across workers with one
+    all-reduce over the keys of each worker's output, so the count must be in every
+    output (0 too); each item of the epoch is read by one worker, so the sums stay
+    2 (train) and 1 (valid)."""
+    import os
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        console_script("torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
+        console_script("fairseq-hydra-train"), "--config-dir", str(CONFIG_DIR / "pretraining"),
+        "--config-name", "tiny_knn_ce", f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}",
+        f"hydra.run.dir={tmp_path / 'ddp'}", f"task.data={broken['data']}", "optimization.max_epoch=1",
+        "optimization.max_update=1000", "common.log_interval=1",
+        f"checkpoint.save_dir={tmp_path / 'checkpoints'}",
+        "distributed_training.distributed_world_size=2", "distributed_training.distributed_backend=gloo",
+        "distributed_training.distributed_init_method=env://", "distributed_training.distributed_no_spawn=true",
+        "distributed_training.distributed_rank=${oc.env:RANK}",
+    ]
+    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=str(tmp_path))
+    assert result.returncode == 0, result.stdout[-6000:]
+    records = parse_json_log(result.stdout)
+    assert unreadable_counts(records, "train") == [2]
+    assert unreadable_counts(records, "valid") == [1]
+    for path in (broken["truncated"], broken["deleted_train"], broken["deleted_valid"]):
+        assert f"skipping unreadable audio file {path}" in result.stdout, path

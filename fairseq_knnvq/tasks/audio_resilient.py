@@ -81,21 +81,21 @@ class ReplaceUnreadableAudioMixin:
         loss, sample_size, logging_output = super().train_step(
             sample, model, criterion, optimizer, update_num, ignore_grad
         )
-        if replaced:
-            logging_output[UNREADABLE_METRIC] = replaced
+        # Always present (0 too): fairseq sums logging outputs across workers by the
+        # keys of the first one, with one all-reduce that needs the same keys everywhere.
+        logging_output[UNREADABLE_METRIC] = replaced
         return loss, sample_size, logging_output
 
     def valid_step(self, sample, model, criterion):
         replaced = self._take_unreadable(sample, count=True)
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-        if replaced:
-            logging_output[UNREADABLE_METRIC] = replaced
+        logging_output[UNREADABLE_METRIC] = replaced
         return loss, sample_size, logging_output
 
     def reduce_metrics(self, logging_outputs, criterion):
         # Taken out before the criterion sees them: wav2vec's criterion logs the mean
         # of every key it does not know, which is not a count.
-        replaced = sum(log.pop(UNREADABLE_METRIC, 0) for log in logging_outputs)
+        replaced = float(sum(log.pop(UNREADABLE_METRIC, 0) for log in logging_outputs))
         super().reduce_metrics(logging_outputs, criterion)
         if replaced:
             metrics.log_scalar_sum(UNREADABLE_METRIC, replaced, round=0)
