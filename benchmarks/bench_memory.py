@@ -102,6 +102,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="N = 2048, image step at batch 1, no separate-node variant")
     parser.add_argument("--no-image", action="store_true", help="skip the image-autoencoder step")
+    parser.add_argument("--smoothing", default="softmax", choices=["softmax", "gumbel", "gumbel_hard", "ste"],
+                        help="smoothing of the quantizer cases (the bare smoothing stays softmax, the least "
+                             "any smoothed quantizer computes)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/memory[_quick].json)")
     args = parser.parse_args(argv)
     out = args.out or os.path.join(h.HERE, "results", "memory_quick.json" if args.quick else "memory.json")
@@ -115,10 +118,15 @@ def main(argv=None) -> int:
     start = time.time()
     results, targets = [], []
     for shape in shapes(args.quick):
-        label = f"G=1 M={shape['entries']} N={shape['n']}"
+        label = f"G=1 M={shape['entries']} N={shape['n']}" + (
+            f", quantizer smoothing {args.smoothing}" if args.smoothing != "softmax" else "")
         logits_bytes = 4 * shape["n"] * shape["entries"]
         print(f"\n{label} (one N x M float32 tensor: {h.fmt_bytes(logits_bytes)})")
-        cases = {m: h.case(m, dim=256, groups=1, vq_dim=64, smoothing="softmax", **shape) for m in methods(args.quick)}
+        cases = {
+            m: h.case(m, dim=256, groups=1, vq_dim=64,
+                      smoothing=args.smoothing if m.startswith("ours_") else "softmax", **shape)
+            for m in methods(args.quick)
+        }
         rows = run_rows(cases, logits_bytes)
         results.append({"label": label, "shape": shape, "logits_bytes": logits_bytes, "methods": rows})
         for method, base, limit in TARGETS:

@@ -371,3 +371,27 @@ def test_diversity_training_step_equals_autograd_reference(smoothing, masked):
         scale = float(p.grad.abs().max())
         assert scale > 1e-2
         torch.testing.assert_close(g, p.grad, atol=1e-5 * scale, rtol=1e-5)
+
+
+@pytest.mark.parametrize("combine_groups", [False, True])
+def test_straight_through_codewords_equal_the_selection_matrix_product(combine_groups):
+    """gumbel_hard / ste training forms q from the hard index without the N x G x M
+    straight-through selection; values and gradients are those of the matrix product."""
+    from fairseq_knnvq.quantization.quantizer import StraightThroughCodewords
+
+    torch.manual_seed(17)
+    logits = torch.randn(300, 2, 16, dtype=torch.float64, requires_grad=True)
+    codebook = torch.randn(1 if combine_groups else 2, 16, 8, dtype=torch.float64, requires_grad=True)
+    codebooks = codebook.expand(2, -1, -1)
+    soft = F.softmax(logits / 0.7, dim=-1)
+    index = soft.detach().argmax(-1)
+    hard = torch.zeros_like(soft).scatter_(-1, index.unsqueeze(-1), 1.0)
+    ref = torch.bmm((hard - soft.detach() + soft).transpose(0, 1), codebooks)
+    ours = StraightThroughCodewords.apply(soft, index, codebooks)
+    assert torch.equal(ours, ref)
+    upstream = torch.randn(ref.shape, dtype=torch.float64)
+    g_ref = torch.autograd.grad((ref * upstream).sum(), (logits, codebook), retain_graph=True)
+    g_ours = torch.autograd.grad((ours * upstream).sum(), (logits, codebook))
+    for a, b in zip(g_ours, g_ref):
+        assert float(b.abs().max()) > 0.1
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)

@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .metrics import CodeUsage, count_codes, tightness_sums, tightness_sums_of_logits
 from .regularizers import (
@@ -44,6 +45,41 @@ def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
     return value
+
+
+class StraightThroughCodewords(torch.autograd.Function):
+    """``q_g = (onehot(index) - sg(soft) + soft) C_g`` per group without forming the
+    straight-through selection: the forward value is the chosen codeword times the
+    selection's value at ``index`` (``(1 - s) + s``, 1 up to rounding, exactly as the
+    N x M form rounds it); the backward pass gives ``soft`` the gradient of the selection,
+    ``grad_q C^T``, and the codebook ``sum_n w_n grad_q[n]`` over the rows that chose
+    each entry. Saves ``index`` (N x G) and the weights, not an N x G x M tensor.
+
+    ``soft`` ``(N, G, M)``, ``index`` ``(N, G)``, ``codebooks`` ``(G, M, d)``; returns
+    ``(G, N, d)`` in the codebooks' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, soft: Tensor, index: Tensor, codebooks: Tensor) -> Tensor:
+        s = soft.gather(-1, index.unsqueeze(-1)).squeeze(-1)  # (N, G)
+        weight = ((1.0 - s) + s).to(codebooks.dtype).t()  # (G, N)
+        gather_index = index.t().unsqueeze(-1).expand(-1, -1, codebooks.shape[-1])  # (G, N, d)
+        chosen = codebooks.gather(1, gather_index)
+        ctx.save_for_backward(index, weight, codebooks)
+        ctx.soft_dtype = soft.dtype
+        return chosen * weight.unsqueeze(-1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_q: Tensor):
+        index, weight, codebooks = ctx.saved_tensors
+        grad_soft = grad_codebooks = None
+        if ctx.needs_input_grad[0]:
+            grad_soft = torch.bmm(grad_q, codebooks.transpose(1, 2)).transpose(0, 1).to(ctx.soft_dtype)
+        if ctx.needs_input_grad[2]:
+            gather_index = index.t().unsqueeze(-1).expand(-1, -1, codebooks.shape[-1])
+            grad_codebooks = torch.zeros_like(codebooks).scatter_add_(1, gather_index, grad_q * weight.unsqueeze(-1))
+        return grad_soft, None, grad_codebooks
 
 
 class CodebookIndexing:
@@ -280,19 +316,28 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
                 prob_sums = masked_prob_sums(logits32.detach(), flat_mask)
             avg_probs = prob_sums / num_counted.clamp_min(1)
 
-        soft = None  # softmax of the KNN input, where a node already holds it
-        smoothed_logits = None
+        # gumbel_hard / ste in training: the codeword of the hard choice with the gradient
+        # of the soft vector (StraightThroughCodewords), without forming the N x G x M
+        # straight-through selection
+        straight = self.training and self.smoothing in ("gumbel_hard", "ste")
+        soft = None  # softmax of the smoothed logits, where a node already holds it
+        smoothed_logits = selection = hard_index = None
         if fused_knn:
             smoothed_logits = smoothed_logits_of(logits32, self.smoothing, tau)
             soft, result["knn_loss"] = self._knn_fn(with_softmax=True)(smoothed_logits, flat_mask)
-            selection = select_codes(soft, smoothed_logits, logits32, self.smoothing)
         elif fused_diversity:
             soft, avg_probs = tempered_softmax_and_mean_probs(logits32, tau, flat_mask)
-            selection = select_codes(soft, None, logits32, self.smoothing)
+        elif straight:
+            smoothed_logits = smoothed_logits_of(logits32, self.smoothing, tau)
+            soft = F.softmax(smoothed_logits, dim=-1)
         else:
             selection, smoothed_logits = smooth(logits32, self.smoothing, tau, self.training)
             if self.training and self.smoothing in ("softmax", "gumbel"):
                 soft = selection  # the soft vector itself multiplies the codebook
+        if straight:
+            hard_index = (smoothed_logits if self.smoothing == "gumbel_hard" else logits32).argmax(-1)
+        elif selection is None:
+            selection = select_codes(soft, smoothed_logits, logits32, self.smoothing)
 
         # The batch-mean probabilities keep a gradient only for the diversity loss.
         if train_diversity:
@@ -335,11 +380,15 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         )
 
         if produce_targets:
-            result["targets"] = selection.argmax(-1).view(bsz, tsz, self.groups).detach()
+            chosen = hard_index if hard_index is not None else selection.argmax(-1)
+            result["targets"] = chosen.view(bsz, tsz, self.groups).detach()
 
         codebooks = self._codebooks()
-        # (G, BT, M) @ (G, M, d) -> (G, BT, d): the quantized vector p^T C per group.
-        quantized = torch.bmm(selection.to(codebooks.dtype).transpose(0, 1), codebooks)
+        if hard_index is not None:
+            quantized = StraightThroughCodewords.apply(soft, hard_index, codebooks)
+        else:
+            # (G, BT, M) @ (G, M, d) -> (G, BT, d): the quantized vector p^T C per group.
+            quantized = torch.bmm(selection.to(codebooks.dtype).transpose(0, 1), codebooks)
         quantized = quantized.transpose(0, 1).reshape(bsz, tsz, self.groups * codebooks.shape[-1])
         if not self.time_first:
             quantized = quantized.transpose(1, 2)
