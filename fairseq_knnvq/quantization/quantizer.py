@@ -309,12 +309,15 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         # softmax(l) in one node that keeps only the former (TemperedSoftmaxWithMeanProbs).
         fused_diversity = self.training and train_diversity and self.smoothing in ("softmax", "ste")
 
+        # The batch-mean probabilities, before the smoothing's tensors exist: with
+        # gradient for the diversity loss (unless its fused node below computes them), else
+        # as a log-only statistic summed over blocks of rows without gradient.
         if not train_diversity:
-            # The batch-mean probabilities as a log-only statistic: summed over blocks of
-            # rows without gradient, before the smoothing's tensors exist.
             with torch.no_grad():
                 prob_sums = masked_prob_sums(logits32.detach(), flat_mask)
             avg_probs = prob_sums / num_counted.clamp_min(1)
+        elif not fused_diversity:
+            avg_probs = masked_mean_probs(logits32, flat_mask)
 
         # gumbel_hard / ste in training: the codeword of the hard choice with the gradient
         # of the soft vector (StraightThroughCodewords), without forming the N x G x M
@@ -339,10 +342,7 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         elif selection is None:
             selection = select_codes(soft, smoothed_logits, logits32, self.smoothing)
 
-        # The batch-mean probabilities keep a gradient only for the diversity loss.
         if train_diversity:
-            if not fused_diversity:
-                avg_probs = masked_mean_probs(logits32, flat_mask)
             prob_sums = avg_probs.detach() * num_counted
         result["prob_perplexity"] = entropy_perplexity(avg_probs)
 
