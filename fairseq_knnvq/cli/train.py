@@ -18,7 +18,8 @@ own ``hydra_main`` with every command-line argument passed through (``-m``, ``--
   of the class's defaults (it becomes ``GROUP._name=NAME``). Groups that the primary
   config lists in its own ``defaults:`` are left to hydra.
 - The primary YAML is validated against the dataclasses of the classes it names
-  (``_name``) or that were chosen, as fairseq already does for the top level: every
+  (``_name``, also in the configs of its folder that its ``defaults:`` list includes)
+  or that were chosen, as fairseq already does for the top level: every
   field is then overridable without ``+`` (``model.knn_input=probs``), and a key the
   class does not have is an error naming it.
 - ``common.user_dir`` is set to this installed plugin unless given, so the plugin is
@@ -76,27 +77,41 @@ def primary_config_path(config_dir: Optional[str], config_name: Optional[str]) -
     return path if path.is_file() else None
 
 
-def read_primary(path: Optional[Path]) -> Tuple[Dict[str, Optional[str]], set]:
-    """The ``_name`` of each group in the primary YAML, and the groups its ``defaults:``
-    list selects (those are hydra's to choose)."""
+def read_primary(path: Optional[Path], _seen: Optional[set] = None) -> Tuple[Dict[str, Optional[str]], set]:
+    """The ``_name`` of each group in the primary YAML (and in the configs of the same
+    folder that its ``defaults:`` list includes by name, in hydra's merge order), and the
+    groups its ``defaults:`` list selects (those are hydra's to choose)."""
     from omegaconf import DictConfig, ListConfig, OmegaConf
 
     if path is None:
         return {}, set()
+    seen = set() if _seen is None else _seen
+    seen.add(path.resolve())
     raw = OmegaConf.load(path)
-    names: Dict[str, Optional[str]] = {}
+    own: Dict[str, Optional[str]] = {}
     for group in GROUPS:
         node = raw.get(group) if isinstance(raw, DictConfig) else None
         if isinstance(node, DictConfig) and "_name" in node:
-            names[group] = OmegaConf.to_container(node, resolve=False).get("_name")
+            own[group] = OmegaConf.to_container(node, resolve=False).get("_name")
         elif isinstance(node, str):
-            names[group] = node
-    in_defaults = set()
+            own[group] = node
+    in_defaults: set = set()
     defaults = raw.get("defaults") if isinstance(raw, DictConfig) else None
-    if isinstance(defaults, ListConfig):
-        for entry in OmegaConf.to_container(defaults, resolve=False):
-            if isinstance(entry, dict):
-                in_defaults.update(str(key).lstrip("+~").split("@")[0].replace("override ", "").strip() for key in entry)
+    entries = OmegaConf.to_container(defaults, resolve=False) if isinstance(defaults, ListConfig) else []
+    if "_self_" not in entries:
+        entries.append("_self_")  # hydra >= 1.1: the primary config's own values come last
+    names: Dict[str, Optional[str]] = {}
+    for entry in entries:
+        if entry == "_self_":
+            names.update(own)
+        elif isinstance(entry, str):
+            included = path.parent / (entry if entry.endswith(".yaml") else f"{entry}.yaml")
+            if included.is_file() and included.resolve() not in seen:
+                included_names, included_defaults = read_primary(included, seen)
+                names.update(included_names)
+                in_defaults |= included_defaults
+        elif isinstance(entry, dict):
+            in_defaults.update(str(key).replace("override ", "").lstrip("+~").split("@")[0].strip() for key in entry)
     return names, in_defaults
 
 
