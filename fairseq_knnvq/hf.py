@@ -83,7 +83,12 @@ def checkpoint_kind(state: Mapping[str, Any], path: Path) -> str:
         return "pretraining"
     if model_name in CTC_MODELS:
         pretrained = state["cfg"].model.get("w2v_args")
-        pretrained_name = pretrained.model.get("_name") if pretrained is not None else None
+        if pretrained is None:
+            raise ExportError(
+                f"checkpoint {path} is a CTC model without model.w2v_args (the pretrained model's "
+                "config, which fairseq stores when it fine-tunes); the encoder's shape is unknown"
+            )
+        pretrained_name = pretrained.model.get("_name")
         if pretrained_name not in PRETRAINING_MODELS:
             raise ExportError(
                 f"checkpoint {path} is a CTC model on top of a '{pretrained_name}' encoder; "

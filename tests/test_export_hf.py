@@ -245,6 +245,21 @@ def test_export_errors_name_the_problem_and_write_nothing(pretrained, finetuned,
     # Missing parent folders are created (after the checks), as mkdir -p does.
     export_hf.main([str(pretrained), str(tmp_path / "new" / "folders" / "g"), "--no-verify"])
     assert (tmp_path / "new" / "folders" / "g" / "model.safetensors").is_file()
+    # fairseq's blank_weight (added to the blank's logit) is folded into the output bias;
+    # the export's read-back check compares with fairseq's get_logits, which adds it.
+    state = torch.load(finetuned, map_location="cpu", weights_only=False)
+    state["cfg"]["model"]["blank_weight"] = 1.5
+    weighted = tmp_path / "blank_weight.pt"
+    torch.save(state, weighted)
+    export_hf.main([str(weighted), str(tmp_path / "h")])
+    bias = transformers.Wav2Vec2ForCTC.from_pretrained(str(tmp_path / "h")).lm_head.bias.detach()
+    expected = state["model"]["w2v_encoder.proj.bias"].clone()
+    expected[0] += 1.5
+    assert torch.equal(bias, expected)
+    state["cfg"]["model"]["blank_mode"] = "set"
+    torch.save(state, weighted)
+    assert "model.blank_mode='set'" in export_error(weighted, tmp_path / "i")
+
     # --overwrite replaces a folder.
     export_hf.main([str(pretrained), str(tmp_path / "f"), "--overwrite"])
     assert json.loads((tmp_path / "f" / "config.json").read_text())["architectures"] == ["Wav2Vec2ForPreTraining"]
