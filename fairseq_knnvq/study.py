@@ -236,6 +236,7 @@ def run_training(cmd: Sequence[str], run_dir: Path, progress: Progress, threads:
             proc.wait()
             raise
         finally:
+            proc.stdout.close()
             with progress.lock:
                 progress.processes.discard(proc)
 

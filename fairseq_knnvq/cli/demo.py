@@ -1,29 +1,35 @@
-"""``python -m fairseq_knnvq.cli.demo`` (what ``make demo`` runs): the whole story on a CPU.
+"""``python -m fairseq_knnvq.cli.demo`` (what ``make demo`` runs): collapse and its cure, on a CPU.
 
-On the shipped tiny corpus (``examples/tiny_corpus/LibriSpeech``) it
+It trains, side by side with stock ``fairseq-hydra-train``, the three criteria that matter:
+no regulariser (plain Gumbel), the wav2vec 2.0 diversity loss, and the KNN-to-vertex loss
+with the cross-entropy distance (KNN-CE), on
 
-1. writes the fairseq data: manifests and letter labels (``knnvq-prepare-librispeech``);
-2. pretrains wav2vec 2.0 twice with ``fairseq-hydra-train``: ``tiny_knn_ce`` (the KNN
-   vertex regulariser) and ``tiny_diversity`` (stock wav2vec 2.0's diversity loss);
-3. fine-tunes both with CTC on letters (``configs/finetuning/tiny.yaml``);
-4. decodes the test split (``knnvq-infer``, greedy CTC) and scores the WER;
-5. counts the codes that each pretrained quantizer picks on the test split and plots
-   the training curves (``knnvq-report``);
-6. prints one table: per variant the code usage, code perplexity and tightness of the
-   pretrained quantizer on the test split, and the test WER after fine-tuning.
+1. **images**: the tiny discrete image autoencoder on a generated folder of structured
+   images (``configs/image/tiny_*.yaml``), where plain Gumbel collapses onto a few codes
+   and the diversity loss spreads its soft codes without making them tight;
+2. **speech**: wav2vec 2.0 pretraining on the shipped tiny corpus
+   (``examples/tiny_corpus/LibriSpeech``, ``configs/pretraining/tiny_*.yaml``) with the
+   codebook of wav2vec 2.0 BASE (2 x 320 entries), where plain Gumbel leaves part of the
+   codebook unused; see docs/study.md for what the criteria do there.
 
-Everything is written under ``--out`` (default ``demo_out``)::
+With ``--finetune`` it also fine-tunes each speech model with CTC, decodes the test split
+(``knnvq-infer``) and adds the WER (about 3 minutes per variant on 2 cores).
 
-    data/                       manifests, labels, dictionary
-    pretrain/<variant>/         hydra run folder: hydra_train.log, checkpoints/
-    finetune/<variant>/         the same for fine-tuning
-    decode/<variant>/           hypotheses, references and the WER
-    report/                     PNG curves, final-value tables, code histograms
-    summary.md, summary.json    the table
+It prints a line when each run starts and ends, then one table per task with the final
+pooled validation metrics of each variant and a verdict in plain words ("collapsed: 11 of
+64 codes", "loose: mean max p 0.40", "full use, tight"). Everything goes under ``--out``
+(default ``demo_out``)::
 
-The summary files are written last, each at once (temporary file, then rename). A
-second run into the same folder starts afresh. ``--quick`` trains for a few updates
-only (a smoke test of the pipeline; its numbers mean nothing).
+    data/speech/, data/images/   manifests and labels; the generated images
+    speech/runs/<variant>/...    hydra run folders (console.log, checkpoints/)
+    image/runs/<variant>/...
+    finetune/, decode/           with --finetune
+    report/                      PNG curves per task, code histograms of the speech models
+    summary.md, summary.json     the tables
+
+The summary files are written last, each at once. A second run into the same folder
+starts afresh. ``--quick`` trains a few updates only (checks the pipeline; its numbers
+mean nothing).
 """
 from __future__ import annotations
 
@@ -34,163 +40,40 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
-import threading
-import time
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from . import report
-
 import fairseq_knnvq
+
+from .. import study
+from . import report
 
 REPO_ROOT = Path(fairseq_knnvq.PLUGIN_DIR).parent
 DEFAULT_CORPUS = REPO_ROOT / "examples" / "tiny_corpus" / "LibriSpeech"
 DEFAULT_CONFIGS = REPO_ROOT / "configs"
-VARIANTS = ("tiny_knn_ce", "tiny_diversity")
+SPEECH_VARIANTS = ("tiny_gumbel", "tiny_diversity", "tiny_knn_ce")
+IMAGE_VARIANTS = ("tiny_gumbel", "tiny_gumbel_diversity", "tiny_knn_ce")
+# The settings the study (docs/study.md) found, on top of the tiny configs.
+SPEECH_OVERRIDES = ("model.latent_vars=320",)
+IMAGE_OVERRIDES = ()
+IMAGE_SPLITS = {"train": 256, "val": 64}
+IMAGE_SIZE = 40
 FINETUNE_CONFIG = "tiny"
 SPLITS = {"train": "train", "dev": "dev", "test": "test"}  # fairseq subset name -> corpus folder
 # Marks a folder as the demo's own, so that a rerun may clear it.
 MARKER = ".knnvq-demo"
-QUICK_UPDATES = {"pretrain": 8, "finetune": 8}
+QUICK_UPDATES = {"speech": 8, "image": 8, "finetune": 8}
 MIN_FINETUNE_UPDATES = 4
+SEED = 1
 
 
 class DemoError(Exception):
     """Something the user has to fix; the message says what and how."""
 
 
-class Progress:
-    """Progress lines with the time since the demo started (from several threads), and
-    the training processes running, so that a failure or Ctrl-C stops all of them."""
-
-    def __init__(self) -> None:
-        self.start = time.monotonic()
-        self.lock = threading.Lock()
-        self.processes: set = set()
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start
-
-    def __call__(self, message: str) -> None:
-        minutes, seconds = divmod(int(self.elapsed()), 60)
-        with self.lock:
-            print(f"[{minutes:2d}:{seconds:02d}] {message}", flush=True)
-
-    def stop_all(self) -> None:
-        with self.lock:
-            for proc in list(self.processes):
-                if proc.poll() is None:
-                    proc.kill()
-
-
-@dataclass
-class Variant:
-    name: str
-    pretrain_dir: Path
-    finetune_dir: Path
-    decode_dir: Path
-
-    @property
-    def pretrained_checkpoint(self) -> Path:
-        return self.pretrain_dir / "checkpoints" / "checkpoint_last.pt"
-
-    @property
-    def finetuned_checkpoint(self) -> Path:
-        return self.finetune_dir / "checkpoints" / "checkpoint_best.pt"
-
-
-def _fairseq_hydra_train() -> str:
-    """The fairseq-hydra-train of this Python environment (else the one on PATH)."""
-    local = Path(sys.executable).parent / "fairseq-hydra-train"
-    if local.is_file():
-        return str(local)
-    found = shutil.which("fairseq-hydra-train")
-    if found is None:
-        raise DemoError("fairseq-hydra-train is not installed: run `make install` (or pip install -e .)")
-    return found
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        return "".join(path.read_text(encoding="utf-8", errors="replace").splitlines(True)[-lines:])
-    except OSError:
-        return ""
-
-
-def _summary_of(values: Dict[str, float], keys: Sequence[str]) -> str:
-    parts = []
-    for key in keys:
-        if key in values:
-            parts.append(f"{key} {report._format_value(values[key])}")
-    return "  ".join(parts)
-
-
-def train(
-    config_dir: Path,
-    config_name: str,
-    run_dir: Path,
-    overrides: Sequence[str],
-    label: str,
-    max_update: int,
-    progress: Progress,
-    shown_keys: Sequence[str],
-    threads: int,
-) -> report.RunLog:
-    """Runs ``fairseq-hydra-train`` in ``run_dir``, shows progress from its JSON log
-    lines and returns the parsed log. The console output goes to ``run_dir/console.log``."""
-    run_dir.mkdir(parents=True)
-    cmd = [
-        _fairseq_hydra_train(),
-        "--config-dir", str(config_dir),
-        "--config-name", config_name,
-        f"hydra.run.dir={run_dir}",
-        f"checkpoint.save_dir={run_dir / 'checkpoints'}",
-        f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}",
-        *overrides,
-    ]
-    (run_dir / "command.txt").write_text(" ".join(cmd) + "\n", encoding="utf-8")
-    console = run_dir / "console.log"
-    every = max(1, max_update // 10)
-    # torch's intra-op threads: the cores shared among the runs at the same time.
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    progress(f"{label}: fairseq-hydra-train --config-name {config_name} ({max_update} updates), log {console}")
-    with open(console, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, cwd=run_dir)
-        with progress.lock:
-            progress.processes.add(proc)
-        try:
-            for line in proc.stdout:
-                log.write(line)
-                parsed = report.parse_log_line(line)
-                if parsed is None:
-                    continue
-                kind, values = parsed
-                update = int(values.get("num_updates", 0))
-                if kind == "train_inner" and update % every == 0:
-                    progress(f"  {label}: update {update}/{max_update}  {_summary_of(values, shown_keys)}")
-                elif kind not in ("train_inner", "train"):
-                    progress(f"  {label}: {kind} at update {update}  {_summary_of(values, shown_keys)}")
-            code = proc.wait()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        finally:
-            with progress.lock:
-                progress.processes.discard(proc)
-    if code != 0:
-        raise DemoError(
-            f"{label} failed (exit code {code}). Last lines of {console}:\n{_tail(console)}"
-        )
-    return report.read_run(run_dir, name=label.split()[-1])
-
-
-def prepare_data(corpus: Path, data_dir: Path, progress: Progress) -> None:
+def prepare_speech(corpus: Path, data_dir: Path, progress: study.Progress) -> None:
     from . import prepare_librispeech
 
     missing = [folder for folder in SPLITS.values() if not (corpus / folder).is_dir()]
@@ -201,16 +84,23 @@ def prepare_data(corpus: Path, data_dir: Path, progress: Progress) -> None:
             "--corpus DIR (a LibriSpeech-layout folder with train/, dev/ and test/), or rebuild it "
             "with `python examples/tiny_corpus/make_corpus.py` (needs espeak-ng and sox)."
         )
-    argv = [str(corpus), "--dest", str(data_dir)]
+    argv = [str(corpus), "--dest", str(data_dir), "--no-progress"]
     for subset, folder in SPLITS.items():
         argv += ["--split", f"{subset}={folder}"]
     progress(f"data: knnvq-prepare-librispeech {corpus} -> {data_dir}")
     try:
-        with quiet(data_dir.parent / "logs" / "prepare_data.log"):
+        with quiet(data_dir.parent / "logs" / "prepare_speech.log"):
             prepare_librispeech.main(argv)
     except SystemExit as e:
         if e.code not in (None, 0):
             raise DemoError(str(e)) from None
+
+
+def prepare_images(data_dir: Path, progress: study.Progress) -> None:
+    from ..data.image_folder import write_synthetic_image_folder
+
+    progress(f"data: {sum(IMAGE_SPLITS.values())} generated {IMAGE_SIZE}x{IMAGE_SIZE} structured images -> {data_dir}")
+    write_synthetic_image_folder(str(data_dir), IMAGE_SPLITS, size=IMAGE_SIZE, seed=0)
 
 
 @contextlib.contextmanager
@@ -242,27 +132,6 @@ def quiet(log_file: Path):
                 h.setLevel(level)
 
 
-def decode(variant: Variant, data_dir: Path, progress: Progress) -> Dict[str, object]:
-    """Greedy CTC decoding of the test split with ``knnvq-infer``; returns its summary."""
-    from . import infer_ctc
-
-    checkpoint = variant.finetuned_checkpoint
-    progress(f"decode {variant.name}: knnvq-infer {checkpoint.name} --subset test")
-    argv = [str(checkpoint), "--data", str(data_dir), "--subset", "test",
-            "--output-dir", str(variant.decode_dir), "--cpu", "--no-progress"]
-    log_file = variant.decode_dir / "infer.log"
-    try:
-        with quiet(log_file):
-            infer_ctc.main(argv)
-    except SystemExit as e:
-        if e.code not in (None, 0):
-            raise DemoError(f"decoding {variant.name} failed: {e} (log: {log_file})") from None
-    result = json.loads((variant.decode_dir / "wer.test.json").read_text(encoding="utf-8"))
-    progress(f"  decode {variant.name}: test WER {result['wer']:.2f}% "
-             f"({result['num_word_errors']}/{result['num_words']} words), CER {result['cer']:.2f}%")
-    return result
-
-
 def fresh_output_folder(out: Path) -> None:
     """Creates ``out``; clears it first if an earlier demo made it."""
     if out.exists():
@@ -275,181 +144,247 @@ def fresh_output_folder(out: Path) -> None:
                 )
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    if not os.access(out, os.W_OK):
+        raise DemoError(f"--out {out} is not writable")
     (out / MARKER).write_text("made by python -m fairseq_knnvq.cli.demo; a rerun clears this folder\n")
 
 
-SUMMARY_COLUMNS = [
-    ("variant", "variant"),
-    ("code_usage", "code usage"),
-    ("code_perplexity", "code perplexity"),
-    ("tightness_max_prob", "tightness (mean max p)"),
-    ("test_wer", "test WER (%)"),
-    ("test_cer", "test CER (%)"),
-]
+def run_all(jobs: Sequence[tuple], workers: int, progress: study.Progress) -> List[dict]:
+    """Trains ``(Study, Point)`` pairs, ``workers`` at a time; the first failure stops the
+    others and is raised."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(s.run_point, p, i + 1, len(jobs), progress) for i, (s, p) in enumerate(jobs)]
+        try:
+            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+            failed = [f for f in futures if f.done() and not f.cancelled() and f.exception()]
+            if failed:
+                raise failed[0].exception()
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            progress.stop_all()
+            raise
 
 
-def summary_table(rows: Sequence[Dict[str, object]]) -> str:
-    def cell(key: str, value) -> str:
-        if key == "code_usage":
-            return f"{value['usage']:.3f} ({int(value['used_entries'])}/{int(value['num_entries'])})"
-        if isinstance(value, (int, float)):
-            return f"{value:.2f}" if key != "tightness_max_prob" else f"{value:.3f}"
+def finetune(name: str, pretrained: Path, data_dir: Path, out: Path, config_dir: Path,
+             updates: Optional[int], progress: study.Progress, threads: int) -> None:
+    """CTC fine-tuning of one pretrained model (a subprocess: safe from several threads)."""
+    run_dir = out / "finetune" / name
+    overrides = [f"task.data={data_dir}", f"model.w2v_path={pretrained}"]
+    if updates is not None:
+        overrides.append(f"optimization.max_update={updates}")
+    cmd = study.train_command(config_dir / "finetuning", FINETUNE_CONFIG, run_dir, overrides)
+    progress(f"finetune {name}: fairseq-hydra-train --config-name {FINETUNE_CONFIG} (log {run_dir / 'console.log'})")
+    code = study.run_training(cmd, run_dir, progress, threads)
+    if code != 0:
+        raise DemoError(f"fine-tuning {name} failed (exit code {code}). Last lines of "
+                        f"{run_dir / 'console.log'}:\n{study.tail(run_dir / 'console.log')}")
+
+
+def decode(name: str, data_dir: Path, out: Path) -> Dict[str, object]:
+    """Greedy CTC decoding of the test split, in this process (one at a time: it
+    redirects the console)."""
+    from . import infer_ctc
+
+    decode_dir = out / "decode" / name
+    checkpoint = out / "finetune" / name / "checkpoints" / "checkpoint_best.pt"
+    argv = [str(checkpoint), "--data", str(data_dir), "--subset", "test",
+            "--output-dir", str(decode_dir), "--cpu", "--no-progress"]
+    try:
+        with quiet(decode_dir / "infer.log"):
+            infer_ctc.main(argv)
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise DemoError(f"decoding {name} failed: {e} (log: {decode_dir / 'infer.log'})") from None
+    return json.loads((decode_dir / "wer.test.json").read_text(encoding="utf-8"))
+
+
+def summary_table(rows: Sequence[Dict[str, object]], task_metric: str, task_title: str,
+                  extra: Sequence[tuple] = ()) -> str:
+    columns = [("variant", "variant"), ("codes", "codes used"), ("code_perplexity", "code perplexity (hard)"),
+               ("prob_perplexity", "prob perplexity (soft)"), ("max_p", "mean max p"),
+               (task_metric, task_title), *extra, ("verdict", "verdict")]
+
+    def cell(key, value) -> str:
+        if isinstance(value, float):
+            return f"{value:.3f}" if key in ("max_p", "accuracy") else f"{value:.2f}"
         return str(value)
 
-    lines = ["| " + " | ".join(title for _, title in SUMMARY_COLUMNS) + " |",
-             "|---|" + "---:|" * (len(SUMMARY_COLUMNS) - 1)]
+    lines = ["| " + " | ".join(title for _, title in columns) + " |",
+             "|---|" + "---:|" * (len(columns) - 2) + "---|"]
     for row in rows:
-        lines.append("| " + " | ".join(cell(key, row[key]) for key, _ in SUMMARY_COLUMNS) + " |")
+        lines.append("| " + " | ".join(cell(k, row.get(k, "-")) for k, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
+def row_of(result: dict) -> Dict[str, object]:
+    m = result["metrics"]
+    total = round(m["used_codes"] / m["code_usage"]) if m.get("code_usage") else 0
+    return {
+        "variant": result["config"],
+        "codes": f"{m['used_codes']:.0f} / {total}",
+        "used_codes": m["used_codes"], "num_codes": total, "code_usage": m["code_usage"],
+        "code_perplexity": m["pooled_code_perplexity"], "prob_perplexity": m["pooled_prob_perplexity"],
+        "max_p": m["tightness_max_prob"],
+        **{k: m[k] for k in ("accuracy", "psnr") if k in m},
+        "verdict": study.verdict(m),
+    }
+
+
 def run_demo(args: argparse.Namespace) -> Dict[str, object]:
-    progress = Progress()
-    out = args.out.resolve()
-    corpus = args.corpus.resolve()
-    config_dir = args.config_dir.resolve()
-    for needed in [config_dir / "pretraining" / f"{v}.yaml" for v in args.variants] + [
-        config_dir / "finetuning" / f"{FINETUNE_CONFIG}.yaml"
-    ]:
-        if not needed.is_file():
-            raise DemoError(f"config {needed} is missing: run from a clone of the repository or pass --config-dir")
+    progress = study.Progress()
+    out, corpus, config_dir = args.out.resolve(), args.corpus.resolve(), args.config_dir.resolve()
+    needed = [config_dir / "pretraining" / f"{v}.yaml" for v in args.speech_variants]
+    needed += [config_dir / "image" / f"{v}.yaml" for v in args.image_variants]
+    if args.finetune:
+        needed.append(config_dir / "finetuning" / f"{FINETUNE_CONFIG}.yaml")
+    for path in needed:
+        if not path.is_file():
+            raise DemoError(f"config {path} is missing: run from a clone of the repository or pass --config-dir")
+    if not args.speech_variants and not args.image_variants:
+        raise DemoError("--speech-variants and --image-variants are both empty: nothing to train")
+    if args.finetune and not args.speech_variants:
+        raise DemoError("--finetune fine-tunes the speech variants, but --speech-variants is empty")
     if args.finetune_updates is not None and args.finetune_updates < MIN_FINETUNE_UPDATES:
         # fairseq's tri_stage schedule divides by its decay steps, int(0.3 * updates)
         raise DemoError(
             f"--finetune-updates must be at least {MIN_FINETUNE_UPDATES} (the tri-stage "
             f"learning-rate schedule of configs/finetuning/{FINETUNE_CONFIG}.yaml needs a decay phase)"
         )
+    if args.jobs < 1:
+        raise DemoError("--jobs must be at least 1")
     fresh_output_folder(out)
-    data_dir = out / "data"
-    prepare_data(corpus, data_dir, progress)
 
-    pretrain_updates, finetune_updates = args.pretrain_updates, args.finetune_updates
-    if args.quick:
-        pretrain_updates = pretrain_updates or QUICK_UPDATES["pretrain"]
-        finetune_updates = finetune_updates or QUICK_UPDATES["finetune"]
-    variants = [Variant(v, out / "pretrain" / v, out / "finetune" / v, out / "decode" / v) for v in args.variants]
+    quick = QUICK_UPDATES if args.quick else {}
+    speech_updates = args.speech_updates or quick.get("speech")
+    image_updates = args.image_updates or quick.get("image")
+    finetune_updates = args.finetune_updates or quick.get("finetune")
+    speech_data, image_data = out / "data" / "speech", out / "data" / "images"
+    studies: Dict[str, study.Study] = {}
+    if args.speech_variants:
+        prepare_speech(corpus, speech_data, progress)
+        fixed = [f"task.data={speech_data}", "dataset.valid_subset=dev", *SPEECH_OVERRIDES]
+        if speech_updates:
+            fixed += [f"optimization.max_update={speech_updates}", f"common.log_interval={max(1, speech_updates // 4)}"]
+        studies["speech"] = study.Study(config_dir / "pretraining", list(args.speech_variants), [], [SEED],
+                                        out / "speech", fixed, study.DEFAULT_METRICS["speech"])
+    if args.image_variants:
+        prepare_images(image_data, progress)
+        fixed = [f"task.data={image_data}", "dataset.validate_interval_updates=1000000", *IMAGE_OVERRIDES]
+        if image_updates:
+            fixed += [f"optimization.max_update={image_updates}", f"common.log_interval={max(1, image_updates // 4)}"]
+        studies["image"] = study.Study(config_dir / "image", list(args.image_variants), [], [SEED],
+                                       out / "image", fixed, study.DEFAULT_METRICS["image"])
 
-    jobs = max(1, min(args.jobs, len(variants)))
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    # Speech first (its checkpoints feed fine-tuning), then the images; one torch thread
+    # per run and as many runs as cores.
+    jobs = [(s, p) for s in studies.values() for p in s.points()]
+    progress(f"{len(jobs)} training runs, {args.jobs} at a time, one torch thread each")
+    results = run_all(jobs, args.jobs, progress)
+    by_task = {task: [r for (s, _), r in zip(jobs, results) if s is studies[task]] for task in studies}
 
-    def pretrain_and_finetune(variant: Variant):
-        overrides = [f"task.data={data_dir}", "dataset.valid_subset=dev"]
-        if pretrain_updates is not None:
-            overrides.append(f"optimization.max_update={pretrain_updates}")
-        max_update = pretrain_updates or _config_max_update(config_dir / "pretraining" / f"{variant.name}.yaml")
-        overrides.append(f"common.log_interval={max(1, max_update // 50)}")
-        pretrain_log = train(
-            config_dir / "pretraining", variant.name, variant.pretrain_dir, overrides,
-            f"pretrain {variant.name}", max_update, progress,
-            ("loss", "code_usage", "pooled_code_perplexity", "tightness_max_prob", "temp"), threads,
-        )
-        overrides = [f"task.data={data_dir}", f"model.w2v_path={variant.pretrained_checkpoint}"]
-        if finetune_updates is not None:
-            overrides.append(f"optimization.max_update={finetune_updates}")
-        max_update = finetune_updates or _config_max_update(config_dir / "finetuning" / f"{FINETUNE_CONFIG}.yaml")
-        overrides.append(f"common.log_interval={max(1, max_update // 50)}")
-        finetune_log = train(
-            config_dir / "finetuning", FINETUNE_CONFIG, variant.finetune_dir, overrides,
-            f"finetune {variant.name}", max_update, progress, ("loss", "wer", "uer"), threads,
-        )
-        return pretrain_log, finetune_log
+    decoded: Dict[str, dict] = {}
+    if args.finetune:
+        def pretrained(name: str) -> Path:
+            return study.Point(name, (), SEED).folder(out / "speech") / "checkpoints" / "checkpoint_last.pt"
 
-    if jobs > 1:
-        progress(f"{jobs} variants at a time, {threads} torch thread(s) each")
-    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(pretrain_and_finetune, v) for v in variants]
-        try:
-            concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
-            failed = [f for f in futures if f.done() and not f.cancelled() and f.exception()]
-            if failed:
-                raise failed[0].exception()
-            results = [f.result() for f in futures]
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            progress.stop_all()  # the other variant's run, if any: the demo has failed
-            raise
-    pretrain_logs = [r[0] for r in results]
-    finetune_logs = [r[1] for r in results]
-
-    wers = {variant.name: decode(variant, data_dir, progress) for variant in variants}
+        with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            futures = [pool.submit(finetune, name, pretrained(name), speech_data, out, config_dir,
+                                   finetune_updates, progress, 1) for name in args.speech_variants]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                progress.stop_all()
+                raise
+        for name in args.speech_variants:
+            progress(f"decode {name}: knnvq-infer --subset test")
+            decoded[name] = result = decode(name, speech_data, out)
+            progress(f"  decode {name}: test WER {result['wer']:.2f}% ({result['num_word_errors']}/"
+                     f"{result['num_words']} words), CER {result['cer']:.2f}%")
 
     report_dir = out / "report"
     progress(f"report: curves and code histograms -> {report_dir}")
-    codes = {}
+    code_counts = {}
     with quiet(out / "logs" / "report.log"):
-        report.write_curves_report(pretrain_logs, report_dir / "pretraining")
-        report.write_curves_report(finetune_logs, report_dir / "finetuning")
-        for variant in variants:
-            codes[variant.name] = report.write_code_report(
-                variant.pretrained_checkpoint, data_dir / "test.tsv", report_dir, name=variant.name
-            )
+        for task, task_study in studies.items():
+            logs = [report.read_run(study.Point(name, (), SEED).folder(task_study.out) / "console.log", name=name)
+                    for name in task_study.configs]
+            report.write_curves_report(logs, report_dir / task)
+        for name in args.speech_variants:
+            checkpoint = study.Point(name, (), SEED).folder(out / "speech") / "checkpoints" / "checkpoint_last.pt"
+            code_counts[name] = report.write_code_report(checkpoint, speech_data / "test.tsv", report_dir / "speech",
+                                                         name=name)["stats"]
 
-    rows = []
-    for variant, pre_log in zip(variants, pretrain_logs):
-        stats = codes[variant.name]["stats"]
-        rows.append({
-            "variant": variant.name,
-            "code_usage": {k: stats[k] for k in ("usage", "used_entries", "num_entries")},
-            "code_perplexity": stats["code_perplexity"],
-            "tightness_max_prob": stats.get("tightness_max_prob", float("nan")),
-            "test_wer": wers[variant.name]["wer"],
-            "test_cer": wers[variant.name]["cer"],
-        })
-    table = summary_table(rows)
+    tables, summary = [], {"quick": bool(args.quick), "speech_updates": speech_updates,
+                           "image_updates": image_updates, "finetune_updates": finetune_updates if args.finetune else None}
+    if "image" in by_task:
+        rows = [row_of(r) for r in by_task["image"]]
+        summary["image"] = rows
+        tables.append(("Images: tiny autoencoder, generated structured images (validation split)",
+                       summary_table(rows, "psnr", "PSNR (dB)")))
+    if "speech" in by_task:
+        rows = [row_of(r) for r in by_task["speech"]]
+        for row in rows:
+            if row["variant"] in decoded:
+                row["test_wer"] = decoded[row["variant"]]["wer"]
+                row["test_cer"] = decoded[row["variant"]]["cer"]
+        summary["speech"] = rows
+        summary["speech_test_code_counts"] = code_counts
+        extra = (("test_wer", "test WER (%)"), ("test_cer", "test CER (%)")) if decoded else ()
+        tables.append(("Speech: tiny wav2vec 2.0, shipped tiny corpus (dev split)",
+                       summary_table(rows, "accuracy", "contrastive accuracy", extra)))
     elapsed = progress.elapsed()
-    summary = {
-        "quick": bool(args.quick),
-        "pretrain_updates": pretrain_updates,
-        "finetune_updates": finetune_updates,
-        "wall_seconds": round(elapsed, 1),
-        "rows": rows,
-        "code_counts": {name: {k: v for k, v in c.items() if k != "counts"} for name, c in codes.items()},
-        "decoding": wers,
-        "pretraining_final": report.final_values(pretrain_logs, report.metrics_to_plot(pretrain_logs)),
-        "finetuning_final": report.final_values(finetune_logs, report.metrics_to_plot(finetune_logs)),
-    }
+    summary["wall_seconds"] = round(elapsed, 1)
+    body = "".join(f"## {title}\n\n{table}\n" for title, table in tables)
     markdown = (
         "# Demo summary\n\n"
-        "Code usage, code perplexity and tightness: the pretrained quantizer on the test split "
-        "(hard argmax codes, eval mode); test WER and CER: greedy CTC decoding after fine-tuning.\n\n"
-        + table
-        + f"\n{'Quick run (a smoke test: too few updates to mean anything). ' if args.quick else ''}"
+        "Final validation metrics, pooled over the whole validation split: codes used (hard argmax), "
+        "code perplexity (hard) and prob perplexity (soft) side by side, tightness (mean max p of the "
+        f"smoothed vectors). Verdict: collapsed below {study.FULL_USE:.0%} of the codes, loose below "
+        f"a mean max p of {study.TIGHT}.\n\n" + body
+        + f"{'Quick run (a smoke test: too few updates to mean anything). ' if args.quick else ''}"
         f"Wall time {elapsed / 60:.1f} min. Plots: report/.\n"
     )
     report.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     report.write_text(out / "summary.md", markdown)
     progress(f"done in {elapsed / 60:.1f} min; summary {out / 'summary.md'}")
     print()
-    print(table, flush=True)
+    for title, table in tables:
+        print(f"{title}\n{table}", flush=True)
     return summary
 
 
-def _config_max_update(path: Path) -> int:
-    from omegaconf import OmegaConf
-
-    return int(OmegaConf.load(path).optimization.max_update)
+def _names(text: str) -> List[str]:
+    return [v for v in text.split(",") if v]
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m fairseq_knnvq.cli.demo",
-        description="Pretrain (KNN-CE vs diversity), fine-tune, decode and report on the tiny corpus.",
+        description="No regulariser vs diversity loss vs KNN-CE on images and speech, side by side, on a CPU.",
     )
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
     parser.add_argument("--quick", action="store_true",
                         help=f"a few updates per run ({QUICK_UPDATES}): checks the pipeline, numbers mean nothing")
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS,
                         help="LibriSpeech-layout corpus with train/, dev/, test/ (default: the shipped tiny corpus)")
-    parser.add_argument("--config-dir", type=Path, default=DEFAULT_CONFIGS,
-                        help="the repository's configs/ folder")
-    parser.add_argument("--variants", type=lambda s: [v for v in s.split(",") if v], default=list(VARIANTS),
-                        help="pretraining configs to compare (default: tiny_knn_ce,tiny_diversity)")
-    parser.add_argument("--jobs", type=int, default=min(len(VARIANTS), os.cpu_count() or 1),
-                        help="variants trained at the same time, sharing the CPU cores "
-                             "(default: one per core, at most one per variant)")
-    parser.add_argument("--pretrain-updates", type=int, default=None,
-                        help="optimization.max_update of pretraining (default: the config's)")
+    parser.add_argument("--config-dir", type=Path, default=DEFAULT_CONFIGS, help="the repository's configs/ folder")
+    parser.add_argument("--speech-variants", type=_names, default=list(SPEECH_VARIANTS),
+                        help=f"pretraining configs (default {','.join(SPEECH_VARIANTS)}; '' for none)")
+    parser.add_argument("--image-variants", type=_names, default=list(IMAGE_VARIANTS),
+                        help=f"image configs (default {','.join(IMAGE_VARIANTS)}; '' for none)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="training runs at the same time, one torch thread each (default: one per core)")
+    parser.add_argument("--speech-updates", type=int, default=None,
+                        help="optimization.max_update of speech pretraining (default: the config's)")
+    parser.add_argument("--image-updates", type=int, default=None,
+                        help="optimization.max_update of the image runs (default: the config's)")
+    parser.add_argument("--finetune", action="store_true",
+                        help="also fine-tune each speech model with CTC and report its test WER")
     parser.add_argument("--finetune-updates", type=int, default=None,
                         help="optimization.max_update of fine-tuning (default: the config's)")
     return parser
@@ -459,7 +394,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run_demo(args)
-    except (DemoError, report.ReportError) as e:
+    except (DemoError, study.StudyError, report.ReportError) as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,13 +12,19 @@ data-loader worker processes (see :class:`fairseq_knnvq.data.unreadable.Unreadab
 
 For fine-tuning the wrapper goes around fairseq's ``AddTargetDataset``, so a replaced
 item brings its own transcript: audio and labels never get out of step.
+
+The wrapper also seeds the random crops of fairseq's collater (clips longer than
+``max_sample_size``) from the run's seed, the batch's items and, for training splits,
+the epoch, so that a resumed run crops what the uninterrupted run cropped (and every
+validation pass the same).
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
-from fairseq.data import BaseWrapperDataset, FairseqDataset
+import torch
+from fairseq.data import BaseWrapperDataset, FairseqDataset, data_utils
 
 from .image_folder import MAX_REPLACEMENT_TRIES
 
@@ -55,9 +61,20 @@ class ReplaceUnreadableDataset(BaseWrapperDataset):
     be broken (a missing folder, a wrong ``task.data``) and the error is raised.
     """
 
-    def __init__(self, dataset: FairseqDataset):
+    def __init__(self, dataset: FairseqDataset, seed: Optional[int] = None, crops_vary_by_epoch: bool = True):
         super().__init__(dataset)
         self.failed: Dict[int, Tuple[str, str]] = {}
+        # fairseq seeds torch with common.seed before it builds the task and its data.
+        self.seed = torch.initial_seed() % 2**31 if seed is None else seed
+        # Training crops change from epoch to epoch. Validation crops do not: fairseq
+        # counts an "epoch" for every validation pass made by the process, a count that
+        # starts again after a resume.
+        self.crops_vary_by_epoch = crops_vary_by_epoch
+        self.epoch = 1
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        super().set_epoch(epoch)
 
     def __getitem__(self, index: int) -> Dict[str, Any]:
         unreadable: List[Tuple[str, str]] = []
@@ -90,7 +107,13 @@ class ReplaceUnreadableDataset(BaseWrapperDataset):
 
     def collater(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         unreadable = [entry for sample in samples for entry in sample.pop("unreadable", ())]
-        batch = self.dataset.collater(samples)
+        # fairseq crops clips longer than max_sample_size at an offset drawn from numpy's
+        # global generator, whose state after a resume is not what it was at that point of
+        # the uninterrupted run. Seeded by (run seed, epoch, the batch's items), the crops
+        # are the same in both, so a resumed run continues with the same numbers.
+        epoch = self.epoch if self.crops_vary_by_epoch else 0
+        with data_utils.numpy_seed(self.seed, epoch, *(sample["id"] for sample in samples)):
+            batch = self.dataset.collater(samples)
         if unreadable and len(batch) > 0:
             batch["unreadable"] = unreadable
         return batch

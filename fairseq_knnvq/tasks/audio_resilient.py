@@ -66,7 +66,8 @@ class ReplaceUnreadableAudioMixin:
 
     def load_dataset(self, split: str, task_cfg=None, **kwargs):
         super().load_dataset(split, task_cfg, **kwargs)
-        self.datasets[split] = ReplaceUnreadableDataset(self.datasets[split])
+        # fairseq's training subsets are named train* by convention (train, train_10h, ...)
+        self.datasets[split] = ReplaceUnreadableDataset(self.datasets[split], crops_vary_by_epoch=split.startswith("train"))
 
     def _take_unreadable(self, sample, count: bool) -> int:
         """Removes the batch's ``unreadable`` entries and warns about new files; returns
