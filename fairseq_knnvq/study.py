@@ -55,17 +55,18 @@ RESULT_FILE = "result.json"
 MARKER = ".knnvq-study"
 
 
-# The verdict's thresholds: a run uses its codebook when at least this share of the
-# entries is chosen on the validation set, and is tight when the smoothed vectors put on
-# average at least this much probability on their largest entry.
+# The verdict's thresholds: a run uses its codebook fully when at least FULL_USE of the
+# entries is chosen on the validation set, and has collapsed below COLLAPSED; it is tight
+# when the smoothed vectors put on average at least TIGHT on their largest entry.
 FULL_USE = 0.95
+COLLAPSED = 0.5
 TIGHT = 0.5
 
 
 def verdict(metrics: Dict[str, float]) -> str:
     """Plain words for a run's final pooled usage: ``"collapsed: 11 of 64 codes"``,
-    ``"loose: mean max p 0.40"`` or ``"full use, tight"`` (both can fail: collapse is named
-    first)."""
+    ``"partial use: 561 of 640 codes"``, ``"loose: mean max p 0.40"`` or ``"full use,
+    tight"`` (usage and tightness can both fail: usage is named first)."""
     if "code_usage" not in metrics:
         return "-"
     usage = metrics["code_usage"]
@@ -73,7 +74,8 @@ def verdict(metrics: Dict[str, float]) -> str:
     if usage < FULL_USE:
         used = metrics.get("used_codes")
         total = round(used / usage) if used and usage > 0 else None
-        problems.append(f"collapsed: {used:.0f} of {total} codes" if total else f"collapsed: usage {usage:.2f}")
+        word = "collapsed" if usage < COLLAPSED else "partial use"
+        problems.append(f"{word}: {used:.0f} of {total} codes" if total else f"{word}: usage {usage:.2f}")
     max_p = metrics.get("tightness_max_prob")
     if max_p is not None and max_p < TIGHT:
         problems.append(f"loose: mean max p {max_p:.2f}")

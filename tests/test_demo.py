@@ -94,7 +94,9 @@ def test_verdicts_name_collapse_and_looseness() -> None:
         "loose: mean max p 0.40"
     assert study.verdict({"code_usage": 0.96, "used_codes": 615.0, "tightness_max_prob": 0.5}) == "full use, tight"
     assert study.verdict({"code_usage": 0.5, "used_codes": 320.0, "tightness_max_prob": 0.3}) == \
-        "collapsed: 320 of 640 codes; loose: mean max p 0.30"
+        "partial use: 320 of 640 codes; loose: mean max p 0.30"
+    assert study.verdict({"code_usage": 0.49, "used_codes": 49.0, "tightness_max_prob": 0.9}) == \
+        "collapsed: 49 of 100 codes"
 
 
 def test_too_few_finetune_updates_is_a_clear_error(tmp_path: Path, capsys) -> None:

@@ -9,8 +9,9 @@ with the cross-entropy distance (KNN-CE), on
    and the diversity loss spreads its soft codes without making them tight;
 2. **speech**: wav2vec 2.0 pretraining on the shipped tiny corpus
    (``examples/tiny_corpus/LibriSpeech``, ``configs/pretraining/tiny_*.yaml``) with the
-   codebook of wav2vec 2.0 BASE (2 x 320 entries), where plain Gumbel leaves part of the
-   codebook unused; see docs/study.md for what the criteria do there.
+   codebook of wav2vec 2.0 BASE (2 x 320 entries) and K = 1, where plain Gumbel leaves a
+   quarter of the codebook unused and no criterion reaches full use at this size (see
+   docs/study.md).
 
 With ``--finetune`` it also fine-tunes each speech model with CTC, decodes the test split
 (``knnvq-infer``) and adds the WER (about 3 minutes per variant on 2 cores).
@@ -55,9 +56,11 @@ DEFAULT_CORPUS = REPO_ROOT / "examples" / "tiny_corpus" / "LibriSpeech"
 DEFAULT_CONFIGS = REPO_ROOT / "configs"
 SPEECH_VARIANTS = ("tiny_gumbel", "tiny_diversity", "tiny_knn_ce")
 IMAGE_VARIANTS = ("tiny_gumbel", "tiny_gumbel_diversity", "tiny_knn_ce")
-# The settings the study (docs/study.md) found, on top of the tiny configs.
-SPEECH_OVERRIDES = ("model.latent_vars=320",)
-IMAGE_OVERRIDES = ()
+# The settings of the study (docs/study.md), on top of the tiny configs: wav2vec 2.0
+# BASE's codebook (2 x 320) with K = 1 (about 300 quantized frames per batch: M * K must
+# not exceed them), and the image runs at 300 updates.
+SPEECH_OVERRIDES = ("model.latent_vars=320", "model.knn_k=1")
+IMAGE_UPDATES = 300
 IMAGE_SPLITS = {"train": 256, "val": 64}
 IMAGE_SIZE = 40
 FINETUNE_CONFIG = "tiny"
@@ -258,7 +261,7 @@ def run_demo(args: argparse.Namespace) -> Dict[str, object]:
 
     quick = QUICK_UPDATES if args.quick else {}
     speech_updates = args.speech_updates or quick.get("speech")
-    image_updates = args.image_updates or quick.get("image")
+    image_updates = args.image_updates or quick.get("image") or IMAGE_UPDATES
     finetune_updates = args.finetune_updates or quick.get("finetune")
     speech_data, image_data = out / "data" / "speech", out / "data" / "images"
     studies: Dict[str, study.Study] = {}
@@ -271,7 +274,7 @@ def run_demo(args: argparse.Namespace) -> Dict[str, object]:
                                         out / "speech", fixed, study.DEFAULT_METRICS["speech"])
     if args.image_variants:
         prepare_images(image_data, progress)
-        fixed = [f"task.data={image_data}", "dataset.validate_interval_updates=1000000", *IMAGE_OVERRIDES]
+        fixed = [f"task.data={image_data}", "dataset.validate_interval_updates=1000000"]
         if image_updates:
             fixed += [f"optimization.max_update={image_updates}", f"common.log_interval={max(1, image_updates // 4)}"]
         studies["image"] = study.Study(config_dir / "image", list(args.image_variants), [], [SEED],
@@ -382,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speech-updates", type=int, default=None,
                         help="optimization.max_update of speech pretraining (default: the config's)")
     parser.add_argument("--image-updates", type=int, default=None,
-                        help="optimization.max_update of the image runs (default: the config's)")
+                        help=f"optimization.max_update of the image runs (default {IMAGE_UPDATES})")
     parser.add_argument("--finetune", action="store_true",
                         help="also fine-tune each speech model with CTC and report its test WER")
     parser.add_argument("--finetune-updates", type=int, default=None,
