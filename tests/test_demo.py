@@ -8,7 +8,6 @@ what its parts wrote.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
