@@ -26,6 +26,7 @@ from fairseq.modules import GumbelVectorQuantizer
 from fairseq_knnvq.quantization import SmoothedVectorQuantizer, knn_vertex_loss
 from fairseq_knnvq.quantization.regularizers import softmax_and_knn_loss
 from fairseq_run import CONFIG_DIR, last_record, parse_json_log, records_of, run_hydra_train
+from references import brute_force_knn
 
 fairseq_knnvq.register_with_fairseq()
 
@@ -35,21 +36,6 @@ pytestmark = [
 ]
 
 TEMP = (2.0, 0.5, 0.999995)
-
-
-def brute_force_knn(logits, k, distance, mask=None):
-    """L_KNN by its definition, float64: all distances, per vertex the K smallest."""
-    rows = logits.reshape(-1, *logits.shape[-2:]).double()
-    if mask is not None:
-        rows = rows[mask.reshape(-1)]
-    log_p = torch.log_softmax(rows, -1)
-    if distance == "ce":
-        d = -log_p
-    else:
-        p = log_p.exp()
-        d = 1 - 2 * p + p.pow(2).sum(-1, keepdim=True)
-    k_eff = min(k, d.shape[0])
-    return d.sort(dim=0).values[:k_eff].sum() / (d.shape[1] * d.shape[2] * k_eff)
 
 
 def assert_grad_close(got, expected, rel=1e-4):

@@ -25,6 +25,7 @@ from fairseq_knnvq.models.wav2vec2_knnvq import Wav2Vec2KnnVqConfig, Wav2Vec2Knn
 from fairseq_knnvq.quantization import SmoothedVectorQuantizer, knn_vertex_loss
 from fairseq_knnvq.quantization import distributed as knn_distributed
 from fairseq_knnvq.quantization import regularizers as knn_regularizers
+from references import brute_force_knn
 
 fairseq_knnvq.register_with_fairseq()
 
@@ -95,19 +96,6 @@ def sample_of(source, padding_mask, mask_indices):
 def seeded(fn, seed=7):
     torch.manual_seed(seed)
     return fn()
-
-
-def brute_force_knn(logits, k, distance="ce"):
-    """L_KNN by definition: every distance, sorted per vertex, the K smallest averaged
-    (differentiable through the kept values). ``logits``: (N, G, M)."""
-    log_p = torch.log_softmax(logits.double(), dim=-1)
-    if distance == "ce":
-        d = -log_p
-    else:
-        p = log_p.exp()
-        d = 1 - 2 * p + p.pow(2).sum(-1, keepdim=True)
-    k_eff = min(k, d.shape[0])
-    return d.sort(dim=0).values[:k_eff].sum() / (d.shape[1] * d.shape[2] * k_eff)
 
 
 def capture_quantizer_inputs(model):
