@@ -1,9 +1,7 @@
 """wav2vec2_knnvq model and wav2vec_knnvq criterion: parity with stock fairseq wav2vec 2.0,
 the KNN term, padding, worker-independent logging, and the shipped configs."""
-import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -66,8 +64,8 @@ def knnvq_model(seed=0, **overrides):
 
 
 def batch(model, batch_size=3, seed=0, padded_samples=0):
-    """Audio, padding mask and fixed mask indices (fairseq main draws its masks from
-    fresh OS entropy, so runs are compared on explicit masks)."""
+    """Audio, padding mask and fixed mask indices, all drawn from ``seed`` (fairseq main
+    draws its masks from fresh OS entropy, so runs are compared on explicit masks)."""
     generator = torch.Generator().manual_seed(seed)
     source = torch.randn(batch_size, SAMPLES, generator=generator)
     padding_mask = None
@@ -79,9 +77,11 @@ def batch(model, batch_size=3, seed=0, padded_samples=0):
         source[padding_mask] = 0
         lengths = model._get_feat_extract_output_lengths((~padding_mask).long().sum(-1))
         frame_padding = torch.arange(frames).unsqueeze(0) >= lengths.unsqueeze(1)
-    np.random.seed(seed)
+    # seed/epoch/indices: fairseq's own per-utterance seeding of its mask generator (without
+    # them it uses fresh OS entropy, and each test run would draw other masks)
     mask_indices = torch.from_numpy(
-        compute_mask_indices((batch_size, frames), frame_padding, 0.65, 5, min_masks=2, require_same_masks=True)
+        compute_mask_indices((batch_size, frames), frame_padding, 0.65, 5, min_masks=2, require_same_masks=True,
+                             seed=seed, epoch=0, indices=torch.arange(batch_size))
     )
     return source, padding_mask, mask_indices
 
