@@ -154,7 +154,7 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
     empty outputs and zero losses.
 
     A training step reads nothing back to the host (no ``.item()``, ``nonzero()``,
-    boolean indexing or ``bincount``; ``tests/test_host_sync.py``), and keeps no
+    boolean indexing or ``bincount``; ``tests/core/test_host_sync.py``), and keeps no
     N x G x M tensor beyond those its gradient needs: statistics for the logs are taken
     without gradient over blocks of rows or from a softmax the step holds anyway.
     """

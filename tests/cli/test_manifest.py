@@ -11,7 +11,7 @@ import soundfile
 
 from fairseq_knnvq.cli import manifest as manifest_cli
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_CORPUS = REPO_ROOT / "examples" / "tiny_corpus" / "LibriSpeech"
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from fairseq_knnvq import PLUGIN_DIR
 from fairseq_knnvq.data.image_folder import write_synthetic_image_folder
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_DIR = os.path.join(REPO, "configs", "image")
 BIN = os.path.dirname(sys.executable)
 MAX_UPDATE, VALIDATE_EVERY = 60, 30

@@ -11,7 +11,7 @@ import soundfile
 
 from fairseq_knnvq.cli import prepare_librispeech as prepare_cli
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_CORPUS = REPO_ROOT / "examples" / "tiny_corpus" / "LibriSpeech"
 TINY_CORPUS_SPLITS = ("train", "dev", "test")
 MAX_CORPUS_BYTES = 8_000_000

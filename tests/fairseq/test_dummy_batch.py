@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 import fairseq  # noqa: F401  (before the plugin, so that it registers its fairseq parts)
 import fairseq_knnvq
 
-from test_wav2vec2_knnvq import TINY, batch, brute_force_knn, capture_quantizer_inputs, sample_of
+from tiny_wav2vec2 import TINY, batch, brute_force_knn, capture_quantizer_inputs, sample_of
 
 fairseq_knnvq.register_with_fairseq()
 

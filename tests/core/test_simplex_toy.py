@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 spec = importlib.util.spec_from_file_location("simplex_toy", os.path.join(ROOT, "examples", "simplex_toy.py"))
 toy = importlib.util.module_from_spec(spec)
 sys.modules["simplex_toy"] = toy  # dataclasses look their module up there

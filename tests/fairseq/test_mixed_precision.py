@@ -26,7 +26,7 @@ from fairseq_knnvq.criterions.wav2vec_knnvq import Wav2vecKnnVqCriterion
 from fairseq_knnvq.quantization import SmoothedVectorQuantizer, diversity_loss, knn_vertex_loss
 from fairseq_knnvq.quantization.regularizers import softmax_and_knn_loss
 from fairseq_run import CONFIG_DIR, last_record, parse_json_log, records_of, run_hydra_train
-from test_wav2vec2_knnvq import (
+from tiny_wav2vec2 import (
     STOCK_LOG_KEYS,
     batch,
     brute_force_knn,

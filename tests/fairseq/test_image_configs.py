@@ -12,7 +12,7 @@ import fairseq_knnvq
 from fairseq.dataclass.initialize import add_defaults
 from test_config_user_dir import compose_like_fairseq_hydra_train
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "image")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "image")
 METHODS = {
     "ste": dict(quantizer="vqvae"),
     "gumbel": dict(quantizer="smoothed", smoothing="gumbel", regularizer="none"),
