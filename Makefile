@@ -26,7 +26,7 @@ test-fast: $(STAMP)
 
 # Everything under demo_out/; e.g. `make demo DEMO_ARGS=--quick` for a smoke test.
 demo: $(STAMP)
-	$(PY) -m fairseq_knnvq.cli.demo --out demo_out $(DEMO_ARGS)
+	$(PY) scripts/demo.py --out demo_out $(DEMO_ARGS)
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache

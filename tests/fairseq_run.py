@@ -34,6 +34,20 @@ _JSON_RECORD = re.compile(r"^(?:\[[^\]]*\]\[(?P<logger>[^\]]+)\]\[[A-Z]+\] - )?(
 _FAILURE_TAIL_CHARS = 6000
 
 
+def load_script(relative_path: str):
+    """Imports a script of the repository (``examples/``, ``scripts/``), which the
+    installed package does not hold, as a module named after its file."""
+    import importlib.util
+    import sys
+
+    path = REPO_ROOT / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def console_script(name: str) -> str:
     """Path of a console script installed next to this Python (the project's venv)."""
     candidate = Path(sys.executable).parent / name

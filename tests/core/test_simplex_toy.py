@@ -1,16 +1,10 @@
 """The paper's Figure 1 claim on the simplex toy (examples/simplex_toy.py)."""
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-spec = importlib.util.spec_from_file_location("simplex_toy", os.path.join(ROOT, "examples", "simplex_toy.py"))
-toy = importlib.util.module_from_spec(spec)
-sys.modules["simplex_toy"] = toy  # dataclasses look their module up there
-spec.loader.exec_module(toy)
+from fairseq_run import load_script
+
+toy = load_script("examples/simplex_toy.py")
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Tests of the demo (``make demo``: fairseq_knnvq.cli.demo).
+"""Tests of the demo (``make demo``: scripts/demo.py).
 
 The slow test runs the whole pipeline for real (data preparation, three speech and three
 image training runs and three fine-tuning runs through ``fairseq-hydra-train``,
@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from fairseq_knnvq import study
-from fairseq_knnvq.cli import demo
-from fairseq_run import last_record, parse_json_log
+from fairseq_run import last_record, load_script, parse_json_log
+
+demo = load_script("scripts/demo.py")
 
 SPEECH_VARIANTS = list(demo.SPEECH_VARIANTS)
 IMAGE_VARIANTS = list(demo.IMAGE_VARIANTS)

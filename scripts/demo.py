@@ -1,4 +1,9 @@
-"""``python -m fairseq_knnvq.cli.demo`` (what ``make demo`` runs): collapse and its cure, on a CPU.
+"""``python scripts/demo.py`` (what ``make demo`` runs): collapse and its cure, on a CPU.
+
+A script of the repository, not of the installed package: it trains the repository's
+``configs/`` on the shipped ``examples/tiny_corpus``, so it runs from a clone. It
+orchestrates; the work is done by the package (``fairseq_knnvq.study``, the console
+scripts' library code) and by stock ``fairseq-hydra-train``.
 
 It trains, side by side with stock ``fairseq-hydra-train``, the three criteria that matter:
 no regulariser (plain Gumbel), the wav2vec 2.0 diversity loss, and the KNN-to-vertex loss
@@ -46,12 +51,10 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import fairseq_knnvq
+from fairseq_knnvq import study
+from fairseq_knnvq.cli import report
 
-from .. import study
-from . import report
-
-REPO_ROOT = Path(fairseq_knnvq.PLUGIN_DIR).parent
+REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO_ROOT / "examples" / "tiny_corpus" / "LibriSpeech"
 DEFAULT_CONFIGS = REPO_ROOT / "configs"
 SPEECH_VARIANTS = ("tiny_gumbel", "tiny_diversity", "tiny_knn_ce")
@@ -77,7 +80,7 @@ class DemoError(Exception):
 
 
 def prepare_speech(corpus: Path, data_dir: Path, progress: study.Progress) -> None:
-    from . import prepare_librispeech
+    from fairseq_knnvq.cli import prepare_librispeech
 
     missing = [folder for folder in SPLITS.values() if not (corpus / folder).is_dir()]
     if missing:
@@ -100,7 +103,7 @@ def prepare_speech(corpus: Path, data_dir: Path, progress: study.Progress) -> No
 
 
 def prepare_images(data_dir: Path, progress: study.Progress) -> None:
-    from ..data.image_folder import write_synthetic_image_folder
+    from fairseq_knnvq.data.image_folder import write_synthetic_image_folder
 
     progress(f"data: {sum(IMAGE_SPLITS.values())} generated {IMAGE_SIZE}x{IMAGE_SIZE} structured images -> {data_dir}")
     write_synthetic_image_folder(str(data_dir), IMAGE_SPLITS, size=IMAGE_SIZE, seed=0)
@@ -149,7 +152,7 @@ def fresh_output_folder(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
         raise DemoError(f"--out {out} is not writable")
-    (out / MARKER).write_text("made by python -m fairseq_knnvq.cli.demo; a rerun clears this folder\n")
+    (out / MARKER).write_text("made by scripts/demo.py; a rerun clears this folder\n")
 
 
 def run_all(jobs: Sequence[tuple], workers: int, progress: study.Progress) -> List[dict]:
@@ -188,7 +191,7 @@ def finetune(name: str, pretrained: Path, data_dir: Path, out: Path, config_dir:
 def decode(name: str, data_dir: Path, out: Path) -> Dict[str, object]:
     """Greedy CTC decoding of the test split, in this process (one at a time: it
     redirects the console)."""
-    from . import infer_ctc
+    from fairseq_knnvq.cli import infer_ctc
 
     decode_dir = out / "decode" / name
     checkpoint = out / "finetune" / name / "checkpoints" / "checkpoint_best.pt"
@@ -366,7 +369,7 @@ def _names(text: str) -> List[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m fairseq_knnvq.cli.demo",
+        prog="python scripts/demo.py",
         description="No regulariser vs diversity loss vs KNN-CE on images and speech, side by side, on a CPU.",
     )
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
