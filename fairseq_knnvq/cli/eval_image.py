@@ -244,7 +244,7 @@ def evaluate(
         num_values += x.numel()
         ssim_sum += float(ssim(recon, x).sum())
         num_images += x.shape[0]
-        batch_usage = out["code_usage"]
+        batch_usage = out["usage_sums"]
         usage = batch_usage if usage is None else usage + batch_usage
         if inception is not None:
             real_stats.add(inception(x))

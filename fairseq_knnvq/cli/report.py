@@ -476,7 +476,7 @@ def count_codes_in_audio(model, cfg, files: Sequence[Path]):
             except RuntimeError as e:
                 raise ReportError(f"{path} is too short for the model's feature extractor: {e}") from e
             result = quantizer(model.layer_norm(features), produce_targets=True)
-            usage = result.get("code_usage")
+            usage = result.get("usage_sums")
             if usage is None:  # stock GumbelVectorQuantizer: counts only
                 usage = CodeUsage(counts=count_codes(result["targets"].reshape(-1, groups), entries))
             usage = CodeUsage(**{k: (None if v is None else v.cpu()) for k, v in vars(usage).items()})

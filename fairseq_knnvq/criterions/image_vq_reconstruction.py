@@ -176,7 +176,7 @@ class ImageVQReconstructionCriterion(FairseqCriterion):
                 "unreadable_images": len(sample.get("unreadable", ())),
             }
         )
-        logging_output.update(usage_logging_output(net_output["code_usage"]))
+        logging_output.update(usage_logging_output(net_output["usage_sums"]))
 
         if model.training:
             self._last_train_update = _num_updates(model)

@@ -163,13 +163,12 @@ class Wav2vecKnnVqCriterion(Wav2vecCriterion):
         logging_output[COUNT_KEY] = 1
         if "knn_loss" in net_output:
             logging_output["knn_loss"] = float(net_output["knn_loss"])
-        if "prob_perplexity" in net_output:
+        if "diversity_loss" in net_output:
             # unweighted, under its own name for every variant (fairseq's loss_N numbering
             # shifts with the terms a variant trains), so criteria compare on it
-            num_vars = net_output["num_vars"]
-            logging_output["diversity_loss"] = float((num_vars - net_output["prob_perplexity"]) / num_vars)
-        if "code_usage" in net_output:
-            logging_output.update(usage_logging_output(net_output["code_usage"]))
+            logging_output["diversity_loss"] = float(net_output["diversity_loss"])
+        if "usage_sums" in net_output:
+            logging_output.update(usage_logging_output(net_output["usage_sums"]))
         return loss, sample_size, logging_output
 
     @staticmethod

@@ -241,7 +241,7 @@ class VQImageAutoencoder(BaseFairseqModel):
         return {"knn": ("knn_loss",), "diversity": ("diversity_loss",)}.get(str(self.cfg.regularizer), ())
 
     def forward(self, images: torch.Tensor) -> Dict[str, Any]:
-        """Returns the quantizer's outputs (losses, ``code_usage``, ``codes``
+        """Returns the quantizer's outputs (losses, ``usage_sums``, ``codes``
         (B, h, w, G), perplexities, ``temp``) with ``x`` replaced by the reconstruction
         (B, 3, H, W), and ``training_losses``: the keys of the losses to optimise."""
         result = self.quantize(self.encode(images))

@@ -133,8 +133,9 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
 
     ``forward`` returns fairseq's keys plus ``knn_loss`` (summed over the quantizers the
     model runs: the target quantizer and, with ``quantize_input``, the input quantizer)
-    and ``code_usage`` (the summable usage statistics of the target quantizer, or of the
-    input quantizer when there are no quantized targets). Frames that are padding never
+    and, from the target quantizer (or the input quantizer when there are no quantized
+    targets), ``usage_sums`` (its summable usage statistics) and ``diversity_loss`` (the
+    value ``get_extra_losses`` trains on). Frames that are padding never
     enter the regulariser or the statistics.
     """
 
@@ -325,15 +326,15 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
         if outputs:
             # The last call is the target quantizer when there is one (it runs after the
             # encoder): the one whose perplexities fairseq reports.
-            result["code_usage"] = outputs[-1]["code_usage"]
+            result["usage_sums"] = outputs[-1]["usage_sums"]
+            result["diversity_loss"] = outputs[-1]["diversity_loss"]
         return result
 
     def get_extra_losses(self, net_output) -> List[Optional[torch.Tensor]]:
         """``[diversity, features_pen, knn]``; a term the variant does not train is None."""
         diversity = features_pen = knn = None
-        if self.cfg.quantizer_regularizer == "diversity" and "prob_perplexity" in net_output:
-            num_vars = net_output["num_vars"]
-            diversity = (num_vars - net_output["prob_perplexity"]) / num_vars
+        if self.cfg.quantizer_regularizer == "diversity" and "diversity_loss" in net_output:
+            diversity = net_output["diversity_loss"]
         if "features_pen" in net_output:
             features_pen = net_output["features_pen"]
         if self.cfg.quantizer_regularizer == "knn" and "knn_loss" in net_output:

@@ -25,6 +25,7 @@ from .regularizers import (
     knn_vertex_loss,
     masked_mean_probs,
     masked_prob_sums,
+    perplexity_and_diversity,
     softmax_and_knn_loss,
     tempered_softmax_and_mean_probs,
 )
@@ -148,8 +149,11 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
 
     ``forward(x, produce_targets=False, mask=None)`` (``mask``: ``(B, T)`` bool, True
     where valid) returns fairseq's keys ``x``, ``num_vars``, ``code_perplexity``,
-    ``prob_perplexity``, ``temp`` (and ``targets``), plus ``knn_loss`` and/or
-    ``diversity_loss``, ``code_counts`` (G, M) and ``code_usage`` (:class:`CodeUsage`).
+    ``prob_perplexity``, ``temp`` (and ``targets``), plus ``diversity_loss`` (with
+    gradient only when it is the regulariser in training), ``knn_loss`` (when the
+    regulariser is KNN or ``track_knn_loss``) and ``usage_sums`` (:class:`CodeUsage`, the
+    summable statistics of the batch; ``usage_sums.counts`` is the (G, M) histogram of
+    the hard codes).
     An empty batch (B or T = 0) or one without a valid position gives correctly shaped
     empty outputs and zero losses.
 
@@ -289,7 +293,6 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         logits = self.weight_proj(x.reshape(-1, fsz)).view(bsz * tsz, self.groups, self.num_vars)
         flat_mask = None if mask is None else mask.reshape(-1)
         logits32 = logits.float()
-        num_vars = self.num_vars * self.groups
 
         # Nothing below reads a value back to the host (no .item(), nonzero() or boolean
         # indexing): the mask enters as weights and every size comes from the shapes.
@@ -344,7 +347,11 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
 
         if train_diversity:
             prob_sums = avg_probs.detach() * num_counted
-        result["prob_perplexity"] = entropy_perplexity(avg_probs)
+        # the diversity loss, with gradient only when it trains (avg_probs is detached
+        # otherwise); 0 without a valid row, like the KNN loss (no sync on the mask)
+        result["prob_perplexity"], result["diversity_loss"] = perplexity_and_diversity(
+            avg_probs, num_counted if flat_mask is not None or logits.shape[0] == 0 else None
+        )
 
         def knn_input() -> Tensor:
             if self.knn_input == "smoothed" and smoothed_logits is not None:
@@ -357,13 +364,6 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         elif self.track_knn_loss:
             with torch.no_grad():
                 result["knn_loss"] = self._knn_fn(with_softmax=False)(knn_input(), flat_mask)
-        if self.regularizer == "diversity":
-            diversity = (num_vars - result["prob_perplexity"]) / num_vars
-            if flat_mask is not None or logits.shape[0] == 0:
-                # no valid row: 0, like the KNN loss (without a sync on the mask)
-                diversity = torch.where(num_counted > 0, diversity, diversity * 0.0)
-            result["diversity_loss"] = diversity
-
         with torch.no_grad():
             # tightness of the KNN input: from a softmax some node already holds when it
             # is that input, else over blocks of rows (no N x G x M copy)
@@ -371,8 +371,7 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
                 max_prob_sums, vertex_l2_sums = tightness_sums(soft.detach(), flat_mask)
             else:
                 max_prob_sums, vertex_l2_sums = tightness_sums_of_logits(knn_input().detach(), flat_mask)
-        result["code_counts"] = counts
-        result["code_usage"] = CodeUsage(
+        result["usage_sums"] = CodeUsage(
             counts=counts,
             prob_sums=prob_sums.detach().double(),
             max_prob_sums=max_prob_sums,
@@ -411,8 +410,8 @@ class VQVAEQuantizer(nn.Module):
     ``vq_loss = codebook_loss + beta * commitment_loss``.
 
     ``forward(z)`` takes ``(..., dim)`` and returns ``x`` (same shape), ``targets``
-    ``(..., G)``, the losses, ``num_vars``, ``code_perplexity``, ``code_counts`` and
-    ``code_usage``.
+    ``(..., G)``, the losses, ``num_vars``, ``code_perplexity`` and ``usage_sums``
+    (:class:`CodeUsage`).
     """
 
     def __init__(
@@ -494,9 +493,8 @@ class VQVAEQuantizer(nn.Module):
             "commitment_loss": commitment_loss,
             "vq_loss": codebook_loss + self.beta * commitment_loss,
             "code_perplexity": code_perplexity,
-            "code_counts": counts,
             # a hard choice is its own smoothed vector: onehot, max p = 1, on a vertex
-            "code_usage": CodeUsage(
+            "usage_sums": CodeUsage(
                 counts=counts,
                 prob_sums=counts.double(),
                 max_prob_sums=counts.sum(-1).double(),

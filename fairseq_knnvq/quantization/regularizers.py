@@ -738,10 +738,18 @@ def diversity_loss(logits: Tensor, mask: Optional[Tensor] = None, check_inputs: 
     rows, valid = as_rows(logits, mask)
     if check_inputs:
         check_finite(rows)
-    num_vars = rows.shape[1] * rows.shape[2]
-    loss = (num_vars - entropy_perplexity(masked_mean_probs(logits, mask))) / num_vars
-    if rows.shape[0] == 0:
-        return loss * 0.0
-    if valid is None:
-        return loss
-    return torch.where(valid.any(), loss, loss * 0.0)
+    num_valid = None if valid is None and rows.shape[0] else valid_count(rows, valid)
+    return perplexity_and_diversity(masked_mean_probs(rows, valid), num_valid)[1]
+
+
+def perplexity_and_diversity(mean_probs: Tensor, num_valid: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``(sum_g exp(H(mean_probs_g)), (G*M - that) / (G*M))`` for the batch-mean
+    probabilities ``(G, M)``: fairseq's prob perplexity and wav2vec 2.0's diversity loss,
+    with the float operations of stock fairseq. ``num_valid`` (0-d tensor): the loss is 0
+    where it is 0 (no valid row), chosen on the device (no host sync)."""
+    perplexity = entropy_perplexity(mean_probs)
+    num_vars = mean_probs.shape[0] * mean_probs.shape[1]
+    loss = (num_vars - perplexity) / num_vars
+    if num_valid is not None:
+        loss = torch.where(num_valid > 0, loss, loss * 0.0)
+    return perplexity, loss

@@ -135,7 +135,7 @@ def worker_results(rank):
     out["quantizer"] = {
         "loss": result["knn_loss"].item(),
         "grads": [p.grad.clone() for p in quantizer.parameters()],
-        "usage": result["code_usage"].all_reduce().stats(),
+        "usage": result["usage_sums"].all_reduce().stats(),
     }
     return out
 
@@ -233,7 +233,7 @@ def test_quantizer_with_knn_global_and_pooled_usage(workers):
     xs, masks = quantizer_inputs()
     result = quantizer(torch.cat(xs).double(), mask=torch.cat(masks))
     result["knn_loss"].backward()
-    expected_usage = result["code_usage"].stats()
+    expected_usage = result["usage_sums"].stats()
     for rank in range(WORLD):
         got = workers[rank]["quantizer"]
         assert got["loss"] == pytest.approx(result["knn_loss"].item(), rel=1e-6)

@@ -93,7 +93,7 @@ def test_knn_output_is_the_loss_of_the_smoothed_vectors():
     assert out["knn_loss"].item() == pytest.approx(expected.item(), rel=1e-6)
     # tightness is that of the same smoothed vectors
     probs = F.softmax(smoothed, dim=-1).detach()
-    torch.testing.assert_close(out["code_usage"].max_prob_sums, probs.max(-1).values.sum(0).double())
+    torch.testing.assert_close(out["usage_sums"].max_prob_sums, probs.max(-1).values.sum(0).double())
     out["knn_loss"].backward()
     assert mine.weight_proj.weight.grad is not None and mine.weight_proj.weight.grad.abs().sum() > 0
 
@@ -114,12 +114,12 @@ def test_counts_mask_and_usage():
     mask = torch.ones(3, 5, dtype=torch.bool)
     mask[2, 2:] = False
     out = mine(x, produce_targets=True, mask=mask)
-    counts = out["code_counts"]
+    counts = out["usage_sums"].counts
     assert counts.shape == (2, 16) and counts.dtype == torch.long
     assert counts.sum(1).tolist() == [int(mask.sum())] * 2
     expected = torch.stack([torch.bincount(out["targets"][mask][:, g], minlength=16) for g in range(2)])
     assert torch.equal(counts, expected)
-    stats = codebook_stats(out["code_usage"])
+    stats = codebook_stats(out["usage_sums"])
     assert stats["usage"] == pytest.approx(float((counts > 0).float().mean()))
 
 
@@ -256,7 +256,7 @@ def test_vqvae_rotation_trick_keeps_value_changes_gradient():
 
 def test_vqvae_usage_is_complete_and_poolable():
     vq = VQVAEQuantizer(dim=4, num_vars=8, groups=2)
-    usage = vq(torch.randn(30, 4))["code_usage"]
+    usage = vq(torch.randn(30, 4))["usage_sums"]
     stats = codebook_stats(usage + usage)
     assert stats["tightness_max_prob"] == pytest.approx(1.0)
     assert stats["tightness_vertex_l2"] == 0.0
@@ -307,7 +307,7 @@ def test_empty_batch_gives_empty_outputs_and_zero_losses(regularizer, smoothing,
             out = mine(x, produce_targets=True, mask=mask)
             assert out["x"].shape == ((bsz, tsz, 32) if time_first else (bsz, 32, tsz))
             assert out["targets"].shape == (bsz, tsz, 2)
-            assert torch.equal(out["code_counts"], torch.zeros(2, 16, dtype=torch.long))
+            assert torch.equal(out["usage_sums"].counts, torch.zeros(2, 16, dtype=torch.long))
             assert out["code_perplexity"].item() == 2.0  # exp(H(0)) per group, as fairseq's +1e-7 gives
             assert regularizer == "none" or f"{regularizer}_loss" in out
             losses = [out[key] for key in ("knn_loss", "diversity_loss") if key in out]
@@ -324,14 +324,14 @@ def test_all_masked_batch_gives_zero_losses_with_rows_present():
         _, mine = make_pair(smoothing="softmax", regularizer=regularizer)
         out = mine(torch.randn(2, 5, 64), mask=torch.zeros(2, 5, dtype=torch.bool))
         assert out[f"{regularizer}_loss"].item() == 0.0
-        assert int(out["code_counts"].sum()) == 0
+        assert int(out["usage_sums"].counts.sum()) == 0
 
 
 def test_vqvae_empty_batch():
     vq = VQVAEQuantizer(dim=6, num_vars=10, groups=2)
     out = vq(torch.randn(0, 6, requires_grad=True))
     assert out["x"].shape == (0, 6) and out["targets"].shape == (0, 2)
-    assert out["vq_loss"].item() == 0.0 and int(out["code_counts"].sum()) == 0
+    assert out["vq_loss"].item() == 0.0 and int(out["usage_sums"].counts.sum()) == 0
 
 
 @pytest.mark.parametrize("smoothing", ["softmax", "ste", "gumbel"])

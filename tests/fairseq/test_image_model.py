@@ -45,7 +45,7 @@ def test_shapes_for_every_downsampling_factor(f, quantizer):
     out = model(x)
     assert out["x"].shape == x.shape
     assert out["codes"].shape == (2, 32 // f, 32 // f, 2)
-    assert out["code_usage"].counts.sum() == 2 * 2 * (32 // f) ** 2
+    assert out["usage_sums"].counts.sum() == 2 * 2 * (32 // f) ** 2
     loss = out["x"].pow(2).mean() + sum(out[k] for k in out["training_losses"])
     loss.backward()
     assert all(p.grad is not None for p in model.encoder.parameters())
@@ -87,7 +87,7 @@ def test_temperature_follows_updates():
 
 def test_vqvae_usage_is_hard():
     out = make_model(quantizer="vqvae")(images())
-    stats = out["code_usage"].stats()
+    stats = out["usage_sums"].stats()
     assert stats["prob_perplexity"] == pytest.approx(stats["code_perplexity"])
     assert stats["tightness_max_prob"] == pytest.approx(1.0)
     assert stats["tightness_vertex_l2"] == pytest.approx(0.0)

@@ -157,7 +157,7 @@ def test_knn_loss_is_the_loss_of_the_masked_frames_and_is_trained(distance):
     logits = model.quantizer.weight_proj(y).view(*y.shape[:2], 2, 16) / model.quantizer.curr_temp
     expected = knn_vertex_loss(logits.reshape(-1, 2, 16), k=4, distance=distance)
     torch.testing.assert_close(out["knn_loss"], expected)
-    assert int(out["code_usage"].counts.sum()) == 2 * y.shape[0] * y.shape[1]
+    assert int(out["usage_sums"].counts.sum()) == 2 * y.shape[0] * y.shape[1]
 
     # trained: the gradient of the term is that of the brute-force loss
     model = knnvq_model(quantizer_regularizer="knn", knn_distance=distance, knn_k=4, quantizer_smoothing="softmax")
@@ -251,7 +251,7 @@ def test_padded_frames_never_reach_the_statistics(overrides):
     valid_frames = int(model._get_feat_extract_output_lengths((~padding_mask).long().sum(-1)).sum())
     assert valid_frames < source.shape[0] * mask_indices.shape[1]
     out = model(source=source, padding_mask=padding_mask, mask_indices=mask_indices)
-    counts = out["code_usage"].counts
+    counts = out["usage_sums"].counts
     assert counts.sum(-1).tolist() == [valid_frames] * counts.shape[0]
 
 

@@ -85,7 +85,7 @@ def test_logged_metrics_do_not_depend_on_how_workers_are_synced():
         _, _, log = seeded(lambda: criterion(model, sample), seed=seed)
         logs.append(log)
         with torch.no_grad():
-            usages.append(seeded(lambda: model(source=source, mask_indices=mask_indices), seed=seed)["code_usage"])
+            usages.append(seeded(lambda: model(source=source, mask_indices=mask_indices), seed=seed)["usage_sums"])
 
     gathered = _reduced(Wav2vecKnnVqCriterion.reduce_metrics, logs)
     summed = _reduced(Wav2vecKnnVqCriterion.reduce_metrics, _summed_like_fairseq(logs))
@@ -118,7 +118,7 @@ def test_validation_usage_is_pooled_over_the_whole_subset():
             source, padding_mask, mask_indices = batch(model, seed=seed, batch_size=1)
             with torch.no_grad():
                 _, _, log = criterion(model, sample_of(source, padding_mask, mask_indices))
-                counts.append(model(source=source, mask_indices=mask_indices)["code_usage"].counts)
+                counts.append(model(source=source, mask_indices=mask_indices)["usage_sums"].counts)
             Wav2vecKnnVqCriterion.reduce_metrics([log])
             per_batch.append(float((counts[-1] > 0).sum()))
         values = aggregator.get_smoothed_values()
