@@ -22,9 +22,7 @@ named by the update number.
 """
 
 import logging
-import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -38,6 +36,8 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
 from ..code_usage_logging import log_code_usage, usage_logging_output
+from ..evaluation.image_metrics import psnr_from_mse
+from ..files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ AUX_LOSSES = {
 }
 # Also logged (as per-image averages) when the model returns them.
 LOGGED_EXTRAS = ("codebook_loss", "commitment_loss", "temp")
-PIXEL_RANGE = 2.0  # images in [-1, 1]
 
 
 @dataclass
@@ -110,17 +109,8 @@ def write_reconstruction_grid(
         for i in range(n):
             x = padding + i * (w + padding)
             grid[y : y + h, x : x + w] = images[i]
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".grid-", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(grid).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as partial:
+        Image.fromarray(grid).save(partial, format="PNG")
 
 
 @register_criterion("image_vq_reconstruction", dataclass=ImageVQReconstructionConfig)
@@ -236,10 +226,3 @@ class ImageVQReconstructionCriterion(FairseqCriterion):
         # module docstring; this also selects fairseq's all-reduce sync, which works
         # with gloo on CPU.
         return True
-
-
-def psnr_from_mse(mse: float, pixel_range: float = PIXEL_RANGE) -> float:
-    """PSNR in dB for images with peak-to-peak ``pixel_range`` (2 for [-1, 1])."""
-    if mse <= 0:
-        return float("inf")
-    return 10.0 * math.log10(pixel_range**2 / mse)

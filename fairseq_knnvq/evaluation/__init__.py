@@ -1,0 +1,2 @@
+"""Evaluation of trained models outside fairseq's training loop: image reconstruction
+metrics (:mod:`.image_metrics`). Nothing here imports fairseq."""
