@@ -21,7 +21,8 @@ the same seeded train/valid split, plus what that script leaves to the user:
 * ``--split-name NAME`` writes one ``NAME.tsv`` for a whole folder (e.g. ``valid.tsv``
   from LibriSpeech's ``dev-other``), the usual way to get a fixed validation set;
 * output is sorted and deterministic, and written atomically (temporary file, then
-  rename), so an interrupted or failed run never leaves half a manifest behind.
+  rename: :mod:`fairseq_knnvq.files`), so an interrupted or failed run never leaves
+  half a manifest behind.
 
 The functions here are reused by ``knnvq-prepare-librispeech``. Nothing here imports
 fairseq or torchaudio: audio I/O is ``soundfile``.
@@ -34,14 +35,16 @@ import math
 import multiprocessing
 import os
 import random
+import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import soundfile
 
 from fairseq_knnvq.cli.outputs import output_folder_problem
+from fairseq_knnvq.data.manifest import AudioEntry, Manifest, ManifestError, read_manifest
+from fairseq_knnvq.files import atomic_path, write_files_atomically
 
 DEFAULT_SAMPLE_RATE = 16000
 # Frames decoded per read while checking a file (64k frames = 4 s at 16 kHz, 128 KiB).
@@ -54,42 +57,6 @@ MAX_LISTED_PROBLEMS = 10
 _SOUNDFILE_READ_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, OSError, ValueError) + (
     (soundfile.SoundFileError,) if hasattr(soundfile, "SoundFileError") else ()
 )
-
-
-class ManifestError(Exception):
-    """A problem with the input that the user has to fix; the message says how."""
-
-
-@dataclasses.dataclass(frozen=True)
-class AudioEntry:
-    """One line of a manifest.
-
-    ``relative_path`` is relative to the manifest root (POSIX separators, as fairseq
-    joins it with ``os.path.join``); ``source_path`` is the original file, which
-    differs from ``root / relative_path`` only when the file was resampled. Callers
-    that look for files next to the audio (LibriSpeech transcripts) use it.
-    """
-
-    relative_path: str
-    num_frames: int
-    source_path: Path
-
-
-@dataclasses.dataclass(frozen=True)
-class Manifest:
-    """An absolute root folder and the audio files under it, in manifest order."""
-
-    root: Path
-    entries: tuple[AudioEntry, ...]
-
-    def to_text(self) -> str:
-        lines = [f"{self.root}\n"]
-        lines += [f"{entry.relative_path}\t{entry.num_frames}\n" for entry in self.entries]
-        return "".join(lines)
-
-    @property
-    def total_frames(self) -> int:
-        return sum(entry.num_frames for entry in self.entries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,33 +219,20 @@ def resample_audio_file(source: Path, destination: Path, sample_rate: int) -> in
         mono = resample_poly(mono, sample_rate // common, source_rate // common)
     # The anti-aliasing filter can overshoot full scale a little; clip instead of wrap.
     mono = np.clip(mono, -1.0, 1.0)
-    destination.parent.mkdir(parents=True, exist_ok=True)
     output_format = destination.suffix.lstrip(".").upper()  # "FLAC", "WAV", ...
-    file_descriptor, partial_name = tempfile.mkstemp(
-        prefix=f".{destination.name}.", suffix=".partial", dir=destination.parent
-    )
-    os.close(file_descriptor)
-    try:
-        soundfile.write(partial_name, mono, sample_rate, subtype="PCM_16", format=output_format)
-        os.replace(partial_name, destination)
-    except BaseException:
-        Path(partial_name).unlink(missing_ok=True)
-        raise
+    with atomic_path(destination) as partial:
+        soundfile.write(str(partial), mono, sample_rate, subtype="PCM_16", format=output_format)
     return int(mono.shape[0])
 
 
 def _link_or_copy(source: Path, destination: Path) -> None:
     """Make ``destination`` a symlink to ``source`` (a copy where links are not allowed)."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(f".{destination.name}.partial-link")
-    partial.unlink(missing_ok=True)
-    try:
-        os.symlink(source.resolve(), partial)
-    except OSError:
-        import shutil
-
-        shutil.copyfile(source, partial)
-    os.replace(partial, destination)
+    with atomic_path(destination) as partial:
+        partial.unlink()  # os.symlink makes the name itself
+        try:
+            os.symlink(source.resolve(), partial)
+        except OSError:
+            shutil.copyfile(source, partial)
 
 
 def build_manifest(
@@ -375,40 +329,6 @@ def split_train_valid(manifest: Manifest, valid_percent: float, seed: int) -> tu
     return Manifest(manifest.root, tuple(train)), Manifest(manifest.root, tuple(valid))
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    file_descriptor, partial_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(file_descriptor, "w", encoding="utf-8", newline="\n") as partial:
-            partial.write(text)
-        os.chmod(partial_name, 0o644)  # mkstemp makes files private; manifests are not
-        os.replace(partial_name, path)
-    except BaseException:
-        Path(partial_name).unlink(missing_ok=True)
-        raise
-
-
-def write_files_atomically(files: Mapping[Path, str]) -> None:
-    """Write several text files, each atomically, after all of them are computed."""
-    for path, text in files.items():
-        atomic_write_text(path, text)
-
-
-def read_manifest(path: Path) -> Manifest:
-    """Read a manifest written by this module or by fairseq's script."""
-    with open(path, encoding="utf-8") as manifest_file:
-        root = Path(next(manifest_file).strip())
-        entries = []
-        for line in manifest_file:
-            if not line.strip():
-                continue
-            relative_path, num_frames = line.rstrip("\n").split("\t")
-            entries.append(AudioEntry(relative_path, int(num_frames), root / relative_path))
-    return Manifest(root, tuple(entries))
-
-
 # The split that must share no audio with any other manifest of its folder.
 TRAIN_SPLIT = "train"
 
@@ -433,7 +353,7 @@ def stale_manifest_problems(dest: Path, new: Mapping[str, Manifest]) -> list[str
             continue
         try:
             old = read_manifest(path)
-        except (OSError, StopIteration, ValueError, UnicodeDecodeError):
+        except (OSError, ManifestError):
             continue  # not a manifest
         old_files = {old.root / e.relative_path for e in old.entries}
         for name, files in new_files.items():

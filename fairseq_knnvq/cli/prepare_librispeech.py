@@ -46,17 +46,15 @@ from typing import Iterable, Mapping, Sequence
 
 from fairseq_knnvq.cli.manifest import (
     DEFAULT_SAMPLE_RATE,
-    AudioEntry,
-    Manifest,
-    ManifestError,
     add_check_arguments,
     build_manifest,
     check_dest,
     describe,
     refuse_stale_manifests,
     resample_folder,
-    write_files_atomically,
 )
+from fairseq_knnvq.data.manifest import AudioEntry, Manifest, ManifestError
+from fairseq_knnvq.files import atomic_write_bytes, write_files_atomically
 
 # Shown in error messages before "... and N more".
 MAX_LISTED_MISSING = 5
@@ -227,18 +225,6 @@ def train_sentencepiece(transcripts: Sequence[str], vocab_size: int) -> Sentence
             pieces=pieces,
             processor=processor,
         )
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    file_descriptor, partial_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(file_descriptor, "wb") as partial:
-            partial.write(data)
-        os.chmod(partial_name, 0o644)
-        os.replace(partial_name, path)
-    except BaseException:
-        Path(partial_name).unlink(missing_ok=True)
-        raise
 
 
 def build_parser() -> argparse.ArgumentParser:

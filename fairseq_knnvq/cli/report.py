@@ -28,15 +28,15 @@ import argparse
 import json
 import logging
 import math
-import os
 import re
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from fairseq_knnvq.cli.outputs import output_folder_problem
+from fairseq_knnvq.data.manifest import ManifestError, read_manifest
+from fairseq_knnvq.files import atomic_path, atomic_write_text
 
 # Metrics plotted by default, in this order, with the axis label of each. The code
 # metrics are those of fairseq_knnvq.code_usage_logging (pooled over the log interval
@@ -264,30 +264,9 @@ def _pyplot():
     return plt
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Calls ``write(temporary_path)`` and renames the result to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_text(path: Path, text: str) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic_write(Path(path), write)
-
-
 def _save_figure(fig, path: Path) -> None:
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    with atomic_path(path) as partial:
+        fig.savefig(partial, format="png", dpi=110, bbox_inches="tight")
 
 
 def plot_metric(runs: Sequence[RunLog], metric: str, path: Path) -> bool:
@@ -387,8 +366,8 @@ def write_curves_report(
         path = out / f"{metric}.png"
         if plot_metric(runs, metric, path):
             written[path.name] = path
-    write_text(out / "final_values.md", markdown_table(runs, chosen))
-    write_text(out / "final_values.json", json.dumps(final_values(runs, chosen), indent=2) + "\n")
+    atomic_write_text(out / "final_values.md", markdown_table(runs, chosen))
+    atomic_write_text(out / "final_values.json", json.dumps(final_values(runs, chosen), indent=2) + "\n")
     written["final_values.md"] = out / "final_values.md"
     written["final_values.json"] = out / "final_values.json"
     return written
@@ -397,42 +376,15 @@ def write_curves_report(
 # ---------------------------------------------------------------- code histograms
 
 
-def read_manifest(path: Path) -> List[Path]:
-    """The audio files of a fairseq manifest (root line, then ``relative<TAB>frames``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ReportError(f"manifest {path} does not exist: write one with knnvq-manifest")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if not lines:
-        raise ReportError(f"manifest {path} is empty: its first line must be the audio root folder")
-    root = Path(lines[0].strip())
-    files = []
-    for number, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
-        relative = line.split("\t")[0]
-        files.append(root / relative)
-    if not files:
-        raise ReportError(f"manifest {path} lists no audio files")
-    return files
-
-
 def load_pretrained(checkpoint: Path):
     """(model in eval mode, its training config) of a pretraining checkpoint of this
     plugin or of stock wav2vec 2.0."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
-        raise ReportError(f"checkpoint {checkpoint} does not exist")
-    import fairseq  # noqa: F401  (fairseq first, so the plugin registers its parts)
-    import fairseq_knnvq
-    from fairseq import checkpoint_utils
+    from fairseq_knnvq.checkpoints import CheckpointError, load_model
 
-    fairseq_knnvq.register_with_fairseq()
     try:
-        models, cfg, _task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)])
-    except Exception as e:
-        raise ReportError(f"cannot load {checkpoint} as a fairseq checkpoint: {type(e).__name__}: {e}") from e
-    model = models[0].eval()
+        model, cfg, _task = load_model(checkpoint)
+    except CheckpointError as e:
+        raise ReportError(f"cannot load {checkpoint} as a fairseq checkpoint: {e.detail}" if e.detail else str(e)) from e
     if getattr(model, "quantizer", None) is None or not hasattr(model, "feature_extractor"):
         raise ReportError(
             f"{checkpoint} has no quantizer: pass a wav2vec 2.0 pretraining checkpoint "
@@ -442,46 +394,41 @@ def load_pretrained(checkpoint: Path):
 
 
 def count_codes_in_audio(model, cfg, files: Sequence[Path]):
-    """Runs the model's feature extractor and quantizer (eval mode: hard argmax codes)
-    over each file; returns the summed :class:`CodeUsage` and the number of frames."""
+    """The model's own quantizer (eval mode: hard argmax codes) over each file
+    (:func:`~fairseq_knnvq.checkpoints.quantizer_usage`); returns the summed
+    :class:`~fairseq_knnvq.quantization.CodeUsage` and the number of frames."""
     import soundfile
     import torch
     import torch.nn.functional as F
 
-    from fairseq_knnvq.quantization import CodeUsage, count_codes
+    from fairseq_knnvq.checkpoints import min_input_samples, quantizer_usage
 
     sample_rate = int(getattr(cfg.task, "sample_rate", 16000))
     normalize = bool(getattr(cfg.task, "normalize", False))
-    quantizer = model.quantizer
-    groups, entries = quantizer.groups, quantizer.num_vars
+    min_samples = min_input_samples(model)
     total = None
     frames = 0
-    with torch.no_grad():
-        for path in files:
-            try:
-                wav, sr = soundfile.read(str(path), dtype="float32")
-            except Exception as e:
-                raise ReportError(f"cannot read audio {path}: {e}") from e
-            if sr != sample_rate or wav.ndim != 1:
-                raise ReportError(
-                    f"{path}: {sr} Hz, {wav.ndim} dim; the model was trained on {sample_rate} Hz mono "
-                    "audio: convert it (knnvq-manifest --resample)"
-                )
-            source = torch.from_numpy(wav).unsqueeze(0)
-            if normalize:  # as fairseq's FileAudioDataset does for such models
-                source = F.layer_norm(source, source.shape)
-            # Wav2Vec2Model.quantize, but keeping the quantizer's full output.
-            try:
-                features = model.feature_extractor(source).transpose(1, 2)
-            except RuntimeError as e:
-                raise ReportError(f"{path} is too short for the model's feature extractor: {e}") from e
-            result = quantizer(model.layer_norm(features), produce_targets=True)
-            usage = result.get("usage_sums")
-            if usage is None:  # stock GumbelVectorQuantizer: counts only
-                usage = CodeUsage(counts=count_codes(result["targets"].reshape(-1, groups), entries))
-            usage = CodeUsage(**{k: (None if v is None else v.cpu()) for k, v in vars(usage).items()})
-            total = usage if total is None else total + usage
-            frames += features.shape[1]
+    for path in files:
+        try:
+            wav, sr = soundfile.read(str(path), dtype="float32")
+        except Exception as e:
+            raise ReportError(f"cannot read audio {path}: {e}") from e
+        if sr != sample_rate or wav.ndim != 1:
+            raise ReportError(
+                f"{path}: {sr} Hz, {wav.ndim} dim; the model was trained on {sample_rate} Hz mono "
+                "audio: convert it (knnvq-manifest --resample)"
+            )
+        if wav.shape[0] < min_samples:
+            raise ReportError(
+                f"{path} is too short for the model's feature extractor: {wav.shape[0]} samples, "
+                f"the receptive field is {min_samples}"
+            )
+        source = torch.from_numpy(wav).unsqueeze(0)
+        if normalize:  # as fairseq's FileAudioDataset does for such models
+            source = F.layer_norm(source, source.shape)
+        usage, num_frames = quantizer_usage(model, source)
+        total = usage if total is None else total + usage
+        frames += num_frames
     return total, frames
 
 
@@ -521,7 +468,12 @@ def write_code_report(checkpoint: Path, manifest: Path, out: Path, name: Optiona
     returns the JSON content (counts and :func:`codebook_stats`)."""
     from fairseq_knnvq.quantization import codebook_stats
 
-    files = read_manifest(manifest)
+    try:
+        files = [entry.source_path for entry in read_manifest(manifest).entries]
+    except ManifestError as e:
+        raise ReportError(str(e)) from None
+    if not files:
+        raise ReportError(f"manifest {manifest} lists no audio files")
     if max_files is not None:
         files = files[:max_files]
     model, cfg = load_pretrained(checkpoint)
@@ -547,7 +499,7 @@ def write_code_report(checkpoint: Path, manifest: Path, out: Path, name: Optiona
     out = Path(out)
     plot_code_counts(usage.counts, out / f"{name}_code_counts.png",
                      f"{name}: codes of {frames} frames ({Path(manifest).name})")
-    write_text(out / f"{name}_code_counts.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / f"{name}_code_counts.json", json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -10,6 +10,8 @@ import pytest
 import soundfile
 
 from fairseq_knnvq.cli import manifest as manifest_cli
+from fairseq_knnvq.data.manifest import read_manifest
+from fairseq_knnvq.files import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_CORPUS = REPO_ROOT / "examples" / "tiny_corpus" / "LibriSpeech"
@@ -223,8 +225,8 @@ def test_empty_folder_and_missing_folder_are_clear_errors(tmp_path: Path) -> Non
 def test_read_manifest_round_trip(audio_tree: Path) -> None:
     built = manifest_cli.build_manifest(audio_tree)
     path = audio_tree.parent / "x.tsv"
-    manifest_cli.atomic_write_text(path, built.to_text())
-    read_back = manifest_cli.read_manifest(path)
+    atomic_write_text(path, built.to_text())
+    read_back = read_manifest(path)
     assert read_back.root == built.root
     assert [(e.relative_path, e.num_frames) for e in read_back.entries] == [
         (e.relative_path, e.num_frames) for e in built.entries

@@ -19,6 +19,7 @@ from PIL import Image
 from fairseq.logging import progress_bar
 
 from fairseq_knnvq.cli import report
+from fairseq_knnvq.data.manifest import read_manifest
 
 HYDRA_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # hydra/job_logging/default
 FAIRSEQ_TRAIN_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"  # fairseq_cli/train.py
@@ -234,7 +235,7 @@ def test_code_histogram_of_a_pretrained_checkpoint(tiny_manifests: Path, tmp_pat
         assert image.format == "PNG"
 
     model, _ = report.load_pretrained(checkpoint)
-    files = report.read_manifest(manifest)[:12]
+    files = [entry.source_path for entry in read_manifest(manifest).entries][:12]
     expected = torch.zeros(result["groups"], result["entries"], dtype=torch.long)
     frames = 0
     with torch.no_grad():
