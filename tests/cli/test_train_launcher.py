@@ -30,8 +30,13 @@ def output(result: subprocess.CompletedProcess) -> str:
 
 
 def write_config(dest: Path, name: str, edit) -> Path:
-    """A copy of tiny_knn_ce.yaml changed by ``edit(config_dict)``."""
-    config = yaml.safe_load(TINY.read_text())
+    """tiny_knn_ce.yaml and the tiny_recipe.yaml it includes, as one file, changed by
+    ``edit(config_dict)``."""
+    from omegaconf import OmegaConf
+
+    own = OmegaConf.load(TINY)
+    recipes = [OmegaConf.load(TINY.parent / f"{included}.yaml") for included in own.pop("defaults") if included != "_self_"]
+    config = OmegaConf.to_container(OmegaConf.merge(own, *recipes))
     edit(config)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / f"{name}.yaml").write_text(yaml.safe_dump(config))

@@ -20,15 +20,15 @@ from hydra.types import RunMode
 from fairseq_run import CONFIG_DIR, console_script
 
 PLUGIN = Path(fairseq_knnvq.PLUGIN_DIR).resolve()
-# Files that other configs list in their defaults, not meant to run alone.
-INCLUDED_ONLY = ("tiny_base.yaml", "imagenet_base.yaml")
 
 
 def runnable_configs():
+    """(group, name) of every config meant to run; a ``<scale>_recipe.yaml`` holds the
+    shared settings that the variants of its folder list in their defaults."""
     found = []
     for group in ("pretraining", "finetuning", "image"):
         for path in sorted((CONFIG_DIR / group).glob("*.yaml")):
-            if path.name not in INCLUDED_ONLY:
+            if not path.stem.endswith("_recipe"):
                 found.append((group, path.stem))
     return found
 

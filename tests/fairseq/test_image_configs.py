@@ -34,7 +34,7 @@ def config_names():
     return sorted(
         os.path.basename(p)[:-5]
         for p in glob.glob(os.path.join(CONFIG_DIR, "*.yaml"))
-        if not p.endswith("_base.yaml")
+        if not p.endswith("_recipe.yaml")
     )
 
 
@@ -53,7 +53,7 @@ def test_config_composes_with_its_method_and_scale(name):
     assert cfg.criterion._name == "image_vq_reconstruction"
     for key, value in METHODS[method].items():
         assert str(cfg.model[key]) == value, (name, key)
-    # Settings of the shared base file survive (it is merged after the schema).
+    # Settings of the shared recipe file survive (it is merged after the schema).
     assert cfg.dataset.batch_size is not None and cfg.dataset.required_batch_size_multiple == 1
     assert cfg.checkpoint.best_checkpoint_metric == "psnr"
     if name.startswith("tiny_"):
