@@ -33,14 +33,14 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
+
+from .checkpoints import CheckpointError, load_model, read_checkpoint
+from .files import atomic_folder
 
 PRETRAINING_MODELS = ("wav2vec2", "wav2vec2_knnvq")
 CTC_MODELS = ("wav2vec_ctc",)
@@ -54,26 +54,6 @@ class ExportError(Exception):
 
 
 # --- reading the checkpoint -----------------------------------------------------------
-
-
-def load_checkpoint(path: Path) -> Dict[str, Any]:
-    """The checkpoint's state (``cfg`` as an OmegaConf config, ``model`` the weights),
-    read by fairseq's own loader (which also upgrades pre-hydra ``args`` checkpoints)."""
-    import fairseq  # noqa: F401  (before the plugin, so that it registers its fairseq parts)
-
-    import fairseq_knnvq
-    from fairseq import checkpoint_utils
-
-    if not path.is_file():
-        raise ExportError(f"checkpoint {path} does not exist (give the .pt file that fairseq-hydra-train wrote)")
-    fairseq_knnvq.register_with_fairseq()  # also allow-lists fairseq's Dictionary for weights-only loading
-    try:
-        state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
-    except Exception as error:  # torch.load raises many types for a file that is no checkpoint
-        raise ExportError(f"{path} could not be read as a fairseq checkpoint: {type(error).__name__}: {error}") from None
-    if not isinstance(state, dict) or state.get("cfg") is None or "model" not in state:
-        raise ExportError(f"{path} has no 'cfg' and 'model' entries: not a checkpoint written by fairseq's training")
-    return state
 
 
 def checkpoint_kind(state: Mapping[str, Any], path: Path) -> str:
@@ -401,18 +381,6 @@ def check_output_dir(out_dir: Path, overwrite: bool) -> None:
             break
 
 
-def _replace_folder(staged: Path, out_dir: Path) -> None:
-    """Moves the finished ``staged`` folder to ``out_dir`` (replacing it), so the output
-    folder never holds a half-written export."""
-    if out_dir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, trash / out_dir.name)
-        os.replace(staged, out_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staged, out_dir)
-
-
 def feature_extractor_for(transformers, task_cfg: Mapping[str, Any], feat_extract_norm: str):
     """fairseq's ``task.normalize`` (zero mean, unit variance per utterance) and sample rate.
     As transformers recommends for wav2vec 2.0, models with a group-norm feature
@@ -437,13 +405,14 @@ def verify_export(checkpoint: Path, state: Mapping[str, Any], kind: str, folder:
     and the share of differing code indices for a pretraining model; CTC logits for a
     fine-tuned one. ExportError when one exceeds :data:`VERIFY_TOLERANCE`."""
     import transformers
-    from fairseq import checkpoint_utils
 
     state = dict(state)
     if dictionary is not None:  # the one exported (it may not be in the checkpoint or its data folder)
         state["task_state"] = dict(state.get("task_state") or {}, target_dictionary=dictionary)
-    models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)], state=state)
-    fairseq_model = models[0].eval()
+    try:
+        fairseq_model, _, _ = load_model(checkpoint, state)
+    except CheckpointError as error:
+        raise ExportError(str(error)) from None
     sample_rate = int(state["cfg"].task.get("sample_rate", 16000))
     generator = torch.Generator().manual_seed(0)
     audio = 0.1 * torch.randn(1, int(VERIFY_SECONDS * sample_rate), generator=generator)
@@ -491,7 +460,10 @@ def export_checkpoint(
     out_dir = Path(out_dir).resolve()
     check_output_dir(out_dir, overwrite)
     transformers = _import_transformers()
-    state = load_checkpoint(checkpoint)
+    try:
+        state = read_checkpoint(checkpoint)  # cfg (OmegaConf) and model weights, upgraded by fairseq
+    except CheckpointError as error:
+        raise ExportError(str(error)) from None
     kind = checkpoint_kind(state, checkpoint)
     cfg = state["cfg"]
     if kind == "pretraining":
@@ -565,9 +537,8 @@ def export_checkpoint(
     model.eval()
     feature_extractor = feature_extractor_for(transformers, task_cfg, hf_config.feat_extract_norm)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)  # after every check: like mkdir -p
-    staged = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.export-", dir=out_dir.parent))
-    try:
+    # After every check; missing parent folders are made as mkdir -p does.
+    with atomic_folder(out_dir) as staged:
         model.save_pretrained(str(staged), safe_serialization=True)
         if vocabulary is None:
             feature_extractor.save_pretrained(str(staged))
@@ -588,10 +559,6 @@ def export_checkpoint(
             processor.save_pretrained(str(staged))
         files = tuple(sorted(p.name for p in staged.iterdir()))
         differences = verify_export(checkpoint, state, kind, staged, dictionary) if verify else {}
-        _replace_folder(staged, out_dir)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
     return ExportResult(
         kind=kind,
         model_class=model_class.__name__,

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from .cli import report
+from .files import atomic_write_text
 
 # Metrics reported by default, per task: usage, hard and soft perplexity side by side,
 # tightness, and the task's own measure.
@@ -337,7 +338,7 @@ class Study:
             "valid_subset": run.default_valid_subset(), "metrics": final,
             "wall_seconds": round(time.monotonic() - started, 1), "command": cmd,
         }
-        report.write_text(run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
+        atomic_write_text(run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
         shown = "  ".join(f"{m} {report._format_value(final[m])}" for m in self.metrics if m in final)
         progress(f"{tag}: done in {result['wall_seconds']:.0f} s: {shown}")
         return result
@@ -506,14 +507,14 @@ def write_summaries(results: Sequence[dict], grid_keys: Sequence[str], metrics: 
     for r in results:
         runs_rows.append([r["config"], *(r["grid"].get(k, "") for k in grid_keys), r["seed"],
                           *(r["metrics"].get(m, "") for m in metrics)])
-    report.write_text(out / "runs.csv", _csv(runs_rows))
+    atomic_write_text(out / "runs.csv", _csv(runs_rows))
     rows = aggregate(results, grid_keys, metrics)
     summary_rows = [["config", *grid_keys, "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "sd"))]]
     for row in rows:
         summary_rows.append([row["config"], *(row["grid"][k] for k in grid_keys), len(row["seeds"]),
                              *(row[m][s] for m in metrics for s in ("mean", "sd"))])
-    report.write_text(out / "summary.csv", _csv(summary_rows))
+    atomic_write_text(out / "summary.csv", _csv(summary_rows))
     table = markdown_summary(rows, grid_keys, metrics)
-    report.write_text(out / "summary.md", table)
+    atomic_write_text(out / "summary.md", table)
     write_plots(rows, grid_keys, metrics, out / "plots")
     return table

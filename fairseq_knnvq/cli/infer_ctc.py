@@ -47,9 +47,10 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from fairseq_knnvq.cli.manifest import ManifestError, read_manifest, write_files_atomically
 from fairseq_knnvq.cli.outputs import output_folder_problem
 from fairseq_knnvq.data.labels import describe_unknown_units, find_unknown_units
+from fairseq_knnvq.data.manifest import ManifestError, read_manifest
+from fairseq_knnvq.files import write_files_atomically
 
 DEFAULT_MAX_TOKENS = 1_600_000  # audio samples per batch: 100 s at 16 kHz
 
@@ -125,13 +126,10 @@ def units_to_words(label_line: str, post_process: str) -> str:
 def load_checkpoint_state(path: Path, data_dir: Path | None, labels: str | None) -> tuple[dict[str, Any], str | None]:
     """The checkpoint's state with the task's data folder and labels replaced, and the
     labels it was fine-tuned with (None for a model that was not fine-tuned)."""
-    import torch
-    from fairseq import checkpoint_utils
-    from fairseq.data import Dictionary
     from fairseq.dataclass.utils import overwrite_args_by_name
 
-    if not path.is_file():
-        raise InferenceError(f"checkpoint {path} does not exist (give the .pt file that fine-tuning wrote)")
+    from fairseq_knnvq.checkpoints import CheckpointError, read_checkpoint
+
     task_overrides: dict[str, Any] = {
         # Decode whole utterances: a fine-tuning config's crop or minimum length would
         # otherwise shorten or drop some of them.
@@ -143,14 +141,9 @@ def load_checkpoint_state(path: Path, data_dir: Path | None, labels: str | None)
     if labels is not None:
         task_overrides["labels"] = labels
     try:
-        # A fine-tuned checkpoint pickles the task's target Dictionary ("task_state"),
-        # which torch >= 2.6's weights-only loading refuses unless it is allow-listed.
-        with torch.serialization.safe_globals([Dictionary]):
-            state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
-    except Exception as error:  # torch.load raises many types for a file that is no checkpoint
-        raise InferenceError(f"{path} could not be read as a fairseq checkpoint: {type(error).__name__}: {error}") from None
-    if state.get("cfg") is None:
-        raise InferenceError(f"{path} has no 'cfg' entry: not a checkpoint written by fairseq's hydra training")
+        state = read_checkpoint(path)
+    except CheckpointError as error:
+        raise InferenceError(str(error)) from None
     trained_labels = state["cfg"].task.get("labels")
     overwrite_args_by_name(state["cfg"], {"task": task_overrides})
     return state, trained_labels
@@ -214,13 +207,7 @@ def check_data(data_dir: Path, subset: str, labels: str, sample_rate: int, need_
             f"manifest {manifest_path} does not exist; write it with knnvq-prepare-librispeech "
             f"(--split {subset}=...) or give the right --subset"
         )
-    try:
-        manifest = read_manifest(manifest_path)
-    except (StopIteration, ValueError) as error:
-        raise InferenceError(
-            f"manifest {manifest_path} is not a fairseq manifest (line 1 the audio root, then "
-            f"'relative/path<TAB>num_frames' lines): {error or 'the file is empty'}"
-        ) from None
+    manifest = read_manifest(manifest_path)
     if not manifest.entries:
         raise InferenceError(f"manifest {manifest_path} lists no audio files: nothing to decode")
     missing_audio = [str(entry.source_path) for entry in manifest.entries if not entry.source_path.is_file()]
@@ -249,19 +236,6 @@ def check_data(data_dir: Path, subset: str, labels: str, sample_rate: int, need_
                          tuple(entry.num_frames for entry in manifest.entries))
 
 
-def min_input_samples(model) -> int:
-    """The fewest audio samples that give one output frame: the receptive field of the
-    model's convolutional feature extractor (400 samples, 25 ms, for wav2vec 2.0).
-    A shorter clip has no frame to decode (and crashes ``conv1d`` when alone)."""
-    import torch
-
-    convs = [m for name, m in model.named_modules() if "feature_extractor" in name and isinstance(m, torch.nn.Conv1d)]
-    length = 1
-    for conv in reversed(convs):
-        length = (length - 1) * conv.stride[0] + conv.kernel_size[0]
-    return length
-
-
 def check_clip_lengths(reference: ReferenceData, min_samples: int, sample_rate: int) -> None:
     """Stops, naming them, when clips of the manifest are shorter than ``min_samples``."""
     short = [(line, n) for line, n in enumerate(reference.num_samples, start=2) if n < min_samples]
@@ -280,11 +254,12 @@ def check_clip_lengths(reference: ReferenceData, min_samples: int, sample_rate: 
 
 
 def import_plugins(user_dir: str | None) -> None:
-    import fairseq  # noqa: F401  (the plugin registers its parts only once fairseq is loaded)
-    import fairseq_knnvq
+    """This plugin's fairseq parts, and those of the plugin folder ``user_dir``."""
     from fairseq import utils
 
-    fairseq_knnvq.register_with_fairseq()
+    from fairseq_knnvq.checkpoints import register_plugins
+
+    register_plugins()
     if user_dir is not None:
         if not os.path.isdir(user_dir):
             raise InferenceError(f"--user-dir {user_dir} is not a folder")
@@ -295,21 +270,19 @@ def import_plugins(user_dir: str | None) -> None:
 
 
 def build_model(state: dict[str, Any], path: Path, device: str):
-    from fairseq import checkpoint_utils
+    from fairseq_knnvq.checkpoints import CheckpointError, load_model
 
     try:
-        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], state=state)
-    except RuntimeError as error:
-        if "size mismatch" not in str(error):
-            raise
+        return load_model(path, state, device)
+    except CheckpointError as error:
+        if not isinstance(error.__cause__, RuntimeError) or "size mismatch" not in error.detail:
+            raise InferenceError(str(error)) from None
         # Only a checkpoint without its own dictionary gets here (see checkpoint_has_dictionary).
         dictionary_path = Path(state["cfg"].task.data) / f"dict.{state['cfg'].task.labels}.txt"
         raise InferenceError(
             f"the model in {path} does not fit the dictionary {dictionary_path} "
-            f"({str(error).splitlines()[-1].strip()}): decode with the dictionary it was fine-tuned with"
+            f"({str(error.__cause__).splitlines()[-1].strip()}): decode with the dictionary it was fine-tuned with"
         ) from None
-    model = models[0].to(device).eval()
-    return model, cfg, task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -442,6 +415,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     started = time.perf_counter()
     model, _, task = build_model(state, checkpoint, device)
+    from fairseq_knnvq.checkpoints import min_input_samples
+
     check_clip_lengths(reference, min_input_samples(model), int(task_cfg.get("sample_rate", 16000)))
     dictionary = task.target_dictionary
     unknown = find_unknown_units(reference.label_lines, dictionary.indices)

@@ -8,7 +8,8 @@ import fairseq  # noqa: F401
 import fairseq_knnvq
 from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 
-from fairseq_knnvq.cli.infer_ctc import InferenceError, ReferenceData, check_clip_lengths, min_input_samples
+from fairseq_knnvq.checkpoints import min_input_samples
+from fairseq_knnvq.cli.infer_ctc import InferenceError, ReferenceData, check_clip_lengths
 
 fairseq_knnvq.register_with_fairseq()
 
