@@ -53,6 +53,7 @@ from typing import Dict, List, Optional, Sequence
 
 from fairseq_knnvq import study
 from fairseq_knnvq.cli import report
+from fairseq_knnvq.files import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPUS = REPO_ROOT / "examples" / "tiny_corpus" / "LibriSpeech"
@@ -354,8 +355,8 @@ def run_demo(args: argparse.Namespace) -> Dict[str, object]:
         + f"{'Quick run (a smoke test: too few updates to mean anything). ' if args.quick else ''}"
         f"Wall time {elapsed / 60:.1f} min. Plots: report/.\n"
     )
-    report.write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
-    report.write_text(out / "summary.md", markdown)
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.md", markdown)
     progress(f"done in {elapsed / 60:.1f} min; summary {out / 'summary.md'}")
     print()
     for title, table in tables:
