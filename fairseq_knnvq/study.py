@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from .cli import report
+from . import report
 from .files import atomic_write_text
 
 # Metrics reported by default, per task: usage, hard and soft perplexity side by side,
@@ -339,7 +339,7 @@ class Study:
             "wall_seconds": round(time.monotonic() - started, 1), "command": cmd,
         }
         atomic_write_text(run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
-        shown = "  ".join(f"{m} {report._format_value(final[m])}" for m in self.metrics if m in final)
+        shown = "  ".join(f"{m} {report.format_value(final[m])}" for m in self.metrics if m in final)
         progress(f"{tag}: done in {result['wall_seconds']:.0f} s: {shown}")
         return result
 
@@ -449,7 +449,7 @@ def write_plots(rows: Sequence[dict], grid_keys: Sequence[str], metrics: Sequenc
     """``<metric>_vs_<key>.png`` for every grid key with at least two values: one line per
     config and values of the other grid keys, the standard deviation over seeds as bars.
     Numeric values go on a numeric axis (log scale when they span a factor of 8 or more)."""
-    plt = report._pyplot()
+    plt = report.pyplot()
     written = []
     for key in grid_keys:
         values = list(dict.fromkeys(row["grid"][key] for row in rows))
@@ -494,7 +494,7 @@ def write_plots(rows: Sequence[dict], grid_keys: Sequence[str], metrics: Sequenc
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=7)
                 path = folder / f"{metric}_vs_{key.lstrip('+').replace('.', '_')}.png"
-                report._save_figure(fig, path)
+                report.save_figure(fig, path)
                 written.append(path)
             finally:
                 plt.close(fig)

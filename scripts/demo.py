@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from fairseq_knnvq import study
-from fairseq_knnvq.cli import report
+from fairseq_knnvq import report
 from fairseq_knnvq.files import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

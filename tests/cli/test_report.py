@@ -18,7 +18,8 @@ from PIL import Image
 
 from fairseq.logging import progress_bar
 
-from fairseq_knnvq.cli import report
+from fairseq_knnvq import report
+from fairseq_knnvq.cli import report as report_cli
 from fairseq_knnvq.data.manifest import read_manifest
 
 HYDRA_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # hydra/job_logging/default
@@ -125,7 +126,7 @@ def test_parse_keeps_record_kinds_apart(two_runs) -> None:
 def test_curves_plots_and_table(two_runs, tmp_path: Path) -> None:
     knn_dir, knn, div_log, div = two_runs
     out = tmp_path / "report"
-    code = report.main(["curves", str(knn_dir), str(div_log), "--name", "knn_ce", "--name", "diversity",
+    code = report_cli.main(["curves", str(knn_dir), str(div_log), "--name", "knn_ce", "--name", "diversity",
                         "--out", str(out)])
     assert code == 0
 
@@ -173,31 +174,31 @@ def test_metrics_option_and_fresh_run_appended(tmp_path: Path) -> None:
     assert "diversity_loss" not in run.last_train_inner()
 
     out = tmp_path / "out"
-    assert report.main(["curves", str(log), "--metrics", "temp,accuracy,loss_1", "--out", str(out)]) == 0
+    assert report_cli.main(["curves", str(log), "--metrics", "temp,accuracy,loss_1", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["final_values.json", "final_values.md", "loss_1.png", "temp.png"]
 
 
 def test_bad_input_is_named(tmp_path: Path, capsys) -> None:
     no_json = tmp_path / "plain.log"
     no_json.write_text("[2026-01-01 00:00:00,000][fairseq_cli.train][INFO] - training\n")
-    assert report.main(["curves", str(no_json), "--out", str(tmp_path / "o")]) == 2
+    assert report_cli.main(["curves", str(no_json), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert str(no_json) in err and "common.log_format=json" in err
 
     empty_dir = tmp_path / "run"
     empty_dir.mkdir()
-    assert report.main(["curves", str(empty_dir), "--out", str(tmp_path / "o")]) == 2
+    assert report_cli.main(["curves", str(empty_dir), "--out", str(tmp_path / "o")]) == 2
     assert "hydra_train.log" in capsys.readouterr().err
 
     log = tmp_path / "a.log"
     write_fairseq_log(log, "knn")
-    assert report.main(["curves", str(log), str(log), "--name", "x", "--out", str(tmp_path / "o")]) == 2
+    assert report_cli.main(["curves", str(log), str(log), "--name", "x", "--out", str(tmp_path / "o")]) == 2
     assert "2 runs but 1 --name" in capsys.readouterr().err
-    assert report.main(["curves", str(log), str(log), "--out", str(tmp_path / "o")]) == 2
+    assert report_cli.main(["curves", str(log), str(log), "--out", str(tmp_path / "o")]) == 2
     assert "run names must differ" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
-    assert report.main(["codes", "--checkpoint", str(tmp_path / "missing.pt"), "--manifest",
+    assert report_cli.main(["codes", "--checkpoint", str(tmp_path / "missing.pt"), "--manifest",
                         str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "o")]) == 2
     assert "missing.tsv" in capsys.readouterr().err
 
@@ -227,7 +228,7 @@ def test_code_histogram_of_a_pretrained_checkpoint(tiny_manifests: Path, tmp_pat
     checkpoint = run_dir / "checkpoints" / "checkpoint_last.pt"
     manifest = tiny_manifests / "valid.tsv"
     out = tmp_path / "report"
-    assert report.main(["codes", "--checkpoint", str(checkpoint), "--manifest", str(manifest),
+    assert report_cli.main(["codes", "--checkpoint", str(checkpoint), "--manifest", str(manifest),
                         "--out", str(out), "--name", "knn", "--max-files", "12"]) == 0
     printed = capsys.readouterr().out
     result = json.loads((out / "knn_code_counts.json").read_text())
@@ -253,6 +254,6 @@ def test_code_histogram_of_a_pretrained_checkpoint(tiny_manifests: Path, tmp_pat
     # The model was loaded at its trained update count (fairseq sets it on load).
     assert result["temperature"] == pytest.approx(model.quantizer.curr_temp) and result["temperature"] < 2.0
 
-    assert report.main(["codes", "--checkpoint", str(manifest), "--manifest", str(manifest),
+    assert report_cli.main(["codes", "--checkpoint", str(manifest), "--manifest", str(manifest),
                         "--out", str(out)]) == 2
     assert "cannot load" in capsys.readouterr().err
