@@ -173,7 +173,7 @@ def test_ctc_export_logits_and_pipeline_wer_equal_fairseq(finetuned, data, tmp_p
     assert len(hypotheses) == len(fairseq_hypotheses) == summary["num_utterances"] > 0
     assert sum(len(h.split()) for h in hypotheses) > 0  # not the all-blank model
     assert hypotheses == fairseq_hypotheses
-    from fairseq_knnvq.cli.infer_ctc import word_error_rate
+    from fairseq_knnvq.evaluation.speech import word_error_rate
 
     assert word_error_rate(references, hypotheses).percent == pytest.approx(summary["wer"], abs=1e-4)
 
