@@ -14,7 +14,7 @@ the bare smoothing ``softmax_smoothing``, ``p = softmax(W z / tau)``, ``q = p C`
 - ``ours_none`` / ``ours_knn_ce`` / ``ours_diversity``: ``SmoothedVectorQuantizer`` in
   training mode without a regulariser, with KNN-CE, with wav2vec 2.0's diversity loss;
 - ``softmax_smoothing_knn_ce``: the bare smoothing plus KNN-CE by
-  ``softmax_and_knn_loss`` (the softmax and the loss in one autograd node);
+  ``KnnVertexLoss.with_softmax`` (the softmax and the loss in one autograd node);
 - ``softmax_smoothing_knn_ce_separate`` (full run only): KNN-CE by ``knn_vertex_loss``
   as a second autograd node, which needs one more N x M tensor.
 

@@ -38,8 +38,7 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:  # a clean clone runs these scripts without installing
     sys.path.insert(0, REPO)
 
-from fairseq_knnvq.quantization import SmoothedVectorQuantizer, knn_vertex_loss  # noqa: E402
-from fairseq_knnvq.quantization.regularizers import softmax_and_knn_loss  # noqa: E402
+from fairseq_knnvq.quantization import KnnVertexLoss, SmoothedVectorQuantizer, knn_vertex_loss  # noqa: E402
 
 TEMP = (2.0, 0.5, 0.999995)  # wav2vec 2.0 base
 MiB = float(1 << 20)
@@ -112,7 +111,7 @@ def build_step(c: Dict[str, Any], seed: int = 0) -> Callable[[], float]:
 
     if method.startswith("softmax_smoothing"):
         # the bare smoothing: logits from a projection, p = softmax(l / tau), q = p C;
-        # "_knn_ce" adds the KNN loss the way the quantizer does (softmax_and_knn_loss,
+        # "_knn_ce" adds the KNN loss the way the quantizer does (KnnVertexLoss.with_softmax,
         # one autograd node), "_knn_ce_separate" as a second node (knn_vertex_loss)
         proj = torch.nn.Linear(dim, groups * entries).to(device)
         codebooks = torch.nn.Parameter(torch.rand(groups, entries, vq_dim // groups).to(device))
@@ -126,7 +125,7 @@ def build_step(c: Dict[str, Any], seed: int = 0) -> Callable[[], float]:
             smoothed_logits = proj(x).view(n, groups, entries) / TEMP[0]
             knn = None
             if method == "softmax_smoothing_knn_ce":
-                p, knn = softmax_and_knn_loss(smoothed_logits, k=k, distance="ce", chunk_size=chunk)
+                p, knn = KnnVertexLoss(k, "ce", chunk).with_softmax(smoothed_logits)
             else:
                 p = F.softmax(smoothed_logits, dim=-1)
                 if method == "softmax_smoothing_knn_ce_separate":

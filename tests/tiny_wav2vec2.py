@@ -9,8 +9,7 @@ from fairseq.data.data_utils import compute_mask_indices
 from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 
 from fairseq_knnvq.models.wav2vec2_knnvq import Wav2Vec2KnnVqConfig, Wav2Vec2KnnVqModel
-from fairseq_knnvq.quantization import distributed as knn_distributed
-from fairseq_knnvq.quantization import regularizers as knn_regularizers
+from fairseq_knnvq.quantization import knn as knn_loss_module
 from references import brute_force_knn  # noqa: F401  (re-exported for the tests)
 
 fairseq_knnvq.register_with_fairseq()
@@ -102,16 +101,15 @@ def knn_of_call(quantizer, call, k, distance="ce"):
 
 
 def count_knn_searches(monkeypatch):
-    """Counts the calls of the KNN neighbour search (local and global entry points)."""
+    """Counts the calls of the KNN neighbour search (one a loss, local or global)."""
     calls = [0]
-    original = knn_regularizers.search_vertices
+    original = knn_loss_module.search_vertices
 
     def counting(*args, **kwargs):
         calls[0] += 1
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(knn_regularizers, "search_vertices", counting)
-    monkeypatch.setattr(knn_distributed, "search_vertices", counting)
+    monkeypatch.setattr(knn_loss_module, "search_vertices", counting)
     return calls
 
 

@@ -2,7 +2,7 @@
 picked from the batch of all workers, without gathering that batch.
 
 The exchange. Every worker takes its local top-K candidates per (group, vertex) with
-:func:`~.regularizers.search_vertices` (K * G * M closeness values and their row
+:func:`~.vertex_search.search_vertices` (K * G * M closeness values and their row
 indices), all-gathers the closeness values (``world * K * G * M`` floats, plus one count
 of valid rows per worker), sorts them per vertex in descending order with a stable sort
 (candidates laid out rank-major, so among equal values the lower rank wins), and keeps
@@ -41,32 +41,21 @@ while ``sample_size`` stays the masked count; the ratio then varies slightly bet
 workers and the gradient is exact only up to it.) The logged value is exact either way:
 fairseq logs ``sum_r lambda * knn_r * s_r / S = lambda * L``.
 
-With no initialised process group, or a world of one, :func:`global_knn_vertex_loss`
-is :func:`~.regularizers.knn_vertex_loss` (and :func:`global_softmax_and_knn_loss`,
-the variant that also returns the smoothing's softmax from the same autograd node, is
-:func:`~.regularizers.softmax_and_knn_loss`).
+:class:`~.knn.KnnVertexLoss` built with ``global_=True`` makes this selection (both
+with and without the softmax in the same autograd node); with no initialised process
+group, or a world of one, it makes the local one and is the single-process loss.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .regularizers import (
-    SelectedVertexDistance,
-    SoftmaxWithSelectedDistance,
-    VertexSearch,
-    at_least_float32,
-    knn_rows,
-    knn_vertex_loss,
-    search_vertices,
-    selection_weight,
-    softmax_and_knn_loss,
-    valid_count,
-)
+from .rows import at_least_float32, valid_count
+from .vertex_search import VertexSearch, VertexSelection, selection_weight
 
 
 def world_size(group=None) -> int:
@@ -84,148 +73,76 @@ def _all_gather(tensor: Tensor, group) -> Tensor:
 
 
 @dataclass
-class GlobalSelection:
+class GlobalSelection(VertexSelection):
     """This worker's share of the global neighbour choice.
 
     ``search`` holds the local candidates (``min(k, N_r)`` per vertex, padding rows
     included) and ``weight`` (same shape as ``search.index``) is 1 where a valid
-    candidate made the global cut, else 0. ``global_closeness_sum`` sums the closeness
-    of all ``k_eff`` kept rows per vertex over every worker. The counts are 0-d tensors
-    on the rows' device (``k_eff = min(k, num_total)``), so that nothing waits for the
-    device: ``num_local`` / ``num_total`` are this worker's / all workers' valid rows.
+    candidate made the global cut, else 0. ``normaliser`` is ``G * M * K_eff`` with
+    ``K_eff = min(k, N)``; ``value`` is the global loss L, from the closeness of the
+    kept rows of every worker. The counts are 0-d tensors on the rows' device, so that
+    nothing waits for the device: ``num_local`` / ``num_total`` are this worker's / all
+    workers' valid rows.
     """
 
-    search: Optional[VertexSearch]
-    weight: Optional[Tensor]
-    k_eff: Tensor
-    num_local: Tensor
-    num_total: Tensor
-    global_closeness_sum: Tensor
+    value: Optional[Tensor] = None
+    num_local: Optional[Tensor] = None
+    num_total: Optional[Tensor] = None
+
+    def loss(self, total: Tensor) -> Tensor:
+        """The value L with the gradient of ``(N / N_r) * partial_r``, from this worker's
+        ``total`` of selected distances (a zero that keeps the graph when it has no
+        rows); 0 when no worker has a valid row."""
+        if self.search is None:
+            return total + self.value
+        num_local = self.num_local.to(total.dtype).clamp_min(1)  # no valid row: total is 0
+        scaled = total * (self.num_total.to(total.dtype) / (num_local * self.normaliser))
+        # the forward value is the global loss, the gradient that of the scaled local part
+        return scaled + (self.value - scaled.detach())
 
 
 @torch.no_grad()
 def global_vertex_selection(
-    rows: Tensor,
-    k: int,
-    distance: str,
-    valid: Optional[Tensor] = None,
-    chunk_size: Optional[int] = None,
-    group=None,
-    probs: Optional[Tensor] = None,
+    rows: Tensor, k: int, distance: str, valid: Optional[Tensor], search: Optional[VertexSearch], group=None
 ) -> GlobalSelection:
-    """The top-K candidate exchange (see the module docstring) for rows ``(N, G, M)``
-    (``probs``: their softmax, when the caller has it; see ``search_vertices``).
+    """The top-K candidate exchange (see the module docstring) for rows ``(N, G, M)``,
+    from this worker's ``search`` of its ``min(k, N)`` nearest rows per vertex (None
+    when N = 0).
 
     Every worker of ``group`` must call it, with the same G, M, k and distance. Every
     size here comes from the shapes (K candidates per vertex from each worker, -inf
     where a worker has fewer valid rows), never from the mask's contents: no host sync.
     """
-    n, groups, entries = rows.shape
+    _, groups, entries = rows.shape
     dtype = at_least_float32(rows).dtype
     num_local = valid_count(rows, valid)
     num_total = _all_gather(num_local.view(1), group).sum()
-    k_search = min(k, n)
 
     # Local candidates, padded to k with -inf. Padding and invalid rows (-inf closeness)
     # are never kept where real candidates remain, and weigh 0 where they are kept
     # because fewer than k rows are valid over all workers.
     candidates = torch.full((k, groups, entries), float("-inf"), dtype=dtype, device=rows.device)
-    search = None
-    if k_search > 0:
-        search = search_vertices(rows, k_search, distance, valid, chunk_size, probs=probs)
-        candidates[:k_search] = search.closeness
+    if search is not None:
+        candidates[: search.index.shape[0]] = search.closeness
     gathered = _all_gather(candidates, group)  # (world, k, G, M)
     world = gathered.shape[0]
     ordered = torch.sort(gathered.view(world * k, groups, entries), dim=0, descending=True, stable=True)
     kept = torch.zeros(world * k, groups, entries, dtype=torch.bool, device=rows.device)
     kept.scatter_(0, ordered.indices[:k], True)
     top = ordered.values[:k]
-    # closeness is finite for every valid row of finite logits, -inf for the others
-    global_closeness_sum = torch.where(top > float("-inf"), top, torch.zeros_like(top)).sum()
+    # closeness is finite for every valid row of finite logits, -inf for the others;
+    # it is log p_m (CE) or 1 - d_L2 (L2)
+    closeness_sum = torch.where(top > float("-inf"), top, torch.zeros_like(top)).sum()
 
     weight = None
     if search is not None:
         rank = dist.get_rank(group)
-        mine = kept.view(world, k, groups, entries)[rank, :k_search].to(dtype)
+        mine = kept.view(world, k, groups, entries)[rank, : search.index.shape[0]].to(dtype)
         weight = mine * selection_weight(search.index, valid, dtype)
-    k_eff = num_total.clamp(max=k)
-    return GlobalSelection(search, weight, k_eff, num_local, num_total, global_closeness_sum)
-
-
-def _global_loss(sel: GlobalSelection, total: Optional[Tensor], zero: Tensor, groups: int, entries: int, distance: str) -> Tensor:
-    """The global loss value with the gradient of ``(N / N_r) * partial_r``, from this
-    worker's ``total`` of selected distances (None when it has no rows); 0 when no
-    worker has a valid row."""
-    k_eff = sel.k_eff.to(zero.dtype)
+    k_eff = num_total.clamp(max=k).to(dtype)
     normaliser = groups * entries * k_eff.clamp_min(1)
-    # closeness is log p_m (CE) or 1 - d_L2 (L2)
     if distance == "ce":
-        kept_distances = -sel.global_closeness_sum
+        kept_distances = -closeness_sum
     else:
-        kept_distances = groups * entries * k_eff - sel.global_closeness_sum
-    value = kept_distances / normaliser
-    if total is None:
-        return zero + value
-    num_local = sel.num_local.to(zero.dtype).clamp_min(1)  # no valid row: total is 0
-    scaled = total * (sel.num_total.to(zero.dtype) / (num_local * normaliser))
-    # the forward value is the global loss, the gradient that of the scaled local part
-    return scaled + (value - scaled.detach())
-
-
-def global_knn_vertex_loss(
-    logits: Tensor,
-    k: int = 8,
-    distance: str = "ce",
-    mask: Optional[Tensor] = None,
-    chunk_size: Optional[int] = None,
-    group=None,
-    check_inputs: bool = True,
-) -> Tensor:
-    """L_KNN with each vertex's neighbours chosen from the batch of all workers.
-
-    Arguments as :func:`~.regularizers.knn_vertex_loss`, plus the process ``group``
-    (default: the whole world). Returns the single-process loss of the concatenated
-    batch on every worker, with the gradient ``(N / N_r) * grad partial_r`` defined in
-    the module docstring, so that fairseq's gradient averaging yields the
-    single-process gradient.
-    """
-    if world_size(group) == 1:
-        return knn_vertex_loss(
-            logits, k=k, distance=distance, mask=mask, chunk_size=chunk_size, check_inputs=check_inputs
-        )
-    rows, valid = knn_rows(logits, k, distance, mask, check_inputs, chunk_size)
-    sel = global_vertex_selection(rows, k, distance, valid, chunk_size, group)
-    total = None
-    if sel.search is not None:
-        total = SelectedVertexDistance.apply(rows, sel.search.index, sel.weight, distance, sel.search)
-    zero = at_least_float32(rows).sum() * 0.0  # keeps a graph when nothing is selected
-    return _global_loss(sel, total, zero, rows.shape[1], rows.shape[2], distance)
-
-
-def global_softmax_and_knn_loss(
-    logits: Tensor,
-    k: int = 8,
-    distance: str = "ce",
-    mask: Optional[Tensor] = None,
-    chunk_size: Optional[int] = None,
-    group=None,
-    check_inputs: bool = True,
-) -> Tuple[Tensor, Tensor]:
-    """``(softmax(logits), global_knn_vertex_loss(logits, ...))`` in one autograd node,
-    as :func:`~.regularizers.softmax_and_knn_loss` is to ``knn_vertex_loss``."""
-    if world_size(group) == 1:
-        return softmax_and_knn_loss(
-            logits, k=k, distance=distance, mask=mask, chunk_size=chunk_size, check_inputs=check_inputs
-        )
-    rows, valid = knn_rows(logits, k, distance, mask, check_inputs, chunk_size)
-    selections = []
-
-    def select(rows32: Tensor, probs: Tensor):
-        sel = global_vertex_selection(rows32, k, distance, valid, chunk_size, group, probs=probs)
-        selections.append(sel)
-        return None if sel.search is None else (sel.search, sel.weight)
-
-    probs, total = SoftmaxWithSelectedDistance.apply(rows, distance, select)
-    (sel,) = selections
-    loss = _global_loss(sel, None if sel.search is None else total, total * 0.0, rows.shape[1], rows.shape[2], distance)
-    return probs.view(logits.shape), loss
+        kept_distances = groups * entries * k_eff - closeness_sum
+    return GlobalSelection(search, weight, normaliser, kept_distances / normaliser, num_local, num_total)

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .regularizers import as_rows, at_least_float32, entropy_perplexity, masked_prob_sums
+from .diversity import entropy_perplexity, masked_prob_sums
+from .rows import STATISTICS_BLOCK_ELEMENTS, as_rows, at_least_float32, row_blocks
 
 
 @dataclass
@@ -49,15 +50,6 @@ class CodeUsage:
     def num_vectors(self) -> int:
         """Vectors counted per group (N)."""
         return int(self.counts[0].sum())
-
-    @classmethod
-    def empty(cls, groups: int, entries: int, device=None) -> "CodeUsage":
-        return cls(
-            counts=torch.zeros(groups, entries, dtype=torch.long, device=device),
-            prob_sums=torch.zeros(groups, entries, dtype=torch.float64, device=device),
-            max_prob_sums=torch.zeros(groups, dtype=torch.float64, device=device),
-            vertex_l2_sums=torch.zeros(groups, dtype=torch.float64, device=device),
-        )
 
     @classmethod
     @torch.no_grad()
@@ -133,22 +125,18 @@ class CodeUsage:
 
 
 @torch.no_grad()
-def tightness_sums(
-    probs: Tensor, valid: Optional[Tensor] = None, block_rows: Optional[int] = None
-) -> Tuple[Tensor, Tensor]:
+def tightness_sums(probs: Tensor, valid: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Per-group sums over the valid rows of ``(N, G, M)`` probabilities of ``max_m p``
     and of the squared distance to the nearest vertex, ``1 - 2 max_m p + ||p||^2``.
 
     ``valid`` ``(N,)`` bool weighs rows instead of indexing them (no host sync); the
     squared norms run over blocks of rows, so no N x G x M temporary is made.
     """
-    n, groups, entries = probs.shape
-    block_rows = max(1, (1 << 22) // max(1, groups * entries)) if block_rows is None else block_rows
     max_p = probs.amax(-1)  # (N, G)
     sq_norm = torch.empty_like(max_p)
-    for start in range(0, n, block_rows):
-        block = probs[start : start + block_rows]
-        sq_norm[start : start + block_rows] = torch.linalg.vecdot(block, block)
+    for start, stop in row_blocks(probs, STATISTICS_BLOCK_ELEMENTS):
+        block = probs[start:stop]
+        sq_norm[start:stop] = torch.linalg.vecdot(block, block)
     vertex_l2 = (1.0 - 2.0 * max_p).add_(sq_norm)
     if valid is None:
         return max_p.sum(0).double(), vertex_l2.sum(0).double()
@@ -160,14 +148,11 @@ def tightness_sums(
 def tightness_sums_of_logits(rows: Tensor, valid: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """:func:`tightness_sums` of ``softmax(rows)`` for logits ``(N, G, M)``, computed over
     blocks of rows so that no N x G x M probability tensor is made."""
-    n, groups, entries = rows.shape
-    block_rows = max(1, (1 << 22) // max(1, groups * entries))
-    max_sums = torch.zeros(groups, dtype=torch.float64, device=rows.device)
+    max_sums = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
     l2_sums = torch.zeros_like(max_sums)
-    for start in range(0, n, block_rows):
-        stop = start + block_rows
+    for start, stop in row_blocks(rows, STATISTICS_BLOCK_ELEMENTS):
         probs = F.softmax(at_least_float32(rows[start:stop]), dim=-1)
-        a, b = tightness_sums(probs, None if valid is None else valid[start:stop], block_rows)
+        a, b = tightness_sums(probs, None if valid is None else valid[start:stop])
         max_sums += a
         l2_sums += b
     return max_sums, l2_sums

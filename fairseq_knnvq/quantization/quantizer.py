@@ -17,18 +17,15 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .metrics import CodeUsage, count_codes, tightness_sums, tightness_sums_of_logits
-from .regularizers import (
-    check_chunk_size,
-    check_knn_args,
+from .diversity import (
     entropy_perplexity,
-    knn_vertex_loss,
     masked_mean_probs,
     masked_prob_sums,
     perplexity_and_diversity,
-    softmax_and_knn_loss,
     tempered_softmax_and_mean_probs,
 )
+from .knn import KnnVertexLoss
+from .metrics import CodeUsage, count_codes, tightness_sums, tightness_sums_of_logits
 from .smoothing import (
     TemperatureSchedule,
     TemperatureSpec,
@@ -37,6 +34,7 @@ from .smoothing import (
     smooth,
     smoothed_logits_of,
 )
+from .vertex_search import check_chunk_size
 
 REGULARIZERS = ("knn", "diversity", "none")
 KNN_INPUTS = ("smoothed", "probs")
@@ -199,10 +197,10 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         )
         self.regularizer = _check_choice("regularizer", regularizer, REGULARIZERS)
         self.knn_input = _check_choice("knn_input", knn_input, KNN_INPUTS)
-        check_knn_args(knn_k, knn_distance)
         check_chunk_size(knn_chunk_size, "knn_chunk_size")
-        self.knn_k, self.knn_distance = knn_k, knn_distance
-        self.knn_global, self.knn_chunk_size = knn_global, knn_chunk_size
+        # No finiteness check in the loss: under fp16 an overflow must reach fairseq's
+        # loss scaler, which skips the step, rather than stop the run.
+        self.knn = KnnVertexLoss(knn_k, knn_distance, knn_chunk_size, global_=knn_global, check_inputs=False)
         self.track_knn_loss = track_knn_loss
 
         self.groups = groups
@@ -210,7 +208,6 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         self.input_dim = dim
         self.num_vars = num_vars
         self.time_first = time_first
-        self.hard = hard
 
         # Parameter names, shapes and initialisation order follow fairseq, so a seeded
         # construction gives the same weights and stock state dicts load.
@@ -234,45 +231,25 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
             nn.init.normal_(self.weight_proj.weight, mean=0, std=1)
             nn.init.zeros_(self.weight_proj.bias)
 
-        self.temperature = TemperatureSchedule.parse(temp)
-        self.max_temp, self.min_temp, self.temp_decay = (
-            self.temperature.start,
-            self.temperature.end,
-            self.temperature.decay,
-        )
-        self.curr_temp = self.temperature.start
+        self.tau_schedule = TemperatureSchedule.parse(temp)
+        self.curr_temp = self.tau_schedule.start  # fairseq's name for the current tau
         self.codebook_indices = None
 
     def set_num_updates(self, num_updates: int) -> None:
         """Called by fairseq's trainer through ``BaseFairseqModel.set_num_updates``."""
-        self.curr_temp = self.temperature(num_updates)
+        self.curr_temp = self.tau_schedule(num_updates)
 
     def extra_repr(self) -> str:
         return (
             f"groups={self.groups}, num_vars={self.num_vars}, smoothing={self.smoothing}, "
-            f"regularizer={self.regularizer}, knn_k={self.knn_k}, "
-            f"knn_distance={self.knn_distance}, knn_input={self.knn_input}"
+            f"regularizer={self.regularizer}, knn_k={self.knn.k}, "
+            f"knn_distance={self.knn.distance}, knn_input={self.knn_input}"
         )
 
     def _codebooks(self) -> Tensor:
         """``(G, M, d)``: one codebook per group."""
         vars = self.vars.view(-1, self.num_vars, self.vars.shape[-1])
         return vars.expand(self.groups, -1, -1) if self.combine_groups else vars
-
-    def _knn_fn(self, with_softmax: bool):
-        """The KNN loss (``with_softmax``: softmax and loss in one node), local or global."""
-        if self.knn_global:
-            from . import distributed
-
-            fn = distributed.global_softmax_and_knn_loss if with_softmax else distributed.global_knn_vertex_loss
-        else:
-            fn = softmax_and_knn_loss if with_softmax else knn_vertex_loss
-        # No finiteness check here: under fp16 an overflow must reach fairseq's loss
-        # scaler, which skips the step, rather than stop the run.
-        return lambda logits, mask: fn(
-            logits, k=self.knn_k, distance=self.knn_distance, mask=mask,
-            chunk_size=self.knn_chunk_size, check_inputs=False,
-        )
 
     def forward(
         self, x: Tensor, produce_targets: bool = False, mask: Optional[Tensor] = None
@@ -330,7 +307,7 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         smoothed_logits = selection = hard_index = None
         if fused_knn:
             smoothed_logits = smoothed_logits_of(logits32, self.smoothing, tau)
-            soft, result["knn_loss"] = self._knn_fn(with_softmax=True)(smoothed_logits, flat_mask)
+            soft, result["knn_loss"] = self.knn.with_softmax(smoothed_logits, flat_mask)
         elif fused_diversity:
             soft, avg_probs = tempered_softmax_and_mean_probs(logits32, tau, flat_mask)
         elif straight:
@@ -360,10 +337,10 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
 
         if self.regularizer == "knn":
             if not fused_knn:
-                result["knn_loss"] = self._knn_fn(with_softmax=False)(knn_input(), flat_mask)
+                result["knn_loss"] = self.knn(knn_input(), flat_mask)
         elif self.track_knn_loss:
             with torch.no_grad():
-                result["knn_loss"] = self._knn_fn(with_softmax=False)(knn_input(), flat_mask)
+                result["knn_loss"] = self.knn(knn_input(), flat_mask)
         with torch.no_grad():
             # tightness of the KNN input: from a softmax some node already holds when it
             # is that input, else over blocks of rows (no N x G x M copy)

@@ -9,14 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fairseq_knnvq.quantization import knn_vertex_loss
-from fairseq_knnvq.quantization import regularizers
-from fairseq_knnvq.quantization.regularizers import (
-    SelectedVertexDistance,
-    as_rows,
-    nearest_rows,
-    search_vertices,
-)
+from fairseq_knnvq.quantization import KnnVertexLoss, knn_vertex_loss
+from fairseq_knnvq.quantization import vertex_search
+from fairseq_knnvq.quantization.knn import SelectedVertexDistance
+from fairseq_knnvq.quantization.rows import as_rows
+from fairseq_knnvq.quantization.vertex_search import search_vertices
 
 
 def autograd_selected_distance(rows, index, weight, distance):
@@ -57,7 +54,7 @@ def test_chunked_equals_unchunked_values_and_gradients(distance, masked):
 def test_search_in_one_piece_only_below_the_threshold(monkeypatch):
     rows = torch.randn(64, 2, 16)
     assert search_vertices(rows, 4, "ce").full is not None  # 2048 values: one piece
-    monkeypatch.setattr(regularizers, "AUTO_CHUNK_ELEMENTS", 64 * 2 * 4)
+    monkeypatch.setattr(vertex_search, "AUTO_CHUNK_ELEMENTS", 64 * 2 * 4)
     search = search_vertices(rows, 4, "ce")
     assert search.full is None and search.lse is not None  # chunks of 4 vertices
     whole = search_vertices(rows, 4, "ce", chunk_size=16)
@@ -71,7 +68,7 @@ def test_automatic_chunking_gives_the_same_loss(distance, monkeypatch):
     logits = 2.0 * torch.randn(50, 3, 20, dtype=torch.float64)
     ref, ref_grad = loss_and_grad(logits, k=4, distance=distance)
     # force chunks of 2 vertices and blocks of 2 rows in the backward pass
-    monkeypatch.setattr(regularizers, "AUTO_CHUNK_ELEMENTS", 50 * 3 * 2)
+    monkeypatch.setattr(vertex_search, "AUTO_CHUNK_ELEMENTS", 50 * 3 * 2)
     loss, grad = loss_and_grad(logits, k=4, distance=distance)
     assert loss.item() == pytest.approx(ref.item(), abs=1e-12)
     torch.testing.assert_close(grad, ref_grad, atol=1e-12, rtol=1e-10)
@@ -119,13 +116,14 @@ def test_half_precision_is_computed_in_float32(distance):
     torch.testing.assert_close(half.grad.float(), ref_grad, atol=2e-6, rtol=1e-3)
 
 
-def test_nearest_rows_keeps_its_contract():
+def test_search_vertices_keeps_its_contract():
     torch.manual_seed(15)
     logits = torch.randn(40, 2, 6, dtype=torch.float64)
     valid = torch.rand(40) > 0.5
     rows, _ = as_rows(logits)
     for chunk in (None, 2):
-        index, closeness = nearest_rows(rows, 3, "l2", valid, chunk)
+        search = search_vertices(rows, 3, "l2", valid, chunk)
+        index, closeness = search.index, search.closeness
         assert index.shape == closeness.shape == (3, 2, 6)
         assert bool(valid[index].all())
         p = torch.softmax(rows, -1)
@@ -138,12 +136,12 @@ def test_top_k_over_column_blocks_equals_one_top_k(monkeypatch):
     torch.manual_seed(16)
     score = torch.randn(300, 2, 50, dtype=torch.float64)
     whole = torch.topk(score, 6, dim=0)
-    monkeypatch.setattr(regularizers, "TOPK_BLOCK_ELEMENTS", 300 * 2 * 7)  # blocks of 7 columns
-    values, indices = regularizers.topk_along_rows(score, 6)
+    monkeypatch.setattr(vertex_search, "TOPK_BLOCK_ELEMENTS", 300 * 2 * 7)  # blocks of 7 columns
+    values, indices = vertex_search.topk_along_rows(score, 6)
     assert torch.equal(values, whole.values) and torch.equal(indices, whole.indices)
     logits = 3.0 * torch.randn(300, 2, 50, dtype=torch.float64)
     ref, ref_grad = loss_and_grad(logits, k=6)
-    monkeypatch.setattr(regularizers, "TOPK_BLOCK_ELEMENTS", 1 << 18)
+    monkeypatch.setattr(vertex_search, "TOPK_BLOCK_ELEMENTS", 1 << 18)
     loss, grad = loss_and_grad(logits, k=6)
     assert loss.item() == pytest.approx(ref.item(), abs=1e-12)
     torch.testing.assert_close(grad, ref_grad)
@@ -160,7 +158,7 @@ def test_softmax_and_knn_loss_equals_the_two_apart(distance, rows_n, chunk, mask
     logits = (3.0 * torch.randn(rows_n, 2, 9, dtype=torch.float64)).requires_grad_()
     mask = torch.rand(rows_n) > 0.3 if masked else None
     upstream = torch.randn(rows_n, 2, 9, dtype=torch.float64)
-    probs, loss = regularizers.softmax_and_knn_loss(logits, k=4, distance=distance, mask=mask, chunk_size=chunk)
+    probs, loss = KnnVertexLoss(4, distance, chunk).with_softmax(logits, mask)
     ref_probs = torch.softmax(logits, dim=-1)
     ref_loss = knn_vertex_loss(logits, k=4, distance=distance, mask=mask)
     assert torch.equal(probs, ref_probs)
@@ -173,7 +171,7 @@ def test_softmax_and_knn_loss_equals_the_two_apart(distance, rows_n, chunk, mask
 
 def test_softmax_and_knn_loss_with_every_row_masked():
     logits = torch.randn(3, 4, 2, 5, requires_grad=True)
-    probs, loss = regularizers.softmax_and_knn_loss(logits, k=3, mask=torch.zeros(3, 4, dtype=torch.bool))
+    probs, loss = KnnVertexLoss(3).with_softmax(logits, mask=torch.zeros(3, 4, dtype=torch.bool))
     assert loss.item() == 0.0 and probs.shape == logits.shape
     (grad,) = torch.autograd.grad(probs[..., 0].sum() + loss, logits)
     (ref,) = torch.autograd.grad(torch.softmax(logits, -1)[..., 0].sum(), logits)

@@ -1,7 +1,7 @@
 """Global KNN across workers: two real gloo processes against one process on the
 concatenated batch.
 
-The contract of ``global_knn_vertex_loss`` (see ``fairseq_knnvq/quantization/distributed.py``):
+The contract of ``KnnVertexLoss(global_=True)`` (see ``fairseq_knnvq/quantization/distributed.py``):
 on worker r, with N_r valid rows of N in all,
 
 - the value is the single-process loss of the concatenated batch;
@@ -21,13 +21,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from fairseq_knnvq.quantization import SmoothedVectorQuantizer, knn_vertex_loss
-from fairseq_knnvq.quantization.distributed import (
-    global_knn_vertex_loss,
-    global_softmax_and_knn_loss,
-    global_vertex_selection,
-)
-from fairseq_knnvq.quantization.regularizers import as_rows
+from fairseq_knnvq.quantization import KnnVertexLoss, SmoothedVectorQuantizer, knn_vertex_loss
+from fairseq_knnvq.quantization.rows import as_rows
 
 WORLD = 2
 ENTRIES, GROUPS = 7, 2
@@ -93,12 +88,12 @@ def worker_results(rank):
     for name, (_, k, distance, _, chunk) in SCENARIOS.items():
         logits, masks = scenario_inputs(name)
         mine = logits[rank].clone().requires_grad_()
-        loss = global_knn_vertex_loss(mine, k=k, distance=distance, mask=masks[rank], chunk_size=chunk)
+        loss = KnnVertexLoss(k, distance, chunk, global_=True)(mine, mask=masks[rank])
         (grad,) = torch.autograd.grad(loss, mine)
         out[name] = {"loss": loss.item(), "grad": grad}
         # the same through the one-node softmax + KNN, under a gradient on the softmax
         upstream = torch.randn(mine.shape, generator=torch.Generator().manual_seed(rank), dtype=mine.dtype)
-        probs, loss = global_softmax_and_knn_loss(mine, k=k, distance=distance, mask=masks[rank], chunk_size=chunk)
+        probs, loss = KnnVertexLoss(k, distance, chunk, global_=True).with_softmax(mine, mask=masks[rank])
         (both,) = torch.autograd.grad((probs * upstream).sum() + loss, mine)
         (softmax_only,) = torch.autograd.grad((torch.softmax(mine, -1) * upstream).sum(), mine)
         out[name + "/fused"] = {"loss": loss.item(), "grad": both - softmax_only}
@@ -107,10 +102,10 @@ def worker_results(rank):
     logits, _ = scenario_inputs("ce_uneven")
     rows, _ = as_rows(logits[0])
     for k in (1, 4):
-        sel = global_vertex_selection(rows, k, "ce")
+        sel = KnnVertexLoss(k, "ce", global_=True).select(rows)
         out[f"ties_k{k}"] = {"kept": sel.weight.sum(0)}
     same = logits[0].clone().requires_grad_()
-    loss = global_knn_vertex_loss(same, k=4, distance="ce")
+    loss = KnnVertexLoss(4, "ce", global_=True)(same)
     out["ties_loss"] = {"loss": loss.item(), "grad": torch.autograd.grad(loss, same)[0]}
 
     # shared parameters through fairseq's gradient averaging, sample_size = N_r
@@ -119,7 +114,7 @@ def worker_results(rank):
         proj = torch.nn.Linear(5, GROUPS * ENTRIES).double()
         gen = torch.Generator().manual_seed(2)
         features = [torch.randn(n, 5, generator=gen, dtype=torch.float64) for n in (23, 9)]
-        loss = global_knn_vertex_loss(proj(features[rank]).view(-1, GROUPS, ENTRIES), k=3, distance=distance)
+        loss = KnnVertexLoss(3, distance, global_=True)(proj(features[rank]).view(-1, GROUPS, ENTRIES))
         sample_size = features[rank].shape[0]
         (loss * sample_size).backward()
         fairseq_average(list(proj.parameters()), sample_size)
@@ -176,7 +171,7 @@ slow = pytest.mark.slow  # the fixture starts two worker processes (a few second
 @pytest.mark.parametrize("name", list(SCENARIOS))
 @pytest.mark.parametrize("variant", ["", "/fused"])
 def test_loss_and_gradients_equal_single_process_on_concatenated_batch(workers, name, variant):
-    """``variant`` "/fused": global_softmax_and_knn_loss, the KNN part of its gradient."""
+    """``variant`` "/fused": ``KnnVertexLoss(global_=True).with_softmax``, the KNN part of its gradient."""
     _, k, distance, _, chunk = SCENARIOS[name]
     logits, masks = scenario_inputs(name)
     ref_loss, ref_grads, counts = single_process(logits, masks, k, distance, chunk)
@@ -253,7 +248,7 @@ def test_without_a_process_group_it_is_the_local_loss():
     torch.manual_seed(3)
     logits = torch.randn(20, 2, 6, dtype=torch.float64, requires_grad=True)
     mask = torch.rand(20) > 0.2
-    ours = global_knn_vertex_loss(logits, k=3, distance="l2", mask=mask)
+    ours = KnnVertexLoss(3, "l2", global_=True)(logits, mask=mask)
     ref = knn_vertex_loss(logits, k=3, distance="l2", mask=mask)
     assert ours.item() == ref.item()
     torch.testing.assert_close(torch.autograd.grad(ours, logits)[0], torch.autograd.grad(ref, logits)[0])

@@ -23,9 +23,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fairseq.modules import GumbelVectorQuantizer
 
-from fairseq_knnvq.quantization import SmoothedVectorQuantizer, VQVAEQuantizer, knn_vertex_loss
+from fairseq_knnvq.quantization import KnnVertexLoss, SmoothedVectorQuantizer, VQVAEQuantizer, knn_vertex_loss
 from fairseq_knnvq.quantization import distributed
-from fairseq_knnvq.quantization.regularizers import softmax_and_knn_loss
 
 # operators whose result (or output size) the host has to wait for
 SYNCING = {
@@ -203,7 +202,7 @@ def test_knn_losses_make_no_sync_with_check_inputs_off(distance, rows, chunk):
 
     def step():
         loss = knn_vertex_loss(logits, k=4, distance=distance, mask=mask, chunk_size=chunk, check_inputs=False)
-        probs, fused = softmax_and_knn_loss(logits, k=4, distance=distance, mask=mask, chunk_size=chunk, check_inputs=False)
+        probs, fused = KnnVertexLoss(4, distance, chunk, check_inputs=False).with_softmax(logits, mask)
         (loss + fused + probs[:, :, 0].sum()).backward()
 
     assert record_syncs(step) == []
@@ -235,7 +234,7 @@ def test_global_knn_fake_workers_equal_a_doubled_batch(two_fake_workers):
     gen = torch.Generator().manual_seed(3)
     logits = torch.randn(10, 2, 8, generator=gen, dtype=torch.float64)
     mask = torch.rand(10, generator=gen) > 0.3
-    ours = distributed.global_knn_vertex_loss(logits, k=4, distance="l2", mask=mask)
+    ours = KnnVertexLoss(4, "l2", global_=True)(logits, mask=mask)
     ref = knn_vertex_loss(torch.cat([logits, logits]), k=4, distance="l2", mask=torch.cat([mask, mask]))
     assert ours.item() == pytest.approx(ref.item(), abs=1e-12)
 

@@ -5,8 +5,7 @@ import sys
 import pytest
 import torch
 
-from fairseq_knnvq.quantization import diversity_loss, knn_vertex_loss
-from fairseq_knnvq.quantization.regularizers import softmax_and_knn_loss
+from fairseq_knnvq.quantization import KnnVertexLoss, diversity_loss, knn_vertex_loss
 
 
 def brute_force_knn(logits, k, distance, valid=None):
@@ -177,7 +176,7 @@ def test_rows_picked_by_several_vertices_get_one_gradient(distance, n):
         (grad,) = torch.autograd.grad(knn_vertex_loss(logits, k=3, distance=distance, mask=m), logits)
         torch.testing.assert_close(grad, ref, atol=1e-12, rtol=1e-10)
         # the fused softmax + KNN node: its KNN part of the gradient
-        probs, loss = softmax_and_knn_loss(logits, k=3, distance=distance, mask=m)
+        probs, loss = KnnVertexLoss(3, distance).with_softmax(logits, mask=m)
         (both,) = torch.autograd.grad((probs * upstream).sum() + loss, logits)
         (softmax_only,) = torch.autograd.grad((torch.softmax(logits, -1) * upstream).sum(), logits)
         torch.testing.assert_close(both - softmax_only, ref, atol=1e-12, rtol=1e-10)

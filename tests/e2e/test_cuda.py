@@ -23,8 +23,7 @@ import fairseq  # noqa: F401  (before the plugin, so that it registers its fairs
 import fairseq_knnvq
 from fairseq.modules import GumbelVectorQuantizer
 
-from fairseq_knnvq.quantization import SmoothedVectorQuantizer, knn_vertex_loss
-from fairseq_knnvq.quantization.regularizers import softmax_and_knn_loss
+from fairseq_knnvq.quantization import KnnVertexLoss, SmoothedVectorQuantizer, knn_vertex_loss
 from fairseq_run import CONFIG_DIR, last_record, parse_json_log, records_of, run_hydra_train
 from references import brute_force_knn
 
@@ -108,7 +107,7 @@ def test_fused_softmax_and_knn_backward_on_the_gpu():
     ref = (torch.softmax(ref_input, -1) * upstream.double()).sum() + brute_force_knn(ref_input, 8, "ce")
     (expected,) = torch.autograd.grad(ref, ref_input)
     gpu = logits.cuda().requires_grad_()
-    probs, knn = softmax_and_knn_loss(gpu, k=8, distance="ce")
+    probs, knn = KnnVertexLoss(8, "ce").with_softmax(gpu)
     (got,) = torch.autograd.grad((probs * upstream.cuda()).sum() + knn, gpu)
     torch.testing.assert_close(probs.double().cpu(), torch.softmax(logits.double(), -1), rtol=0, atol=1e-6)
     assert float(knn) == pytest.approx(float(brute_force_knn(logits, 8, "ce")), rel=1e-5)

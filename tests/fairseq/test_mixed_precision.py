@@ -23,8 +23,7 @@ import pytest
 import torch
 
 from fairseq_knnvq.criterions.wav2vec_knnvq import Wav2vecKnnVqCriterion
-from fairseq_knnvq.quantization import SmoothedVectorQuantizer, diversity_loss, knn_vertex_loss
-from fairseq_knnvq.quantization.regularizers import softmax_and_knn_loss
+from fairseq_knnvq.quantization import KnnVertexLoss, SmoothedVectorQuantizer, diversity_loss, knn_vertex_loss
 from fairseq_run import CONFIG_DIR, last_record, parse_json_log, records_of, run_hydra_train
 from tiny_wav2vec2 import (
     STOCK_LOG_KEYS,
@@ -62,7 +61,7 @@ def test_losses_of_half_precision_logits_are_the_float32_losses(dtype, loss_fn):
         if loss_fn == "diversity":
             return diversity_loss(x, mask=mask)
         if loss_fn == "fused_knn_ce":
-            return softmax_and_knn_loss(x, k=4, distance="ce", mask=mask)[1]
+            return KnnVertexLoss(4, "ce").with_softmax(x, mask=mask)[1]
         return knn_vertex_loss(x, k=4, distance=loss_fn[-2:], mask=mask)
 
     half = logits.clone().requires_grad_()
