@@ -44,16 +44,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
-from fairseq_knnvq.cli.manifest import (
-    DEFAULT_SAMPLE_RATE,
-    add_check_arguments,
-    build_manifest,
-    check_dest,
-    describe,
-    refuse_stale_manifests,
-    resample_folder,
-)
-from fairseq_knnvq.data.manifest import AudioEntry, Manifest, ManifestError
+from fairseq_knnvq.cli.manifest import add_check_arguments, check_dest, describe, refuse_stale_manifests, resample_folder
+from fairseq_knnvq.data.manifest import DEFAULT_SAMPLE_RATE, AudioEntry, Manifest, ManifestError, build_manifest
 from fairseq_knnvq.files import atomic_write_bytes, write_files_atomically
 
 # Shown in error messages before "... and N more".

@@ -1,4 +1,5 @@
-"""Tests of ``knnvq-manifest`` (fairseq_knnvq.cli.manifest) on real audio files."""
+"""Tests of ``knnvq-manifest`` (fairseq_knnvq.cli.manifest) and the manifest building of
+fairseq_knnvq.data.manifest on real audio files."""
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ import pytest
 import soundfile
 
 from fairseq_knnvq.cli import manifest as manifest_cli
-from fairseq_knnvq.data.manifest import read_manifest
+from fairseq_knnvq.data.manifest import ManifestError, build_manifest, check_audio_files, find_audio_files, read_manifest
 from fairseq_knnvq.files import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -156,8 +157,8 @@ def test_wrong_sample_rate_and_stereo_are_errors_without_resample(tmp_path: Path
     assert not dest.exists()
 
     # The library function raises a typed error with the same message.
-    with pytest.raises(manifest_cli.ManifestError, match="--resample"):
-        manifest_cli.build_manifest(root, extensions="flac,wav")
+    with pytest.raises(ManifestError, match="--resample"):
+        build_manifest(root, extensions="flac,wav")
 
 
 def test_resample_converts_to_16k_mono_with_the_right_length(tmp_path: Path) -> None:
@@ -223,7 +224,7 @@ def test_empty_folder_and_missing_folder_are_clear_errors(tmp_path: Path) -> Non
 
 
 def test_read_manifest_round_trip(audio_tree: Path) -> None:
-    built = manifest_cli.build_manifest(audio_tree)
+    built = build_manifest(audio_tree)
     path = audio_tree.parent / "x.tsv"
     atomic_write_text(path, built.to_text())
     read_back = read_manifest(path)
@@ -272,9 +273,9 @@ def test_truncated_flac_is_found_by_decoding_it(tmp_path: Path) -> None:
 
 
 def test_parallel_check_equals_serial_check(audio_tree: Path) -> None:
-    paths = manifest_cli.find_audio_files(audio_tree, "flac,wav") * 5
-    serial = manifest_cli.check_audio_files(paths, workers=1)
-    parallel = manifest_cli.check_audio_files(paths, workers=2)
+    paths = find_audio_files(audio_tree, "flac,wav") * 5
+    serial = check_audio_files(paths, workers=1)
+    parallel = check_audio_files(paths, workers=2)
     assert parallel == serial
     assert [c.num_frames for c in serial[:8]] == [soundfile.info(str(p)).frames for p in paths[:8]]
 
