@@ -85,9 +85,9 @@ class GlobalSelection(VertexSelection):
     workers' valid rows.
     """
 
-    value: Optional[Tensor] = None
-    num_local: Optional[Tensor] = None
-    num_total: Optional[Tensor] = None
+    value: Tensor
+    num_local: Tensor
+    num_total: Tensor
 
     def loss(self, total: Tensor) -> Tensor:
         """The value L with the gradient of ``(N / N_r) * partial_r``, from this worker's

@@ -37,8 +37,8 @@ def perplexity_and_diversity(mean_probs: Tensor, num_valid: Optional[Tensor] = N
     ``num_valid`` (0-d tensor): the loss is 0 where it is 0, chosen on the device (no
     host sync); leave it out when the batch has valid rows by construction."""
     perplexity = entropy_perplexity(mean_probs)
-    num_vars = mean_probs.shape[0] * mean_probs.shape[1]
-    loss = (num_vars - perplexity) / num_vars
+    total_entries = mean_probs.shape[0] * mean_probs.shape[1]  # fairseq's num_vars, G*M
+    loss = (total_entries - perplexity) / total_entries
     if num_valid is not None:
         loss = torch.where(num_valid > 0, loss, loss * 0.0)
     return perplexity, loss

@@ -46,11 +46,6 @@ class CodeUsage:
     def entries(self) -> int:
         return self.counts.shape[1]
 
-    @property
-    def num_vectors(self) -> int:
-        """Vectors counted per group (N)."""
-        return int(self.counts[0].sum())
-
     @classmethod
     @torch.no_grad()
     def from_logits(
