@@ -10,6 +10,7 @@ import pytest
 import soundfile
 
 from fairseq_knnvq.cli import prepare_librispeech as prepare_cli
+from fairseq_knnvq.data.librispeech import letter_labels
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_CORPUS = REPO_ROOT / "examples" / "tiny_corpus" / "LibriSpeech"
@@ -63,8 +64,8 @@ def manifest_ids(tsv_path: Path) -> list[str]:
 
 
 def test_letter_labels_match_fairseq_libri_labels() -> None:
-    assert prepare_cli.letter_labels("HELLO WORLD") == "H E L L O | W O R L D |"
-    assert prepare_cli.letter_labels("IT'S") == "I T ' S |"
+    assert letter_labels("HELLO WORLD") == "H E L L O | W O R L D |"
+    assert letter_labels("IT'S") == "I T ' S |"
 
 
 def test_writes_tsv_wrd_ltr_and_dict(corpus: Path, tmp_path: Path) -> None:
@@ -312,7 +313,7 @@ def test_prepare_runs_on_the_shipped_corpus(tmp_path: Path) -> None:
         ids = manifest_ids(dest / f"{name}.tsv")
         assert len(ids) == len(transcripts)
         assert read_lines(dest / f"{name}.wrd") == [transcripts[i] for i in ids]
-        assert read_lines(dest / f"{name}.ltr") == [prepare_cli.letter_labels(transcripts[i]) for i in ids]
+        assert read_lines(dest / f"{name}.ltr") == [letter_labels(transcripts[i]) for i in ids]
     symbols = [line.split(" ")[0] for line in read_lines(dest / "dict.ltr.txt")]
     assert symbols[0] == "|"
     assert set(symbols) == set("ABCDEFGHIJKLMNOPQRSTUVWXYZ'|")
