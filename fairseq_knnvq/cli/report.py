@@ -11,16 +11,10 @@ Two subcommands::
     knnvq-report codes --checkpoint outputs/knn/checkpoints/checkpoint_last.pt \\
         --manifest manifests/test.tsv --out report/
 
-A run is a log file or a hydra run folder (``hydra_train.log`` is what
-``fairseq-hydra-train`` writes there; a captured stdout works too). fairseq logs three
-kinds of JSON records, told apart by the logger name: ``train_inner`` (every
-``log_interval`` updates), ``train`` (end of epoch, keys ``train_*``) and one per
-validation subset (``valid``: keys ``valid_*``). Curves show ``train_inner`` as solid
-lines and validation as dashed lines with markers; the table has the last record of
-each.
-
-The work is done by :mod:`fairseq_knnvq.report`; every file is written to a temporary
-name and renamed, so an interrupted report never leaves a half-written PNG or table behind.
+A run is a log file or a hydra run folder (``hydra_train.log``). The work is done by
+:mod:`fairseq_knnvq.report`, which says which records are read and how they are drawn;
+every file is written to a temporary name and renamed, so an interrupted report never
+leaves a half-written PNG or table behind.
 """
 from __future__ import annotations
 
