@@ -17,6 +17,7 @@ Nothing here imports fairseq; the fairseq criterion logs :func:`psnr_from_mse` t
 """
 import math
 import os
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,7 +33,8 @@ def psnr_from_mse(mse: float, pixel_range: float = PIXEL_RANGE) -> float:
     return 10.0 * math.log10(pixel_range**2 / mse)
 
 
-def gaussian_window(size: int = 11, sigma: float = 1.5, dtype=torch.float64) -> torch.Tensor:
+def gaussian_window(size: int = 11, sigma: float = 1.5, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The normalised 1-D Gaussian ``exp(-x^2 / (2 sigma^2))`` at ``x = -size//2 .. size//2``."""
     radius = size // 2
     x = torch.arange(-radius, radius + 1, dtype=dtype)
     g = torch.exp(-0.5 * (x / sigma) ** 2)
@@ -90,8 +92,10 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
 class FeatureStats:
     """Running sums for the mean and covariance of feature vectors."""
 
-    def __init__(self):
-        self.n, self.sum, self.outer = 0, None, None
+    def __init__(self) -> None:
+        self.n = 0
+        self.sum: Optional[torch.Tensor] = None
+        self.outer: Optional[torch.Tensor] = None
 
     def add(self, feats: torch.Tensor) -> None:
         feats = feats.detach().double().cpu()
@@ -102,7 +106,8 @@ class FeatureStats:
         self.sum += feats.sum(0)
         self.outer += feats.T @ feats
 
-    def mean_cov(self):
+    def mean_cov(self) -> Tuple[np.ndarray, np.ndarray]:
+        """The mean and the (n - 1)-normalised covariance of the features added."""
         mu = self.sum / self.n
         cov = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
         return mu.numpy(), cov.numpy()
