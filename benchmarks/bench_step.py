@@ -85,7 +85,7 @@ def build(variant: str, device: str):
             None, infonce=crit_cfg.infonce, loss_weights=list(crit_cfg.loss_weights),
             log_keys=list(crit_cfg.log_keys), knn_weight=crit_cfg.knn_weight,
         )
-        if model.cfg.quantizer_regularizer != "knn" or model.cfg.knn_distance != "ce":
+        if model.cfg.regularizer != "knn" or model.cfg.knn_distance != "ce":
             raise RuntimeError(f"{PLUGIN_YAML} is expected to be the KNN-CE variant")
     else:
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")

@@ -212,7 +212,7 @@ def build_image_step(c: Dict[str, Any], seed: int = 0) -> Callable[[], float]:
     cfg = VQImageAutoencoderConfig(
         channels=c.get("channels", 128), max_channels=c.get("max_channels", 512),
         num_res_blocks=c.get("num_res_blocks", 2), code_dim=c["dim"],
-        downsample_factor=c["downsample_factor"], codebook_size=c["entries"],
+        downsample_factor=c["downsample_factor"], latent_vars=c["entries"],
         quantizer="smoothed", smoothing=c.get("smoothing", "gumbel"), regularizer=regularizer,
         knn_distance="ce", knn_k=c.get("k", 8), knn_global=False,
     )

@@ -41,6 +41,7 @@ import torch
 
 from .checkpoints import CheckpointError, load_model, read_checkpoint
 from .files import atomic_folder
+from .tasks.renamed_fields import rename_old_model_fields
 
 PRETRAINING_MODELS = ("wav2vec2", "wav2vec2_knnvq")
 CTC_MODELS = ("wav2vec_ctc",)
@@ -470,6 +471,7 @@ def export_checkpoint(
         w2v, task_cfg, finetuning = cfg.model, cfg.task, None
     else:
         w2v, task_cfg, finetuning = cfg.model.w2v_args.model, cfg.task, cfg.model
+    rename_old_model_fields(w2v)  # a checkpoint saved with the 0.1.0 field names
     problems = unsupported_settings(w2v, pretraining=kind == "pretraining")
     if finetuning is not None and float(finetuning.get("blank_weight", 0.0) or 0.0) != 0.0 and finetuning.get("blank_mode", "add") != "add":
         problems.append(f"model.blank_mode={finetuning.get('blank_mode')!r} with a blank_weight (only 'add' folds into the output layer)")
@@ -486,7 +488,7 @@ def export_checkpoint(
         hf_config = transformers.Wav2Vec2Config(**config_kwargs)
         model_class = transformers.Wav2Vec2ForPreTraining
         head_rules, encoder_prefix, vocabulary, dictionary = PRETRAINING_HEAD_RULES, "", None, None
-        if w2v.get("quantizer_regularizer") == "knn":
+        if w2v.get("regularizer") == "knn":
             notes.append(
                 "transformers' Wav2Vec2ForPreTraining loss uses the diversity term, not the KNN "
                 "term; the weights and codebook are those trained with it"

@@ -1,8 +1,8 @@
 """The ``image_vq_reconstruction`` criterion for ``vq_image_autoencoder``.
 
 loss = reconstruction (MSE or L1, per image, summed over the batch)
-       + batch_size * (knn_loss_weight * knn_loss + diversity_loss_weight * diversity_loss
-                       + vq_loss_weight * vq_loss)
+       + batch_size * (knn_weight * knn_loss + diversity_weight * diversity_loss
+                       + vq_weight * vq_loss)
 with ``sample_size`` = images, so fairseq's gradient normalisation averages per image
 over all workers.
 
@@ -43,9 +43,9 @@ logger = logging.getLogger(__name__)
 
 # Quantizer output key -> config field of its weight.
 AUX_LOSSES = {
-    "knn_loss": "knn_loss_weight",
-    "diversity_loss": "diversity_loss_weight",
-    "vq_loss": "vq_loss_weight",
+    "knn_loss": "knn_weight",
+    "diversity_loss": "diversity_weight",
+    "vq_loss": "vq_weight",
 }
 # Also logged (as per-image averages) when the model returns them.
 LOGGED_EXTRAS = ("codebook_loss", "commitment_loss", "temp")
@@ -56,13 +56,13 @@ class ImageVQReconstructionConfig(FairseqDataclass):
     reconstruction_loss: ChoiceEnum(["mse", "l1"]) = field(
         default="mse", metadata={"help": "pixel loss between image and reconstruction"}
     )
-    knn_loss_weight: float = field(
+    knn_weight: float = field(
         default=0.1, metadata={"help": "lambda of the KNN-to-vertex loss"}
     )
-    diversity_loss_weight: float = field(
+    diversity_weight: float = field(
         default=0.1, metadata={"help": "weight of wav2vec 2.0's diversity (perplexity) loss"}
     )
-    vq_loss_weight: float = field(
+    vq_weight: float = field(
         default=1.0, metadata={"help": "weight of the VQ-VAE codebook + beta*commitment loss"}
     )
     grid_dir: Optional[str] = field(

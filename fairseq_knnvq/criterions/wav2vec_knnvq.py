@@ -14,7 +14,7 @@ extra losses); this class only supplies the weights and adds to the logging outp
   ``tightness_max_prob`` and ``tightness_vertex_l2`` are derived over all workers and,
   in validation, over the whole subset.
 
-The variants that do not train on the KNN loss (``quantizer_regularizer=diversity``
+The variants that do not train on the KNN loss (``regularizer=diversity``
 or ``none``) compute it, detached, only where it is logged: in validation, and in the
 training updates whose logs fairseq writes (every ``knn_log_interval`` updates, by
 default ``common.log_interval``). Elsewhere the step runs no KNN search (and, with
@@ -41,6 +41,7 @@ from fairseq.criterions.wav2vec_criterion import Wav2vecCriterion, Wav2VecCriter
 from omegaconf import II
 
 from ..code_usage_logging import is_usage_key, log_code_usage, usage_logging_output
+from ..models.wav2vec2_knnvq import EXTRA_LOSS_NAMES
 
 # Counts the logging outputs that were summed into one, for averages (see module doc).
 COUNT_KEY = "_num_logging_outputs"
@@ -48,8 +49,6 @@ COUNT_KEY = "_num_logging_outputs"
 _SUMMED_KEYS = {"loss", "ntokens", "nsentences", "sample_size", "correct", "count"}
 # Logged by this criterion whether or not they are in log_keys.
 _ALWAYS_LOGGED = ("knn_loss", "diversity_loss", "code_usage")
-# Extra losses of wav2vec2_knnvq: [diversity, features_pen, knn].
-_NUM_EXTRA_LOSSES = 3
 
 
 @dataclass
@@ -90,7 +89,7 @@ class _NetOutputRecorder:
 
     def get_extra_losses(self, net_output):
         losses = self._model.get_extra_losses(net_output)
-        if torch.is_tensor(losses) or len(losses) != _NUM_EXTRA_LOSSES:
+        if torch.is_tensor(losses) or len(losses) != len(EXTRA_LOSS_NAMES):
             raise ValueError(
                 "criterion wav2vec_knnvq needs a model whose extra losses are [diversity, "
                 "features_pen, knn], i.e. model._name=wav2vec2_knnvq; this model returned "

@@ -19,15 +19,15 @@ from typing import Any, Dict, Tuple
 import torch
 import torch.nn as nn
 
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel, register_model
 
-from ..quantization import (
-    KNN_DISTANCES,
-    REGULARIZERS,
-    SMOOTHING_MODES,
-    SmoothedVectorQuantizer,
-    VQVAEQuantizer,
+from ..quantization import SmoothedVectorQuantizer, VQVAEQuantizer
+from .smoothed_quantizer_config import (
+    SMOOTHING_CHOICES,
+    SmoothedQuantizerConfig,
+    shared_field,
+    smoothed_quantizer_options,
 )
 
 QUANTIZERS = ("vqvae", "smoothed")
@@ -35,7 +35,11 @@ DOWNSAMPLE_FACTORS = (4, 8, 16)
 
 
 @dataclass
-class VQImageAutoencoderConfig(FairseqDataclass):
+class VQImageAutoencoderConfig(SmoothedQuantizerConfig):
+    """The network's options, the codebook's (named as wav2vec 2.0 names them) and the
+    smoothed quantizer's (shared with ``wav2vec2_knnvq``; here ``smoothing`` defaults to
+    gumbel)."""
+
     downsample_factor: int = field(
         default=8,
         metadata={"help": "f: the latent grid is (H/f, W/f); one of 4, 8, 16"},
@@ -51,8 +55,8 @@ class VQImageAutoencoderConfig(FairseqDataclass):
         default=256,
         metadata={"help": "channels of the latent grid and dimension of a codeword (all groups)"},
     )
-    codebook_size: int = field(default=1024, metadata={"help": "M: entries per codebook group"})
-    codebook_groups: int = field(
+    latent_vars: int = field(default=1024, metadata={"help": "M: entries per codebook group"})
+    latent_groups: int = field(
         default=1, metadata={"help": "G: codebook groups; each position picks one entry per group"}
     )
     quantizer: ChoiceEnum(QUANTIZERS) = field(
@@ -60,26 +64,8 @@ class VQImageAutoencoderConfig(FairseqDataclass):
         metadata={"help": "vqvae: nearest codeword with straight-through gradients; "
                   "smoothed: smoothed VQ with a regulariser"},
     )
-    smoothing: ChoiceEnum(SMOOTHING_MODES) = field(
-        default="gumbel", metadata={"help": "smoothed quantizer: how logits become a simplex point"}
-    )
-    regularizer: ChoiceEnum(REGULARIZERS) = field(
-        default="knn", metadata={"help": "smoothed quantizer: knn, diversity (wav2vec 2.0) or none"}
-    )
-    knn_k: int = field(default=8, metadata={"help": "K: smoothed vectors pulled onto each vertex"})
-    knn_distance: ChoiceEnum(KNN_DISTANCES) = field(
-        default="ce", metadata={"help": "distance to the vertex: ce (-log p_m) or l2"}
-    )
-    knn_input: ChoiceEnum(["smoothed", "probs"]) = field(
-        default="smoothed",
-        metadata={"help": "KNN acts on the smoothed vector of the forward pass (smoothed) or "
-                  "on the noise-free softmax(l / tau) (probs)"},
-    )
-    knn_global: bool = field(
-        default=False,
-        metadata={"help": "pick each vertex's neighbours from the batches of all workers"},
-    )
-    temperature: Tuple[float, float, float] = field(
+    smoothing: SMOOTHING_CHOICES = shared_field("smoothing", "gumbel")  # type: ignore[valid-type]
+    latent_temp: Tuple[float, float, float] = field(
         default=(2.0, 0.5, 0.999995),
         metadata={"help": "smoothing temperature (start, end, decay per update)"},
     )
@@ -160,10 +146,10 @@ class VQImageAutoencoder(BaseFairseqModel):
             raise ValueError(
                 f"model.downsample_factor must be one of {DOWNSAMPLE_FACTORS}, got {cfg.downsample_factor}"
             )
-        if cfg.code_dim % cfg.codebook_groups:
+        if cfg.code_dim % cfg.latent_groups:
             raise ValueError(
-                f"model.code_dim ({cfg.code_dim}) must be divisible by model.codebook_groups "
-                f"({cfg.codebook_groups})"
+                f"model.code_dim ({cfg.code_dim}) must be divisible by model.latent_groups "
+                f"({cfg.latent_groups})"
             )
         self.cfg = cfg
         self.downsample_factor = cfg.downsample_factor
@@ -172,26 +158,21 @@ class VQImageAutoencoder(BaseFairseqModel):
         if cfg.quantizer == "vqvae":
             self.quantizer = VQVAEQuantizer(
                 cfg.code_dim,
-                cfg.codebook_size,
-                groups=cfg.codebook_groups,
+                cfg.latent_vars,
+                groups=cfg.latent_groups,
                 beta=cfg.commitment_beta,
                 rotation_trick=cfg.rotation_trick,
             )
         else:
             self.quantizer = SmoothedVectorQuantizer(
                 cfg.code_dim,
-                cfg.codebook_size,
-                temp=tuple(cfg.temperature),
-                groups=cfg.codebook_groups,
+                cfg.latent_vars,
+                temp=tuple(cfg.latent_temp),
+                groups=cfg.latent_groups,
                 combine_groups=False,
                 vq_dim=cfg.code_dim,
                 time_first=True,
-                smoothing=str(cfg.smoothing),
-                regularizer=str(cfg.regularizer),
-                knn_k=cfg.knn_k,
-                knn_distance=str(cfg.knn_distance),
-                knn_input=str(cfg.knn_input),
-                knn_global=cfg.knn_global,
+                **smoothed_quantizer_options(cfg),
             )
         self.num_updates = 0
 

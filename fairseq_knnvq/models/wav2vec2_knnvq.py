@@ -4,9 +4,8 @@ A subclass of fairseq's ``Wav2Vec2Model``: the CNN, masking, transformer, negati
 contrastive logits are fairseq's own code. Only the quantizers are swapped for
 :class:`~fairseq_knnvq.quantization.SmoothedVectorQuantizer`, built with the arguments
 fairseq uses and loaded with the weights fairseq drew, so parameter names match and a
-stock ``wav2vec2`` state dict loads. With ``quantizer_regularizer=diversity`` and
-``quantizer_smoothing=gumbel_hard`` the model computes exactly what stock wav2vec 2.0
-computes.
+stock ``wav2vec2`` state dict loads. With ``regularizer=diversity`` and
+``smoothing=gumbel_hard`` the model computes exactly what stock wav2vec 2.0 computes.
 
 ``get_extra_losses`` returns three terms in fixed positions, whatever the variant:
 
@@ -25,69 +24,30 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from fairseq.data.data_utils import compute_mask_indices
-from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 
 from .. import dummy_batches
-from ..quantization import KNN_DISTANCES, REGULARIZERS, SMOOTHING_MODES, SmoothedVectorQuantizer
-from ..quantization.quantizer import KNN_INPUTS
-
-SMOOTHING_CHOICES = ChoiceEnum(list(SMOOTHING_MODES))
-REGULARIZER_CHOICES = ChoiceEnum(list(REGULARIZERS))
-KNN_DISTANCE_CHOICES = ChoiceEnum(list(KNN_DISTANCES))
-KNN_INPUT_CHOICES = ChoiceEnum(list(KNN_INPUTS))
+from ..quantization import SmoothedVectorQuantizer
+from .smoothed_quantizer_config import SmoothedQuantizerConfig, smoothed_quantizer_options
 
 # Positions of the terms in get_extra_losses (and in the criterion's weights).
 EXTRA_LOSS_NAMES = ("diversity", "features_pen", "knn")
 
 
 @dataclass
-class Wav2Vec2KnnVqConfig(Wav2Vec2Config):
-    quantizer_smoothing: SMOOTHING_CHOICES = field(  # type: ignore[valid-type]
-        default="gumbel_hard",
-        metadata={
-            "help": "how the quantizer turns logits into a code-selection vector: softmax, "
-            "gumbel (soft sample), gumbel_hard (straight-through Gumbel, stock wav2vec 2.0) "
-            "or ste (hard argmax forward, softmax backward)"
-        },
-    )
-    quantizer_regularizer: REGULARIZER_CHOICES = field(  # type: ignore[valid-type]
-        default="knn",
-        metadata={
-            "help": "regulariser of the code-selection vectors: knn (KNN-to-simplex-vertex "
-            "loss), diversity (stock wav2vec 2.0 prob-perplexity loss) or none"
-        },
-    )
-    knn_k: int = field(
-        default=8, metadata={"help": "K: smoothed vectors pulled towards each codebook vertex"}
-    )
-    knn_distance: KNN_DISTANCE_CHOICES = field(  # type: ignore[valid-type]
-        default="ce",
-        metadata={"help": "distance to a vertex: ce (-log p_m) or l2 (||e_m - p||^2)"},
-    )
-    knn_input: KNN_INPUT_CHOICES = field(  # type: ignore[valid-type]
-        default="smoothed",
-        metadata={
-            "help": "vectors the KNN loss acts on: smoothed (the ones used in the forward "
-            "pass, e.g. the Gumbel sample) or probs (noise-free softmax(logits / temp))"
-        },
-    )
+class Wav2Vec2KnnVqConfig(Wav2Vec2Config, SmoothedQuantizerConfig):
+    """fairseq's wav2vec 2.0 options, the smoothed quantizer's (shared with the image
+    model) and the speech-only ones below."""
+
     diversity_counts_padding: bool = field(
         default=True,
         metadata={
-            "help": "with quantizer_regularizer=diversity: quantizers that see padded frames "
+            "help": "with regularizer=diversity: quantizers that see padded frames "
             "(quantize_input; negatives_from_everywhere) count them in the diversity loss, "
             "the perplexities, the usage statistics and the logged KNN loss, as stock "
             "wav2vec 2.0 counts them, so this variant is exactly the stock baseline "
             "(default); false excludes padded frames as the KNN variants always do"
-        },
-    )
-    knn_global: bool = field(
-        default=False,
-        metadata={
-            "help": "choose each vertex's K neighbours from the batch of all workers "
-            "(distributed training) instead of each worker's own batch"
         },
     )
     seeded_masks: bool = field(
@@ -224,12 +184,7 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
                 time_first=True,
                 weight_proj_depth=cfg.quantizer_depth,
                 weight_proj_factor=cfg.quantizer_factor,
-                smoothing=cfg.quantizer_smoothing,
-                regularizer=cfg.quantizer_regularizer,
-                knn_k=cfg.knn_k,
-                knn_distance=cfg.knn_distance,
-                knn_input=cfg.knn_input,
-                knn_global=cfg.knn_global,
+                **smoothed_quantizer_options(cfg),
             )
         # Strict: fails loudly if fairseq ever builds its quantizer differently.
         quantizer.load_state_dict(stock.state_dict())
@@ -291,7 +246,7 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
         is_input_call = self.input_quantizer is not None and not self._quantizer_outputs
         if not (is_input_call or self.negatives_from_everywhere):
             return None
-        if self.cfg.quantizer_regularizer == "diversity" and self.cfg.diversity_counts_padding:
+        if self.cfg.regularizer == "diversity" and self.cfg.diversity_counts_padding:
             return None
         frames = torch.arange(x.shape[1], device=x.device)
         kwargs = dict(kwargs, mask=frames.unsqueeze(0) < self._feature_lengths.unsqueeze(1).to(x.device))
@@ -333,11 +288,11 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
     def get_extra_losses(self, net_output) -> List[Optional[torch.Tensor]]:
         """``[diversity, features_pen, knn]``; a term the variant does not train is None."""
         diversity = features_pen = knn = None
-        if self.cfg.quantizer_regularizer == "diversity" and "diversity_loss" in net_output:
+        if self.cfg.regularizer == "diversity" and "diversity_loss" in net_output:
             diversity = net_output["diversity_loss"]
         if "features_pen" in net_output:
             features_pen = net_output["features_pen"]
-        if self.cfg.quantizer_regularizer == "knn" and "knn_loss" in net_output:
+        if self.cfg.regularizer == "knn" and "knn_loss" in net_output:
             knn = net_output["knn_loss"]
         return [diversity, features_pen, knn]
 

@@ -31,6 +31,7 @@ from ..data.audio import ReplaceUnreadableDataset
 from ..data.labels import describe_unknown_units, find_unknown_units
 from ..data.unreadable import UnreadableFileLog
 from .finished_run import MAX_UPDATE_HELP, StopWhenFinishedMixin
+from .renamed_fields import RenameOldModelFieldsMixin
 
 logger = logging.getLogger(__name__)
 
@@ -112,8 +113,12 @@ class ReplaceUnreadableAudioMixin:
 
 
 @register_task("audio_pretraining_knnvq", dataclass=AudioPretrainingKnnvqConfig)
-class AudioPretrainingKnnvqTask(StopWhenFinishedMixin, ReplaceUnreadableAudioMixin, AudioPretrainingTask):
-    """fairseq's ``audio_pretraining``; unreadable files are replaced, logged and counted."""
+class AudioPretrainingKnnvqTask(
+    RenameOldModelFieldsMixin, StopWhenFinishedMixin, ReplaceUnreadableAudioMixin, AudioPretrainingTask
+):
+    """fairseq's ``audio_pretraining``; unreadable files are replaced, logged and counted,
+    and a model config with the 0.1.0 field names is renamed before fairseq reads it
+    (:mod:`fairseq_knnvq.tasks.renamed_fields`)."""
 
 
 class LabelError(ValueError):

@@ -127,7 +127,7 @@ def test_the_shipped_config_with_a_plain_override(tmp_path):
 def test_group_choice_selects_the_plugin_classes(tiny_manifests, tmp_path):
     """A YAML written for stock wav2vec 2.0 (model wav2vec2, criterion wav2vec) trains the
     plugin's model and criterion by group choice."""
-    plugin_model_fields = ("quantizer_smoothing", "quantizer_regularizer", "knn_k", "knn_distance", "knn_input", "knn_global")
+    plugin_model_fields = ("smoothing", "regularizer", "knn_k", "knn_distance", "knn_input", "knn_global")
 
     def stock(config):
         config["model"]["_name"] = "wav2vec2"

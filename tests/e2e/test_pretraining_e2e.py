@@ -75,7 +75,7 @@ def test_tiny_pretraining_trains_saves_reloads_resumes_and_logs_usage(
     model = models[0]
     assert isinstance(model, Wav2Vec2KnnVqModel)
     assert isinstance(model.quantizer, SmoothedVectorQuantizer)
-    assert model.quantizer.regularizer == regularizer == cfg.model.quantizer_regularizer
+    assert model.quantizer.regularizer == regularizer == cfg.model.regularizer
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, state["model"][name]), name
     # ... and quantizes real audio of the corpus.

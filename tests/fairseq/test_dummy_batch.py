@@ -32,7 +32,7 @@ fairseq_knnvq.register_with_fairseq()
 
 WORLD = 2
 K = 4
-MODEL = dict(TINY, quantizer_regularizer="knn", quantizer_smoothing="softmax", knn_k=K, knn_global=True)
+MODEL = dict(TINY, regularizer="knn", smoothing="softmax", knn_k=K, knn_global=True)
 
 
 def build_model():

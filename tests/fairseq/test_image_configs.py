@@ -63,7 +63,7 @@ def test_config_composes_with_its_method_and_scale(name):
     else:
         f, m = SCALES[name[len("imagenet_"):-len(method) - 1]]
         assert cfg.task.image_size == 256
-        assert (cfg.model.downsample_factor, cfg.model.codebook_size) == (f, m)
+        assert (cfg.model.downsample_factor, cfg.model.latent_vars) == (f, m)
         assert cfg.common.fp16 and cfg.distributed_training.distributed_world_size == 8
     # Every interpolation of the job's config resolves (hydra's own sweep section is not run).
     OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)

@@ -19,7 +19,7 @@ from fairseq_knnvq.criterions.image_vq_reconstruction import (
 )
 from fairseq_knnvq.models.vq_image_autoencoder import VQImageAutoencoder, VQImageAutoencoderConfig
 
-SMALL = dict(channels=8, max_channels=16, num_res_blocks=1, code_dim=8, codebook_size=16)
+SMALL = dict(channels=8, max_channels=16, num_res_blocks=1, code_dim=8, latent_vars=16)
 
 
 def make_model(**kw):
@@ -40,7 +40,7 @@ def images(n=4, size=16, seed=0):
 @pytest.mark.parametrize("f", [4, 8, 16])
 @pytest.mark.parametrize("quantizer", ["vqvae", "smoothed"])
 def test_shapes_for_every_downsampling_factor(f, quantizer):
-    model = make_model(downsample_factor=f, quantizer=quantizer, codebook_groups=2)
+    model = make_model(downsample_factor=f, quantizer=quantizer, latent_groups=2)
     x = images(2, 32)
     out = model(x)
     assert out["x"].shape == x.shape
@@ -54,8 +54,8 @@ def test_shapes_for_every_downsampling_factor(f, quantizer):
 def test_bad_configuration_and_inputs():
     with pytest.raises(ValueError, match="downsample_factor must be one of"):
         make_model(downsample_factor=2)
-    with pytest.raises(ValueError, match="divisible by model.codebook_groups"):
-        make_model(code_dim=9, codebook_groups=2)
+    with pytest.raises(ValueError, match="divisible by model.latent_groups"):
+        make_model(code_dim=9, latent_groups=2)
     model = make_model()
     with pytest.raises(ValueError, match="multiples of model.downsample_factor=4"):
         model(images(1, 18))
@@ -75,7 +75,7 @@ def test_every_method_trains_the_right_losses():
 
 
 def test_temperature_follows_updates():
-    model = make_model(smoothing="gumbel", temperature=(2.0, 0.5, 0.9))
+    model = make_model(smoothing="gumbel", latent_temp=(2.0, 0.5, 0.9))
     model.set_num_updates(0)
     assert model.quantizer.curr_temp == pytest.approx(2.0)
     model.set_num_updates(5)
@@ -97,17 +97,17 @@ def test_loss_is_reconstruction_plus_weighted_training_losses():
     x = images()
     sample = {"net_input": {"images": x}}
     for kw, key, name in [
-        (dict(regularizer="knn"), "knn_loss", "knn_loss_weight"),
-        (dict(regularizer="diversity"), "diversity_loss", "diversity_loss_weight"),
-        (dict(quantizer="vqvae"), "vq_loss", "vq_loss_weight"),
+        (dict(regularizer="knn"), "knn_loss", "knn_weight"),
+        (dict(regularizer="diversity"), "diversity_loss", "diversity_weight"),
+        (dict(quantizer="vqvae"), "vq_loss", "vq_weight"),
         (dict(regularizer="none"), None, None),
     ]:
         model = make_model(**kw).eval()
-        crit = make_criterion(knn_loss_weight=0.3, diversity_loss_weight=0.2, vq_loss_weight=0.7)
+        crit = make_criterion(knn_weight=0.3, diversity_weight=0.2, vq_weight=0.7)
         loss, sample_size, log = crit(model, sample)
         out = model(x)
         recon = (out["x"] - x).pow(2).flatten(1).mean(1).sum()
-        weights = {"knn_loss_weight": 0.3, "diversity_loss_weight": 0.2, "vq_loss_weight": 0.7}
+        weights = {"knn_weight": 0.3, "diversity_weight": 0.2, "vq_weight": 0.7}
         extra = 0.0 if key is None else weights[name] * 4 * out[key]
         assert sample_size == 4
         assert float(loss.detach()) == pytest.approx(float(recon.detach() + extra), rel=1e-5)

@@ -167,7 +167,7 @@ def _half_model_step(model, dtype, inputs, log_keys=None, knn_weight=0.5, stock=
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_half_precision_diversity_variant_equals_stock_in_the_same_precision(dtype):
     stock = stock_model(seed=0)
-    ours = knnvq_model(seed=1, quantizer_regularizer="diversity", quantizer_smoothing="gumbel_hard")
+    ours = knnvq_model(seed=1, regularizer="diversity", smoothing="gumbel_hard")
     ours.load_state_dict(stock.state_dict())
     inputs = batch(stock, padded_samples=2000)
     stock_loss, stock_log = _half_model_step(stock, dtype, inputs, STOCK_LOG_KEYS, stock=True)
@@ -186,7 +186,7 @@ def test_half_precision_diversity_variant_equals_stock_in_the_same_precision(dty
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_half_precision_model_trains_the_brute_force_knn_loss(dtype):
-    model = knnvq_model(quantizer_regularizer="knn", quantizer_smoothing="softmax", knn_k=4)
+    model = knnvq_model(regularizer="knn", smoothing="softmax", knn_k=4)
     calls = capture_quantizer_inputs(model)
     inputs = batch(model, padded_samples=2000)
     loss, log = _half_model_step(model, dtype, inputs)

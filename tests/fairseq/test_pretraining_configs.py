@@ -28,7 +28,7 @@ STOCK_BASE_YAML = (
 
 QUANTIZER_KEYS = {
     "common.user_dir", "criterion._name", "criterion.knn_weight", "model._name", "model.latent_groups",
-    "model.quantizer_smoothing", "model.quantizer_regularizer", "model.knn_k", "model.knn_distance",
+    "model.smoothing", "model.regularizer", "model.knn_k", "model.knn_distance",
     "model.knn_input", "model.knn_global",
 }
 
@@ -96,7 +96,7 @@ def test_configs_name_valid_fields(path):
     if path.stem.startswith("tiny_"):
         base = _files(PRETRAINING_CONFIGS / path.name.replace("tiny_", "base_"))
         base_model = merge_with_parent(Wav2Vec2KnnVqConfig(), base.model)
-        for key in ("quantizer_smoothing", "quantizer_regularizer", "knn_k", "knn_distance", "knn_input", "knn_global", "latent_groups"):
+        for key in ("smoothing", "regularizer", "knn_k", "knn_distance", "knn_input", "knn_global", "latent_groups"):
             assert model[key] == base_model[key], key
         assert cfg.criterion == base.criterion
         assert cfg.common.cpu is True and cfg.model.encoder_layers == 2

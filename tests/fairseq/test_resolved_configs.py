@@ -18,8 +18,17 @@ from test_config_user_dir import compose_like_fairseq_hydra_train, runnable_conf
 from fairseq_run import CONFIG_DIR
 
 SNAPSHOT = Path(__file__).parent / "data" / "resolved_configs.json"
-# Config fields renamed since the snapshot (old dotted key -> new dotted key).
-RENAMED: Dict[str, str] = {}
+# Config fields renamed since the snapshot, in 0.2.0 (old dotted key -> new dotted key).
+RENAMED: Dict[str, str] = {
+    "model.quantizer_smoothing": "model.smoothing",
+    "model.quantizer_regularizer": "model.regularizer",
+    "model.codebook_size": "model.latent_vars",
+    "model.codebook_groups": "model.latent_groups",
+    "model.temperature": "model.latent_temp",
+    "criterion.knn_loss_weight": "criterion.knn_weight",
+    "criterion.diversity_loss_weight": "criterion.diversity_weight",
+    "criterion.vq_loss_weight": "criterion.vq_weight",
+}
 
 
 def _flat(cfg: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:

@@ -30,7 +30,7 @@ from tiny_wav2vec2 import (
 def test_seeded_construction_gives_stock_weights_and_leaves_the_random_stream_alone():
     stock = stock_model(seed=3)
     after_stock = torch.rand(4)
-    ours = knnvq_model(seed=3, quantizer_regularizer="diversity")
+    ours = knnvq_model(seed=3, regularizer="diversity")
     after_ours = torch.rand(4)
     assert torch.equal(after_stock, after_ours)
     stock_state, our_state = stock.state_dict(), ours.state_dict()
@@ -65,7 +65,7 @@ def test_diversity_variant_is_stock_on_padded_batches_in_every_placement(placeme
 @pytest.mark.parametrize("placement", ["input_only", "negatives_from_everywhere"])
 def test_diversity_counts_padding_false_excludes_padded_frames(placement):
     overrides = PLACEMENTS[placement]
-    model = knnvq_model(quantizer_regularizer="diversity", diversity_counts_padding=False, **overrides)
+    model = knnvq_model(regularizer="diversity", diversity_counts_padding=False, **overrides)
     stock = stock_model(**overrides)
     model.load_state_dict(stock.state_dict())
     model.eval()
@@ -89,7 +89,7 @@ def test_diversity_counts_padding_false_excludes_padded_frames(placement):
 
 def assert_stock_parity(overrides, num_updates, padded_samples):
     stock = stock_model(seed=0, **overrides)
-    ours = knnvq_model(seed=1, quantizer_regularizer="diversity", quantizer_smoothing="gumbel_hard", **overrides)
+    ours = knnvq_model(seed=1, regularizer="diversity", smoothing="gumbel_hard", **overrides)
     ours.load_state_dict(stock.state_dict(), strict=True)
     for model in (stock, ours):
         model.train()
@@ -133,7 +133,7 @@ def assert_stock_parity(overrides, num_updates, padded_samples):
 
 def test_stock_state_dict_with_quantized_input_loads_strictly():
     stock = stock_model(quantize_input=True)
-    ours = knnvq_model(seed=5, quantize_input=True, quantizer_regularizer="diversity")
+    ours = knnvq_model(seed=5, quantize_input=True, regularizer="diversity")
     ours.load_state_dict(stock.state_dict(), strict=True)
     assert isinstance(ours.input_quantizer, SmoothedVectorQuantizer)
     assert isinstance(ours.quantizer, SmoothedVectorQuantizer) and ours.quantizer is not ours.input_quantizer
@@ -144,7 +144,7 @@ def test_stock_state_dict_with_quantized_input_loads_strictly():
 
 @pytest.mark.parametrize("distance", ["ce", "l2"])
 def test_knn_loss_is_the_loss_of_the_masked_frames_and_is_trained(distance):
-    model = knnvq_model(quantizer_regularizer="knn", knn_distance=distance, knn_k=4)
+    model = knnvq_model(regularizer="knn", knn_distance=distance, knn_k=4)
     source, _, mask_indices = batch(model)
     captured = {}
     model.quantizer.register_forward_hook(lambda module, args, output: captured.update(y=args[0]))
@@ -160,7 +160,7 @@ def test_knn_loss_is_the_loss_of_the_masked_frames_and_is_trained(distance):
     assert int(out["usage_sums"].counts.sum()) == 2 * y.shape[0] * y.shape[1]
 
     # trained: the gradient of the term is that of the brute-force loss
-    model = knnvq_model(quantizer_regularizer="knn", knn_distance=distance, knn_k=4, quantizer_smoothing="softmax")
+    model = knnvq_model(regularizer="knn", knn_distance=distance, knn_k=4, smoothing="softmax")
     model.train()
     calls = capture_quantizer_inputs(model)
     out = seeded(lambda: model(source=source, mask_indices=mask_indices))
@@ -178,7 +178,7 @@ def test_knn_loss_is_the_loss_of_the_masked_frames_and_is_trained(distance):
 
 @pytest.mark.parametrize("regularizer", ["diversity", "none"])
 def test_other_regularizers_report_but_do_not_train_the_knn_loss(regularizer):
-    model = knnvq_model(quantizer_regularizer=regularizer, quantizer_smoothing="softmax", knn_k=4)
+    model = knnvq_model(regularizer=regularizer, smoothing="softmax", knn_k=4)
     model.train()
     source, _, mask_indices = batch(model)
     calls = capture_quantizer_inputs(model)
@@ -197,7 +197,7 @@ def test_baselines_compute_the_knn_loss_only_in_logged_updates(regularizer, monk
     logged when u % log_interval == 0; the model sees u - 1); validation: always. The
     logged value is the KNN loss of that forward call."""
     searches = count_knn_searches(monkeypatch)
-    model = knnvq_model(quantizer_regularizer=regularizer, quantizer_smoothing="softmax", knn_k=4)
+    model = knnvq_model(regularizer=regularizer, smoothing="softmax", knn_k=4)
     criterion = Wav2vecKnnVqCriterion(None, infonce=True, loss_weights=[0.1, 10], knn_log_interval=4)
     source, padding_mask, mask_indices = batch(model)
     sample = sample_of(source, padding_mask, mask_indices)
@@ -256,7 +256,7 @@ def test_padded_frames_never_reach_the_statistics(overrides):
 
 
 def test_same_quantizer_for_input_and_targets_stays_one_module():
-    model = knnvq_model(quantize_input=True, same_quantizer=True, knn_k=4, quantizer_smoothing="softmax")
+    model = knnvq_model(quantize_input=True, same_quantizer=True, knn_k=4, smoothing="softmax")
     assert model.input_quantizer is model.quantizer
     source, _, mask_indices = batch(model)
     calls = capture_quantizer_inputs(model)

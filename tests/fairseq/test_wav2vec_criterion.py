@@ -31,7 +31,7 @@ def test_loss_weights_keep_their_stock_meaning_and_knn_weight_is_added(loss_weig
 
 
 def test_knn_term_enters_the_loss_with_its_weight():
-    model = knnvq_model(quantizer_regularizer="knn")
+    model = knnvq_model(regularizer="knn")
     source, padding_mask, mask_indices = batch(model)
     sample = sample_of(source, padding_mask, mask_indices)
     model.train()
@@ -74,7 +74,7 @@ def test_logged_metrics_do_not_depend_on_how_workers_are_synced():
     """Four logging outputs (e.g. 2 workers x 2 micro-batches): summed (fast path, any
     world size) and gathered give the same metrics, equal to fairseq's own criterion on
     the gathered outputs; code usage is pooled from the summed histograms."""
-    model = knnvq_model(quantizer_regularizer="knn")
+    model = knnvq_model(regularizer="knn")
     model.train()
     criterion = Wav2vecKnnVqCriterion(None, infonce=True, loss_weights=[0.1, 10], log_keys=STOCK_LOG_KEYS)
     logs, usages = [], []
@@ -108,7 +108,7 @@ def test_logged_metrics_do_not_depend_on_how_workers_are_synced():
 def test_validation_usage_is_pooled_over_the_whole_subset():
     """Validation calls reduce_metrics once per batch inside one aggregation: the usage is
     that of all batches together, not the mean of per-batch usages."""
-    model = knnvq_model(quantizer_regularizer="knn", latent_vars=64)
+    model = knnvq_model(regularizer="knn", latent_vars=64)
     model.eval()
     criterion = Wav2vecKnnVqCriterion(None, infonce=True, loss_weights=[0.1, 10])
     criterion.eval()
@@ -132,7 +132,7 @@ def test_validation_usage_is_pooled_over_the_whole_subset():
 
 def test_both_regularisers_are_logged_by_name_for_every_variant():
     for regularizer in ("knn", "diversity", "none"):
-        model = knnvq_model(quantizer_regularizer=regularizer)
+        model = knnvq_model(regularizer=regularizer)
         source, padding_mask, mask_indices = batch(model)
         model.train()
         criterion = Wav2vecKnnVqCriterion(None, infonce=True, loss_weights=[0.1, 10])
