@@ -118,7 +118,6 @@ class Wav2vecKnnVqCriterion(Wav2vecCriterion):
             loss_weights=self.extra_loss_weights(loss_weights, knn_weight),
             log_keys=[key for key in log_keys if key not in _ALWAYS_LOGGED],
         )
-        self.knn_weight = knn_weight
         if int(knn_log_interval) < 1:
             raise ValueError(
                 f"criterion.knn_log_interval must be >= 1 (updates between logged KNN losses), "
