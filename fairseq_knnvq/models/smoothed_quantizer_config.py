@@ -36,10 +36,8 @@ class SmoothedQuantizerConfig(FairseqDataclass):
     )
     regularizer: REGULARIZER_CHOICES = field(  # type: ignore[valid-type]
         default="knn",
-        metadata={
-            "help": "regulariser of the code-selection vectors: knn (KNN-to-simplex-vertex "
-            "loss), diversity (wav2vec 2.0's prob-perplexity loss) or none"
-        },
+        metadata={"help": "regulariser of the code-selection vectors: knn (KNN-to-simplex-vertex "
+                  "loss), diversity (wav2vec 2.0's prob-perplexity loss) or none"},
     )
     knn_k: int = field(
         default=8, metadata={"help": "K: smoothed vectors pulled towards each codebook vertex"}
