@@ -39,4 +39,4 @@ def test_bad_quantizer_option_is_named(options, message):
 
 def test_good_options_build():
     model = build(knn_k=1, latent_temp=[2.0, 0.5, 0.999995])
-    assert model.quantizer.knn_k == 1
+    assert model.quantizer.knn.k == 1
