@@ -274,7 +274,8 @@ class Study:
         """Everything that can be checked before the first run starts."""
         missing = [c for c in self.configs if not (self.config_dir / f"{c}.yaml").is_file()]
         if missing:
-            found = sorted(p.stem for p in self.config_dir.glob("*.yaml"))
+            # <scale>_recipe.yaml files hold the settings the variants share; not listed
+            found = sorted(p.stem for p in self.config_dir.glob("*.yaml") if not p.stem.endswith("_recipe"))
             raise StudyError(f"no config {', '.join(missing)} in {self.config_dir} (there: {', '.join(found)})")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise StudyError("--seeds needs distinct integers, e.g. --seeds 1,2,3")
