@@ -52,9 +52,14 @@ SAMPLE_RATE = 16000
 
 
 def _yaml_sections(path: str):
+    """The model and criterion of a config file, merged with the recipe file that its
+    ``defaults`` list names (the plugin's variants; fairseq's file lists none)."""
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(path)
+    own = OmegaConf.load(path)
+    names = own.pop("defaults", ["_self_"])
+    folder = os.path.dirname(path)
+    cfg = OmegaConf.merge(*(own if name == "_self_" else OmegaConf.load(os.path.join(folder, f"{name}.yaml")) for name in names))
     return cfg.model, cfg.criterion
 
 
