@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="fairseq-knnvq",
-    version="0.1.0",
+    version="0.2.0",
     description=(
         "A fairseq plugin that fixes code collapse in smoothed vector quantization "
         "with a KNN-to-simplex-vertex regulariser"

@@ -38,6 +38,7 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:  # a clean clone runs these scripts without installing
     sys.path.insert(0, REPO)
 
+from fairseq_knnvq.files import atomic_write_text  # noqa: E402
 from fairseq_knnvq.quantization import KnnVertexLoss, SmoothedVectorQuantizer, knn_vertex_loss  # noqa: E402
 
 TEMP = (2.0, 0.5, 0.999995)  # wav2vec 2.0 base
@@ -359,13 +360,10 @@ def machine() -> Dict[str, Any]:
 
 
 def write_json(path: str, payload: Dict[str, Any]) -> None:
-    """Writes through a temporary file, so a killed run leaves no half-written JSON."""
+    """Writes at once (:func:`fairseq_knnvq.files.atomic_write_text`), so a killed run
+    leaves no half-written JSON."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
 
 
 def fmt_bytes(b: Optional[float]) -> str:

@@ -9,7 +9,7 @@ loaded (or when :func:`register_with_fairseq` is called).
 import os
 import sys
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 PLUGIN_DIR = os.path.dirname(os.path.abspath(__file__))
 
