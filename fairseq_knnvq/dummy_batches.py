@@ -52,3 +52,27 @@ def install() -> None:
 
     setattr(_prepare_sample, _INSTALLED, True)
     Trainer._prepare_sample = _prepare_sample
+
+
+class MarksDummyBatches:
+    """The model side of the hook: ``mark_next_batch_dummy`` keeps the flag for the next
+    forward call, which takes it with :meth:`take_dummy_mark` (so it lasts one call).
+
+    On a dummy batch a model gives its smoothed quantizer an all-False mask: the rows
+    enter no regulariser and no statistic (fairseq discards the batch's loss and logs
+    anyway), and with ``knn_global`` the worker still takes part in the candidate
+    exchange, but with no candidates, so the K neighbours of every vertex come from
+    real batches."""
+
+    _next_batch_is_dummy: bool = False
+
+    def mark_next_batch_dummy(self, is_dummy: bool) -> None:
+        """Whether the next forward call is on one of fairseq's dummy batches (called by
+        the trainer hook of :func:`install`)."""
+        self._next_batch_is_dummy = bool(is_dummy)
+
+    def take_dummy_mark(self) -> bool:
+        """The mark for this forward call; the next call is a real batch unless marked."""
+        is_dummy, self._next_batch_is_dummy = self._next_batch_is_dummy, False
+        return is_dummy
+

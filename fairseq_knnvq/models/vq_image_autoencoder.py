@@ -22,6 +22,7 @@ import torch.nn as nn
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel, register_model
 
+from .. import dummy_batches
 from ..quantization import SmoothedVectorQuantizer, VQVAEQuantizer
 from .smoothed_quantizer_config import (
     SMOOTHING_CHOICES,
@@ -139,7 +140,7 @@ class Decoder(nn.Module):
 
 
 @register_model("vq_image_autoencoder", dataclass=VQImageAutoencoderConfig)
-class VQImageAutoencoder(BaseFairseqModel):
+class VQImageAutoencoder(dummy_batches.MarksDummyBatches, BaseFairseqModel):
     def __init__(self, cfg: VQImageAutoencoderConfig):
         super().__init__()
         if cfg.downsample_factor not in DOWNSAMPLE_FACTORS:
@@ -194,14 +195,18 @@ class VQImageAutoencoder(BaseFairseqModel):
                 f"multiples of model.downsample_factor={f}"
             )
 
-    def quantize(self, latents: torch.Tensor) -> Dict[str, Any]:
-        """Quantizes a latent grid (B, C, h, w); ``x`` comes back in the same shape."""
+    def quantize(self, latents: torch.Tensor, is_dummy: bool = False) -> Dict[str, Any]:
+        """Quantizes a latent grid (B, C, h, w); ``x`` comes back in the same shape.
+        ``is_dummy``: one of fairseq's dummy batches, whose positions the smoothed
+        quantizer leaves out of its regulariser and statistics (an all-False mask; see
+        :class:`~fairseq_knnvq.dummy_batches.MarksDummyBatches`)."""
         bsz, chans, h, w = latents.shape
         positions = latents.flatten(2).transpose(1, 2)  # (B, h*w, C)
         if isinstance(self.quantizer, VQVAEQuantizer):
             result = self.quantizer(positions)
         else:
-            result = self.quantizer(positions, produce_targets=True)
+            mask = torch.zeros(positions.shape[:2], dtype=torch.bool, device=positions.device) if is_dummy else None
+            result = self.quantizer(positions, produce_targets=True, mask=mask)
         result["x"] = result["x"].transpose(1, 2).reshape(bsz, -1, h, w)
         # The selected entry per position and group (hard argmax in evaluation).
         result["codes"] = result.pop("targets").reshape(bsz, h, w, -1)
@@ -225,7 +230,10 @@ class VQImageAutoencoder(BaseFairseqModel):
         """Returns the quantizer's outputs (losses, ``usage_sums``, ``codes``
         (B, h, w, G), perplexities, ``temp``) with ``x`` replaced by the reconstruction
         (B, 3, H, W), and ``training_losses``: the keys of the losses to optimise."""
-        result = self.quantize(self.encode(images))
+        result = self.quantize(self.encode(images), is_dummy=self.take_dummy_mark())
         result["x"] = self.decode(result["x"])
         result["training_losses"] = self.training_losses()
         return result
+
+
+dummy_batches.install()

@@ -88,7 +88,7 @@ def check_quantizer_options(cfg: Wav2Vec2KnnVqConfig) -> None:
 
 
 @register_model("wav2vec2_knnvq", dataclass=Wav2Vec2KnnVqConfig)
-class Wav2Vec2KnnVqModel(Wav2Vec2Model):
+class Wav2Vec2KnnVqModel(dummy_batches.MarksDummyBatches, Wav2Vec2Model):
     """``Wav2Vec2Model`` whose quantizers are :class:`SmoothedVectorQuantizer`.
 
     ``forward`` returns fairseq's keys plus ``knn_loss`` (summed over the quantizers the
@@ -116,9 +116,7 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
         # Filled by the quantizers' hooks during one forward call (None outside it).
         self._quantizer_outputs: Optional[List[Dict[str, Any]]] = None
         self._feature_lengths: Optional[torch.Tensor] = None
-        # Dummy batches (see mark_next_batch_dummy): the flag for the next forward call
-        # and the one of the call in progress.
-        self._next_batch_is_dummy = False
+        # Whether the forward call in progress is on a dummy batch (MarksDummyBatches).
         self._batch_is_dummy = False
         self.num_updates = 0
         for quantizer in {id(q): q for q in (self.quantizer, self.input_quantizer) if q is not None}.values():
@@ -197,16 +195,6 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
         super().set_num_updates(num_updates)
         self.num_updates = num_updates
 
-    def mark_next_batch_dummy(self, is_dummy: bool) -> None:
-        """Tells the model whether the next forward call is on one of fairseq's dummy
-        batches (called by the trainer hook in :mod:`fairseq_knnvq.dummy_batches`).
-
-        On a dummy batch every quantizer call gets an all-False mask: its frames enter no
-        regulariser and no statistic (fairseq discards the batch's loss and logs anyway),
-        and with ``knn_global`` the worker still takes part in the candidate exchange, but
-        with no candidates, so the K neighbours of every vertex come from real batches."""
-        self._next_batch_is_dummy = bool(is_dummy)
-
     def smoothed_quantizers(self) -> List[SmoothedVectorQuantizer]:
         """The model's quantizers (one object once when ``same_quantizer``)."""
         found = {id(q): q for q in (self.quantizer, self.input_quantizer) if q is not None}
@@ -257,7 +245,7 @@ class Wav2Vec2KnnVqModel(Wav2Vec2Model):
             self._quantizer_outputs.append(output)
 
     def forward(self, source, padding_mask=None, mask=True, features_only=False, *args, **kwargs):
-        is_dummy, self._next_batch_is_dummy = self._next_batch_is_dummy, False
+        is_dummy = self.take_dummy_mark()
         if features_only:
             return super().forward(source, padding_mask, mask, features_only, *args, **kwargs)
         self._quantizer_outputs = []

@@ -13,7 +13,9 @@ brute-force KNN loss of rank 0's real rows alone:
   value is measurably different (the test can fail);
 - through fairseq's own ``Trainer.valid_step`` (rank 1 passes the empty sample fairseq's
   iterators yield, which ``Trainer._prepare_sample`` replaces by the dummy batch): the
-  logged validation KNN loss.
+  logged validation KNN loss;
+- the image autoencoder (``vq_image_autoencoder`` with ``knn_global``): the KNN value on
+  both ranks against the brute-force loss of rank 0's latent positions alone.
 """
 import os
 
@@ -116,6 +118,42 @@ def trainer_level(rank):
     return {"knn": logged["knn_loss"], "y": calls[-1][0] if calls else None}
 
 
+IMAGE_MODEL = dict(channels=8, max_channels=16, num_res_blocks=1, code_dim=8, latent_vars=16,
+                   downsample_factor=4, smoothing="softmax", regularizer="knn", knn_k=K, knn_global=True)
+
+
+def build_image_model():
+    from fairseq_knnvq.models.vq_image_autoencoder import VQImageAutoencoder, VQImageAutoencoderConfig
+
+    torch.manual_seed(0)
+    return VQImageAutoencoder(VQImageAutoencoderConfig(**IMAGE_MODEL))
+
+
+def image_batch(seed):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(3, 3, 16, 16, generator=generator) * 2 - 1
+
+
+def image_level(rank, mark_dummy):
+    """The image model on rank 0's real batch and rank 1's dummy (another batch, as
+    fairseq's dummy is the epoch's first)."""
+    model = build_image_model()
+    model.train()
+    inputs = []
+    model.quantizer.register_forward_pre_hook(lambda module, args: inputs.append(args[0].detach()))
+    if mark_dummy:
+        model.mark_next_batch_dummy(rank == 1)
+    out = model(image_batch(seed=rank))
+    return {"knn": float(out["knn_loss"]), "used": int(out["usage_sums"].counts.sum()), "z": inputs[-1]}
+
+
+def image_reference(z):
+    """Brute-force KNN loss of latent positions ``z`` (B, h*w, C) in the workers' model."""
+    quantizer = build_image_model().quantizer
+    logits = quantizer.weight_proj(z).view(-1, quantizer.groups, quantizer.num_vars) / quantizer.curr_temp
+    return float(brute_force_knn(logits, K))
+
+
 def _worker(rank, init_file, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -124,6 +162,8 @@ def _worker(rank, init_file, out_dir):
             "marked": model_level(rank, mark_dummy=True),
             "unmarked": model_level(rank, mark_dummy=False),
             "trainer": trainer_level(rank),
+            "image_marked": image_level(rank, mark_dummy=True),
+            "image_unmarked": image_level(rank, mark_dummy=False),
         }
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
@@ -173,6 +213,33 @@ def test_fairseq_trainer_tells_the_model_about_its_dummy_batch(workers):
         assert workers[rank]["trainer"]["knn"] == pytest.approx(value, abs=1e-3), rank
     unmarked_effect = abs(workers[0]["unmarked"]["knn"] - workers[0]["marked"]["knn"])
     assert unmarked_effect > 20 * 1e-3
+
+
+@pytest.mark.slow
+def test_image_dummy_positions_take_no_part_in_the_global_knn(workers):
+    real = workers[0]["image_marked"]
+    value = image_reference(real["z"])
+    assert real["used"] == real["z"].shape[0] * real["z"].shape[1]  # every real position counted
+    assert workers[1]["image_marked"]["used"] == 0  # the dummy's positions enter no statistic
+    for rank in range(WORLD):
+        assert workers[rank]["image_marked"]["knn"] == pytest.approx(value, rel=1e-5), rank
+    # without the mark, the dummy positions compete for the K slots: another value
+    assert abs(workers[0]["image_unmarked"]["knn"] - value) > 100 * 1e-5 * value
+
+
+def test_image_mark_lasts_one_forward_call():
+    """One process: a marked call gives the smoothed quantizer an all-False mask (no KNN
+    loss, no counted code); the next call is a real batch again, equal to an unmarked one."""
+    model = build_image_model()
+    model.train()
+    images = image_batch(seed=0)
+    first = model(images)
+    model.mark_next_batch_dummy(True)
+    dummy = model(images)
+    again = model(images)
+    assert float(dummy["knn_loss"]) == 0.0 and int(dummy["usage_sums"].counts.sum()) == 0
+    assert float(again["knn_loss"]) == float(first["knn_loss"]) > 0.1
+    assert torch.equal(again["usage_sums"].counts, first["usage_sums"].counts)
 
 
 def test_trainer_hook_is_installed_once():
