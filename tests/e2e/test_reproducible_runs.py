@@ -60,7 +60,9 @@ def test_resumed_run_trains_what_the_uninterrupted_run_trains(tiny_manifests, tm
     # the same masks, crops, negatives, noise and data order after the resume.
     assert part + rest == whole
     # Not checked: the validation after a resume can differ in the third digit from the
-    # uninterrupted run's second validation (its weights are equal); see docs/study.md.
+    # uninterrupted run's second validation (its weights are equal): fairseq advances the
+    # cached validation iterator's epoch, which reorders clips longer than max_sample_size
+    # and so moves their crops; see docs/study.md.
 
 
 def test_stock_masks_stay_available(tmp_path):
