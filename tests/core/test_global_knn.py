@@ -14,15 +14,14 @@ The workers are started with ``torch.multiprocessing`` and talk through a gloo p
 group on CPU; each saves its results, and the parent compares them with its own
 single-process computation.
 """
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fairseq_knnvq.quantization import KnnVertexLoss, SmoothedVectorQuantizer, knn_vertex_loss
 from fairseq_knnvq.quantization.rows import as_rows
+from gloo_workers import run_gloo_workers
 
 WORLD = 2
 ENTRIES, GROUPS = 7, 2
@@ -135,20 +134,9 @@ def worker_results(rank):
     return out
 
 
-def _worker(rank, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.save(worker_results(rank), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gloo")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_gloo_workers(worker_results, WORLD, tmp_path_factory.mktemp("gloo"))
 
 
 def single_process(logits, masks, k, distance, chunk):

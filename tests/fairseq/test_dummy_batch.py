@@ -17,17 +17,16 @@ brute-force KNN loss of rank 0's real rows alone:
 - the image autoencoder (``vq_image_autoencoder`` with ``knn_global``): the KNN value on
   both ranks against the brute-force loss of rank 0's latent positions alone.
 """
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 import fairseq  # noqa: F401  (before the plugin, so that it registers its fairseq parts)
 import fairseq_knnvq
 
+from gloo_workers import run_gloo_workers
 from tiny_wav2vec2 import TINY, batch, brute_force_knn, capture_quantizer_inputs, sample_of
 
 fairseq_knnvq.register_with_fairseq()
@@ -154,27 +153,19 @@ def image_reference(z):
     return float(brute_force_knn(logits, K))
 
 
-def _worker(rank, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        results = {
-            "marked": model_level(rank, mark_dummy=True),
-            "unmarked": model_level(rank, mark_dummy=False),
-            "trainer": trainer_level(rank),
-            "image_marked": image_level(rank, mark_dummy=True),
-            "image_unmarked": image_level(rank, mark_dummy=False),
-        }
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def worker_results(rank):
+    return {
+        "marked": model_level(rank, mark_dummy=True),
+        "unmarked": model_level(rank, mark_dummy=False),
+        "trainer": trainer_level(rank),
+        "image_marked": image_level(rank, mark_dummy=True),
+        "image_unmarked": image_level(rank, mark_dummy=False),
+    }
 
 
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dummy_gloo")
-    mp.spawn(_worker, args=(str(tmp / "init"), str(tmp)), nprocs=WORLD, join=True)
-    return [torch.load(tmp / f"rank{r}.pt") for r in range(WORLD)]
+    return run_gloo_workers(worker_results, WORLD, tmp_path_factory.mktemp("dummy_gloo"))
 
 
 def reference(y, train):
