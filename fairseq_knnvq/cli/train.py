@@ -34,8 +34,20 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from fairseq_knnvq import quiet_logs
+from fairseq_knnvq.preflight import (
+    PreflightError,
+    RunConfigError,
+    audio_splits_of,
+    check_config_name,
+    check_manifest_splits,
+    unknown_override_keys,
+)
+
 # FairseqConfig fields whose value is a registered class chosen by ``_name``.
 GROUPS = ("task", "model", "criterion", "optimizer", "lr_scheduler", "scoring", "bpe", "tokenizer")
+# fairseq's audio tasks and the plugin's: task.data holds <split>.tsv manifests.
+AUDIO_TASKS = ("audio_pretraining", "audio_finetuning", "audio_pretraining_knnvq", "audio_finetuning_knnvq")
 
 
 class LaunchError(Exception):
@@ -137,18 +149,16 @@ def rewrite_overrides(argv: Sequence[str], overrides: Sequence[str], names: Dict
     return [replacements.get(arg, arg) for arg in argv], chosen
 
 
-def store_schema(config_name: str, chosen: Dict[str, Optional[str]]) -> List[str]:
-    """Stores FairseqConfig as the schema of ``config_name`` (as fairseq-hydra-train does),
-    with the dataclass of each chosen class as the schema of its group; returns the
-    groups that got one."""
-    from hydra.core.config_store import ConfigStore
+def build_schema(chosen: Dict[str, Optional[str]]):
+    """FairseqConfig as a structured config with the dataclass of each chosen class as the
+    schema of its group; returns it, the groups that got one and the dataclass name of
+    every section (for messages)."""
     from omegaconf import OmegaConf
 
     from fairseq.dataclass.configs import FairseqConfig
-    from fairseq.dataclass.initialize import hydra_init
 
-    hydra_init(config_name)
     schema = OmegaConf.structured(FairseqConfig)
+    classes = {name: getattr(f.type, "__name__", str(f.type)) for name, f in FairseqConfig.__dataclass_fields__.items()}
     typed = []
     for group, name in chosen.items():
         dc = dataclass_registry(group).get(name) if isinstance(name, str) else None
@@ -157,34 +167,96 @@ def store_schema(config_name: str, chosen: Dict[str, Optional[str]]) -> List[str
         node = OmegaConf.structured(dc)
         node._name = name
         schema[group] = node
+        classes[group] = dc.__name__
         typed.append(group)
+    return schema, typed, classes
+
+
+def store_schema(config_name: str, chosen: Dict[str, Optional[str]]) -> List[str]:
+    """Stores FairseqConfig as the schema of ``config_name`` (as fairseq-hydra-train does),
+    with the dataclass of each chosen class as the schema of its group; returns the
+    groups that got one."""
+    from hydra.core.config_store import ConfigStore
+
+    from fairseq.dataclass.initialize import hydra_init
+
+    hydra_init(config_name)
+    schema, typed, _ = build_schema(chosen)
     ConfigStore.instance().store(name=config_name, node=schema)
     return typed
 
 
+def check_override_keys(overrides: Sequence[str], chosen: Dict[str, Optional[str]]) -> None:
+    """Raises :class:`LaunchError` for an override (also a ``+`` one) of a field that the
+    schema does not have, with the nearest valid names: hydra would refuse it after
+    creating nothing but suggest ``+KEY``, and fairseq then fails on ``+KEY`` with a
+    ``ConfigKeyError`` after hydra made the run folder."""
+    from omegaconf import DictConfig
+
+    schema, _, classes = build_schema(chosen)
+    fields = {section: (list(node.keys()) if isinstance(node, DictConfig) else None)
+              for section, node in ((s, schema.get(s)) for s in schema.keys())}
+    messages = unknown_override_keys(overrides, fields, classes)
+    if messages:
+        raise LaunchError("; ".join(messages) + ". knnvq-train --config-dir DIR --config-name NAME --cfg job "
+                          "prints every field of the composed config")
+
+
+def check_run_data(cfg) -> None:
+    """Before fairseq builds the model: for fairseq's audio tasks (and the plugin's), the
+    data folder holds the manifest of every split the run reads (train_subset, each
+    valid_subset unless validation is disabled). Raises :class:`RunConfigError`."""
+    task = cfg.get("task") or {}
+    if task.get("_name") not in AUDIO_TASKS or not task.get("data") or task.get("multi_corpus_keys"):
+        return
+    check_manifest_splits(Path(task["data"]), audio_splits_of(cfg.get("dataset") or {}))
+
+
+def checked_pre_main(cfg, **kwargs):
+    """fairseq's ``fairseq_cli.train.main`` after :func:`check_run_data`; an error of the
+    plugin's own checks (:class:`RunConfigError`, raised here or inside the run) ends
+    the process with its message and no traceback. Module level, so that fairseq's
+    multi-process spawn can pickle it."""
+    from fairseq_cli.train import main as fairseq_main
+
+    try:
+        check_run_data(cfg)
+        return fairseq_main(cfg, **kwargs)
+    except RunConfigError as error:
+        raise SystemExit(f"knnvq-train: error: {error}") from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_logs.silence_harmless_warnings()
+    quiet_logs.quiet_fairseq_import()
     import fairseq  # noqa: F401  (before the plugin, so that it registers its fairseq parts)
 
+    quiet_logs.restore_root_log_level()
     import fairseq_knnvq
 
     fairseq_knnvq.register_with_fairseq()
     try:
         args = parse_hydra_args(argv)
         config_name = args.config_name or "config"
+        if args.config_dir is not None and args.config_name is not None:
+            check_config_name(Path(args.config_dir), args.config_name)
         names, in_defaults = read_primary(primary_config_path(args.config_dir, args.config_name))
         # argparse takes hydra's positional overrides from one contiguous run of
         # arguments only: an added override goes next to the user's.
         insert_at = argv.index(args.overrides[0]) if args.overrides else len(argv)
         argv, chosen = rewrite_overrides(argv, args.overrides, names, in_defaults)
-    except LaunchError as error:
+        check_override_keys(parse_hydra_args(argv).overrides, chosen)
+    except (LaunchError, PreflightError) as error:
         raise SystemExit(f"knnvq-train: error: {error}") from None
     if not any(override.split("=", 1)[0].lstrip("+") == "common.user_dir" for override in args.overrides):
         argv.insert(insert_at, f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}")
     store_schema(config_name, chosen)
 
+    import fairseq_cli.hydra_train
     from fairseq_cli.hydra_train import hydra_main
 
+    fairseq_cli.hydra_train.pre_main = checked_pre_main
     sys.argv = [sys.argv[0] if sys.argv else "knnvq-train", *argv]
     hydra_main()
 
