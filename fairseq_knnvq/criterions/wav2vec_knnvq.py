@@ -159,12 +159,14 @@ class Wav2vecKnnVqCriterion(Wav2vecCriterion):
             loss, sample_size, logging_output = super().forward(recorder, sample, reduce=reduce)
         net_output = recorder.net_output
         logging_output[COUNT_KEY] = 1
+        # Detached tensors, not floats: no host sync here (fairseq's meters read them
+        # when a log line is written) and no autograd warning.
         if "knn_loss" in net_output:
-            logging_output["knn_loss"] = float(net_output["knn_loss"])
+            logging_output["knn_loss"] = net_output["knn_loss"].detach()
         if "diversity_loss" in net_output:
             # unweighted, under its own name for every variant (fairseq's loss_N numbering
             # shifts with the terms a variant trains), so criteria compare on it
-            logging_output["diversity_loss"] = float(net_output["diversity_loss"])
+            logging_output["diversity_loss"] = net_output["diversity_loss"].detach()
         if "usage_sums" in net_output:
             logging_output.update(usage_logging_output(net_output["usage_sums"]))
         return loss, sample_size, logging_output
@@ -190,7 +192,11 @@ def pool_logging_outputs(logging_outputs: List[Mapping[str, Any]]) -> Dict[str, 
         for key, value in log.items():
             if key == COUNT_KEY or is_usage_key(key):
                 continue
-            value = utils.item(value) if torch.is_tensor(value) and value.numel() == 1 else value
+            if torch.is_tensor(value) and value.numel() == 1:
+                # Averaged keys stay tensors: fairseq's meters read them only when a log
+                # line is written, so logging costs no host sync per step.
+                averaged = key not in _SUMMED_KEYS and not key.startswith("loss")
+                value = value.detach().reshape(()) if averaged else utils.item(value)
             pooled[key] = pooled.get(key, 0) + value
     for key in pooled:
         if key not in _SUMMED_KEYS and not key.startswith("loss"):
