@@ -20,7 +20,9 @@ def register_with_fairseq() -> None:
     Safe to call more than once. Needed when this package was imported before fairseq
     in the same process: fairseq then skips the user dir's auto-imports."""
     from . import criterions, models, tasks  # noqa: F401
+    from .quiet_logs import silence_harmless_warnings
 
+    silence_harmless_warnings()
     allow_fairseq_checkpoint_classes()
 
 

@@ -30,6 +30,7 @@ from fairseq.logging import metrics
 from ..data.audio import ReplaceUnreadableDataset
 from ..data.labels import describe_unknown_units, find_unknown_units
 from ..data.unreadable import UnreadableFileLog
+from ..preflight import RunConfigError, missing_manifest_split
 from .finished_run import MAX_UPDATE_HELP, StopWhenFinishedMixin
 from .renamed_fields import RenameOldModelFieldsMixin
 
@@ -66,6 +67,13 @@ class ReplaceUnreadableAudioMixin:
         )
 
     def load_dataset(self, split: str, task_cfg=None, **kwargs):
+        cfg = task_cfg or self.cfg
+        if cfg.get("multi_corpus_keys", None) is None:
+            # fairseq loads the training split with combine=True, validation splits without
+            option = "dataset.train_subset" if kwargs.get("combine") else "dataset.valid_subset"
+            missing = missing_manifest_split(cfg.data, split, option)
+            if missing is not None:
+                raise RunConfigError(missing)
         super().load_dataset(split, task_cfg, **kwargs)
         # fairseq's training subsets are named train* by convention (train, train_10h, ...)
         self.datasets[split] = ReplaceUnreadableDataset(self.datasets[split], training=split.startswith("train"))
@@ -134,11 +142,11 @@ class AudioPretrainingKnnvqTask(
     (:mod:`fairseq_knnvq.tasks.renamed_fields`)."""
 
 
-class LabelError(ValueError):
+class LabelError(RunConfigError):
     """Fine-tuning labels that the dictionary cannot express; the message says how to fix it."""
 
 
-class PretrainedCheckpointError(ValueError):
+class PretrainedCheckpointError(RunConfigError):
     """``model.w2v_path`` is not a wav2vec 2.0 pretraining checkpoint; the message says why."""
 
 
