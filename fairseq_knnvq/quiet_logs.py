@@ -22,6 +22,8 @@ HARMLESS_WARNINGS: Tuple[Tuple[type, str, str], ...] = (
      "fairseq's @hydra.main has no version_base; hydra keeps the 1.1 behaviour fairseq needs"),
     (UserWarning, r"\s*'[^']*' is validated against ConfigStore schema with the same name",
      "fairseq (and knnvq-train) validate the primary config against FairseqConfig this way; hydra 1.3 supports it"),
+    (UserWarning, r"In '[^']*': Usage of deprecated keyword in package header '# @package _group_'",
+     "fairseq's own configs (and configs/finetuning) start with this header; hydra 1.3 still reads it"),
     (UserWarning, r"Future Hydra versions will no longer change working directory",
      "fairseq writes into hydra.run.dir by changing into it, as hydra 1.3 still does"),
     (FutureWarning, r"`torch\.nn\.utils\.weight_norm` is deprecated",
