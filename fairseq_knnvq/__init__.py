@@ -27,15 +27,12 @@ def register_with_fairseq() -> None:
 
 
 def allow_fairseq_checkpoint_classes() -> None:
-    """Lets torch >= 2.6's weights-only ``torch.load`` read fairseq checkpoints that hold
-    a task state: fine-tuning checkpoints store the target ``Dictionary``, and without
-    this fairseq cannot resume them (``UnpicklingError ... Dictionary``)."""
-    import torch
-    from fairseq.data.dictionary import Dictionary
+    """Lets torch >= 2.6's weights-only ``torch.load`` read fairseq checkpoints: the
+    ``argparse.Namespace`` of old checkpoints and the ``Dictionary`` of fine-tuning
+    checkpoints, nothing else (see :mod:`fairseq_knnvq.checkpoint_safety`)."""
+    from .checkpoint_safety import allow_fairseq_checkpoint_classes as allow
 
-    add_safe_globals = getattr(torch.serialization, "add_safe_globals", None)
-    if add_safe_globals is not None:  # torch < 2.4 loads everything anyway
-        add_safe_globals([Dictionary])
+    allow()
 
 
 if "fairseq" in sys.modules:

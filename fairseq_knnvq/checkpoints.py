@@ -6,8 +6,10 @@ Every command that reads a checkpoint (``knnvq-report codes``, ``knnvq-infer``,
 
 1. :func:`register_plugins`: fairseq first, then this plugin's models, tasks and
    criterions (fairseq skips a user dir's auto-imports when the package was imported
-   before it), which also allow-lists fairseq's ``Dictionary`` for torch's weights-only
-   loading of fine-tuning checkpoints;
+   before it), which also allow-lists the two harmless classes fairseq checkpoints hold
+   (``argparse.Namespace``, ``Dictionary``) for torch's weights-only loading
+   (:mod:`fairseq_knnvq.checkpoint_safety`); a file holding anything else is refused
+   with a message that names what it holds;
 2. :func:`read_checkpoint`: the saved state (``cfg``, ``model`` weights, ``task_state``)
    by fairseq's own ``load_checkpoint_to_cpu``, which also upgrades old checkpoints;
 3. :func:`load_model`: the model (eval mode) and task built by fairseq's
@@ -25,6 +27,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from .checkpoint_safety import describe_load_error
 from .quantization import CodeUsage, count_codes
 
 
@@ -59,7 +62,7 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
         state = checkpoint_utils.load_checkpoint_to_cpu(str(path))
     except Exception as error:  # torch.load raises many types for a file that is no checkpoint
         detail = f"{type(error).__name__}: {error}"
-        raise CheckpointError(f"{path} could not be read as a fairseq checkpoint: {detail}", detail) from None
+        raise CheckpointError(describe_load_error(str(path), error), detail) from None
     if not isinstance(state, dict) or state.get("cfg") is None or "model" not in state:
         raise CheckpointError(f"{path} has no 'cfg' and 'model' entries: not a checkpoint written by fairseq's training")
     return state

@@ -71,11 +71,32 @@ def atomic_write_text(path: PathLike, text: str) -> None:
         file.write(text)
 
 
-def write_files_atomically(files: Mapping[Path, str]) -> None:
-    """Writes several text files, each with :func:`atomic_write_text`, in order; the
-    caller computes all of them first, so a failure cannot leave a half-done set."""
-    for path, text in files.items():
-        atomic_write_text(path, text)
+def write_files_atomically(files: Mapping[Path, Union[str, bytes]]) -> None:
+    """Writes several files (text as UTF-8 with ``\\n`` line ends, or bytes) as a set:
+    each is written in full to its temporary file first, and only then are they all
+    renamed over their targets. An interruption while writing (a kill, a full disk)
+    leaves every target as it was; only the renames themselves, microseconds apart,
+    could be cut in between. The caller computes all of them first."""
+    staged = []
+    try:
+        for path, data in files.items():
+            target = Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = _new_sibling(target, _create_file)
+            staged.append((partial, target))
+            if isinstance(data, bytes):
+                partial.write_bytes(data)
+            else:
+                with open(partial, "w", encoding="utf-8", newline="\n") as file:
+                    file.write(data)
+        while staged:
+            partial, target = staged[0]
+            os.replace(partial, target)
+            staged.pop(0)
+    except BaseException:
+        for partial, _ in staged:
+            partial.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -559,6 +560,13 @@ def export_checkpoint(
             )
             processor = transformers.Wav2Vec2Processor(feature_extractor=feature_extractor, tokenizer=tokenizer)
             processor.save_pretrained(str(staged))
+        # safetensors writes model.safetensors readable by its owner only (0600); give
+        # every file the mode open() gives (0666 less the umask), as the other writers do.
+        umask = os.umask(0)
+        os.umask(umask)
+        for written in staged.iterdir():
+            if written.is_file():
+                os.chmod(written, 0o666 & ~umask)
         files = tuple(sorted(p.name for p in staged.iterdir()))
         differences = verify_export(checkpoint, state, kind, staged, dictionary) if verify else {}
     return ExportResult(

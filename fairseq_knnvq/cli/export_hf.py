@@ -58,17 +58,49 @@ def quiet_progress_bars() -> None:
         pass
 
 
+def remove_interrupted_exports(out_dir: Path) -> None:
+    """Removes the hidden staging folders (``.<name>.<random>.partial``) that an export
+    into ``out_dir`` killed with SIGKILL left beside it (one ended by SIGTERM or
+    Ctrl-C removes its own)."""
+    import shutil
+
+    out_dir = out_dir.absolute()
+    if out_dir.parent.is_dir():
+        for leftover in out_dir.parent.glob(f".{out_dir.name}.*.partial"):
+            print(f"removing {leftover}, left by an interrupted export", file=sys.stderr)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM ends the export like Ctrl-C: the staging folder is removed on the way out."""
+    import signal
+
+    def _raise(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    from fairseq_knnvq.cli.outputs import output_folder_problem
     from fairseq_knnvq.hf import VERIFY_SECONDS, ExportError, export_checkpoint
 
     quiet_progress_bars()
+    # OUT_DIR is staged beside itself and renamed into place: its parent must be writable.
+    problem = output_folder_problem(args.out_dir.absolute().parent, "the folder of OUT_DIR")
+    if problem:
+        raise SystemExit(f"knnvq-export-hf: error: {problem}")
+    exit_on_sigterm()
+    remove_interrupted_exports(args.out_dir)
     try:
         result = export_checkpoint(
             args.checkpoint, args.out_dir, overwrite=args.overwrite, dictionary_path=args.dictionary, verify=not args.no_verify
         )
     except ExportError as error:
         raise SystemExit(f"knnvq-export-hf: error: {error}") from None
+    except OSError as error:  # e.g. OUT_DIR's folder made read-only, or a full disk, while writing
+        raise SystemExit(f"knnvq-export-hf: error: cannot write {args.out_dir}: {error}; nothing was written") from None
     print(
         f"{result.out_dir}: {result.model_class} ({result.kind} checkpoint, {result.num_parameters:,} parameters): "
         + ", ".join(result.files)

@@ -49,7 +49,7 @@ from typing import Any, Sequence
 
 from fairseq_knnvq.cli.outputs import output_folder_problem
 from fairseq_knnvq.data.labels import describe_unknown_units, find_unknown_units
-from fairseq_knnvq.data.manifest import ManifestError, read_manifest
+from fairseq_knnvq.data.manifest import ManifestError, check_audio_files, list_problems, read_manifest
 from fairseq_knnvq.evaluation.speech import (
     Batching,
     char_error_rate,
@@ -162,6 +162,16 @@ def check_data(data_dir: Path, subset: str, labels: str, sample_rate: int, need_
         raise InferenceError(
             f"{len(missing_audio)} audio files of {manifest_path} do not exist, e.g. {missing_audio[0]} "
             "(line 1 of the manifest is the folder they are relative to)"
+        )
+    # Decoded to the end first: a WER over a file that holds NaN (or that no longer
+    # decodes) would not be the model's WER.
+    bad_audio = [c for c in check_audio_files([entry.source_path for entry in manifest.entries]) if c.read_error]
+    if bad_audio:
+        raise InferenceError(
+            f"{len(bad_audio)} audio files of {manifest_path} cannot be scored:\n"
+            + list_problems([f"{c.path}: {c.read_error}" for c in bad_audio])
+            + "\nReplace them with intact copies, or leave them out of the manifest (and the same lines out "
+            "of the labels). Nothing was decoded"
         )
     needed = [(label_path, "reference labels")] + ([(dictionary_path, "label dictionary")] if need_dictionary else [])
     for path, what in needed:

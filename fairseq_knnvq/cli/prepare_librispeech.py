@@ -54,7 +54,7 @@ from fairseq_knnvq.data.librispeech import (
     train_sentencepiece,
 )
 from fairseq_knnvq.data.manifest import DEFAULT_SAMPLE_RATE, ManifestError, build_manifest
-from fairseq_knnvq.files import atomic_write_bytes, write_files_atomically
+from fairseq_knnvq.files import write_files_atomically
 
 UNIT_CHOICES = ("letter", "spm")
 
@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, LabelledSplit]:
             outputs[dest / f"{name}.ltr"] = "".join(f"{line}\n" for line in lines)
         outputs[dest / "dict.ltr.txt"] = dictionary_text(count_symbols(letters[dict_split]))
 
-    binary_outputs: dict[Path, bytes] = {}
+    binary_outputs: dict[Path, bytes] = {}  # written with the text files, as one set
     if "spm" in units:
         spm = train_sentencepiece(splits[dict_split].transcripts, args.spm_vocab)
         pieces = {name: [spm.encode(text) for text in split.transcripts] for name, split in splits.items()}
@@ -185,9 +185,9 @@ def run(args: argparse.Namespace) -> dict[str, LabelledSplit]:
         outputs[dest / f"{model_stem}.vocab"] = spm.vocab_text
 
     dest.mkdir(parents=True, exist_ok=True)
-    for path, data in binary_outputs.items():
-        atomic_write_bytes(path, data)
-    write_files_atomically(outputs)
+    # Every file in full first, then the renames: an interrupted run cannot leave a new
+    # train.tsv beside an old train.ltr.
+    write_files_atomically({**binary_outputs, **outputs})
 
     for name, split in splits.items():
         print(f"{describe(name, split.manifest, args.sample_rate)} -> {dest}/{name}.*", file=sys.stderr)

@@ -30,19 +30,43 @@ from fairseq.data import BaseWrapperDataset, FairseqDataset, data_utils
 
 from .image_folder import MAX_REPLACEMENT_TRIES
 
+# Why an item whose audio decodes to NaN or inf samples is skipped like an unreadable one.
+NON_FINITE_REASON = "non-finite samples (NaN or inf)"
+
+
+
 
 def audio_path(dataset: FairseqDataset, index: int) -> str:
     """The file behind item ``index`` of a (possibly wrapped) ``FileAudioDataset``;
     ``"item <index>"`` when the dataset keeps no file names."""
-    inner = dataset
-    while not hasattr(inner, "fnames") and isinstance(getattr(inner, "dataset", None), FairseqDataset):
-        inner = inner.dataset
+    inner = _inner_audio_dataset(dataset)
     names = getattr(inner, "fnames", None)
     if names is None or not hasattr(inner, "text_compressor"):
         return f"item {index}"
     name = names[index]
     name = name if isinstance(names, list) else name.as_py()  # a pyarrow array when pyarrow is installed
     return os.path.join(getattr(inner, "root_dir", ""), inner.text_compressor.decompress(name))
+
+
+def _inner_audio_dataset(dataset: FairseqDataset) -> FairseqDataset:
+    inner = dataset
+    while not hasattr(inner, "fnames") and isinstance(getattr(inner, "dataset", None), FairseqDataset):
+        inner = inner.dataset
+    return inner
+
+
+def manifest_line(dataset: FairseqDataset, index: int) -> Optional[int]:
+    """The manifest line (1-based; line 1 is the root folder) of item ``index`` of a
+    (possibly wrapped) ``FileAudioDataset``, which leaves out the lines below
+    ``min_sample_size``; ``None`` when the dataset keeps no such record."""
+    skipped = getattr(_inner_audio_dataset(dataset), "skipped_indices", None)
+    if skipped is None:
+        return None
+    entry = index
+    for position in sorted(skipped):
+        if position <= entry:
+            entry += 1
+    return entry + 2
 
 
 def is_load_error(error: BaseException) -> bool:
@@ -54,7 +78,8 @@ def is_load_error(error: BaseException) -> bool:
 
 
 class ReplaceUnreadableDataset(BaseWrapperDataset):
-    """Replaces an item whose loading fails by the next item that loads.
+    """Replaces an item whose loading fails, or whose audio holds a NaN or inf sample,
+    by the next item that loads.
 
     An item that failed once is remembered (per process), so fairseq's three read
     attempts (with 0 + 1 + 2 s of sleep) are spent once per file, not once per epoch;
@@ -63,8 +88,13 @@ class ReplaceUnreadableDataset(BaseWrapperDataset):
     be broken (a missing folder, a wrong ``task.data``) and the error is raised.
     """
 
-    def __init__(self, dataset: FairseqDataset, seed: Optional[int] = None, training: bool = True):
+    def __init__(
+        self, dataset: FairseqDataset, seed: Optional[int] = None, training: bool = True,
+        manifest: Optional[str] = None,
+    ):
         super().__init__(dataset)
+        # The manifest the items come from, named when a file disagrees with its line.
+        self.manifest = manifest
         self.failed: Dict[int, Tuple[str, str]] = {}
         # fairseq seeds torch with common.seed before it builds the task and its data.
         self.seed = torch.initial_seed() % 2**31 if seed is None else seed
@@ -97,6 +127,18 @@ class ReplaceUnreadableDataset(BaseWrapperDataset):
                 self.failed[current] = (audio_path(self.dataset, current), reason)
                 unreadable.append(self.failed[current])
                 continue
+            source = item.get("source")
+            if isinstance(source, torch.Tensor) and not bool(torch.isfinite(source).all()):
+                # A NaN or inf sample makes every loss of the batch NaN (fairseq then
+                # stops with "gradients are Nan/Inf", naming a layer, not the file).
+                self.failed[current] = (audio_path(self.dataset, current), NON_FINITE_REASON)
+                unreadable.append(self.failed[current])
+                continue
+            mismatch = self._frame_count_mismatch(current, source)
+            if mismatch:
+                self.failed[current] = (audio_path(self.dataset, current), mismatch)
+                unreadable.append(self.failed[current])
+                continue
             item["id"] = index  # ids stay unique within a batch
             item["unreadable"] = unreadable
             return item
@@ -106,6 +148,23 @@ class ReplaceUnreadableDataset(BaseWrapperDataset):
             f"task.data points at the right manifests and that the audio is where their first "
             f"line says"
         ) from first_error
+
+    def _frame_count_mismatch(self, index: int, source: Any) -> str:
+        """Why the decoded ``source`` of item ``index`` disagrees with the frame count of
+        its manifest line (a stale manifest, a file replaced since), or ``""``. fairseq
+        batches by the manifest's counts, and a shorter file ends the run with
+        "Kernel size can't be greater than actual input size" or "entire sequence is
+        masked", naming neither the file nor the line."""
+        sizes = getattr(self.dataset, "sizes", None)
+        if not isinstance(source, torch.Tensor) or sizes is None or index >= len(sizes):
+            return ""
+        expected, found = int(sizes[index]), int(source.shape[-1])
+        if expected == found:
+            return ""
+        line = manifest_line(self.dataset, index)
+        where = f"{self.manifest or 'the manifest'}" + (f" line {line}" if line is not None else "")
+        return (f"{where} says {expected} frames, the file has {found}: rewrite the manifest with "
+                f"knnvq-manifest / knnvq-prepare-librispeech")
 
     def collater(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         unreadable = [entry for sample in samples for entry in sample.pop("unreadable", ())]

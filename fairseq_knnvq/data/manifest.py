@@ -35,6 +35,8 @@ FORMAT = "line 1 the audio root, then 'relative/path<TAB>num_frames' lines"
 DEFAULT_SAMPLE_RATE = 16000
 # Frames decoded per read while checking a file (64k frames = 4 s at 16 kHz, 128 KiB).
 DECODE_BLOCK_FRAMES = 1 << 16
+# soundfile subtypes of floating-point samples, the only ones that can hold NaN or inf.
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
 # Files handed to a worker process at a time while checking.
 CHECK_CHUNK_SIZE = 16
 # How many problem files an error message lists before it says "... and N more".
@@ -183,14 +185,26 @@ def _check_audio_file(path: Path) -> _AudioCheck:
 
     Reading only the header (``soundfile.info``) accepts a truncated FLAC, whose header
     still promises every frame; fairseq then fails on it in the middle of training. A
-    file whose decoding fails, or ends before the frame count of its header, is
-    reported with a ``read_error``.
+    file whose decoding fails, ends before the frame count of its header, or (a float
+    WAV) holds a NaN or inf sample, is reported with a ``read_error``.
     """
+    import numpy as np
+
     try:
         with soundfile.SoundFile(str(path)) as audio:
             num_frames, sample_rate, channels = int(audio.frames), int(audio.samplerate), int(audio.channels)
+            # Only floating-point files can hold NaN or inf (integer PCM cannot), and
+            # decoding those to int16 would hide them.
+            floating = audio.subtype in FLOAT_SUBTYPES
             decoded = 0
-            for block in audio.blocks(blocksize=DECODE_BLOCK_FRAMES, dtype="int16", always_2d=True):
+            for block in audio.blocks(blocksize=DECODE_BLOCK_FRAMES, dtype="float32" if floating else "int16", always_2d=True):
+                if floating and not np.isfinite(block).all():
+                    bad = decoded + int(np.argmin(np.isfinite(block).all(axis=1)))
+                    return _AudioCheck(
+                        path=path,
+                        read_error=f"holds non-finite samples (NaN or inf), the first at frame {bad}; "
+                        f"training on it makes every loss NaN",
+                    )
                 decoded += block.shape[0]
     except _SOUNDFILE_READ_ERRORS as error:
         reason = str(error).strip() or type(error).__name__
@@ -295,7 +309,7 @@ def build_manifest(
 ) -> Manifest:
     """Find and check the audio files under ``root`` and describe them as a manifest.
 
-    Every file must decode to its end (checked over ``workers`` processes, see
+    Every file must decode to its end with finite samples (checked over ``workers`` processes, see
     :func:`check_audio_files`), be mono and at ``sample_rate``. Files that are readable
     but at another rate or with several channels are an error unless ``resample_dir``
     is given; then they are converted into ``resample_dir`` (which mirrors ``root``'s

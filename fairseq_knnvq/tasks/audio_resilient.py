@@ -3,7 +3,8 @@
 ``audio_pretraining_knnvq`` and ``audio_finetuning_knnvq`` are fairseq's
 ``audio_pretraining`` and ``audio_finetuning`` (same options, same data), except that
 an audio file that fails to load during the run (truncated, corrupt, deleted since the
-manifest was written) is replaced by the next readable one of its split instead of
+manifest was written), holds NaN or inf samples, or has another frame count than its
+manifest line says, is replaced by the next readable one of its split instead of
 ending the run (see :mod:`fairseq_knnvq.data.audio`). Each such file is logged once
 (``skipping unreadable audio file <path> (<reason>)``) and counted in fairseq's
 logged metrics as ``unreadable_audio`` (items replaced, summed over workers, in the
@@ -14,7 +15,9 @@ decode; this covers what happens to the files after that check.
 
 Also: ``audio_finetuning_knnvq`` checks every split's labels against the dictionary and
 ``model.w2v_path`` before fairseq uses them, and both tasks stop a run resumed at
-``optimization.max_update`` before it trains (:mod:`fairseq_knnvq.tasks.finished_run`).
+``optimization.max_update`` before it trains (:mod:`fairseq_knnvq.tasks.finished_run`);
+their checkpoint folders are guarded by :mod:`fairseq_knnvq.tasks.run_folder` (atomic
+checkpoint files, one run per folder, a save on SIGTERM / SIGUSR1).
 """
 import logging
 import os
@@ -27,12 +30,14 @@ from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetunin
 from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrainingTask
 from fairseq.logging import metrics
 
+from ..checkpoint_safety import describe_load_error
 from ..data.audio import ReplaceUnreadableDataset
 from ..data.labels import describe_unknown_units, find_unknown_units
 from ..data.unreadable import UnreadableFileLog
 from ..preflight import RunConfigError, missing_manifest_split
 from .finished_run import MAX_UPDATE_HELP, StopWhenFinishedMixin
 from .renamed_fields import RenameOldModelFieldsMixin
+from .run_folder import GuardedRunMixin
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +81,10 @@ class ReplaceUnreadableAudioMixin:
                 raise RunConfigError(missing)
         super().load_dataset(split, task_cfg, **kwargs)
         # fairseq's training subsets are named train* by convention (train, train_10h, ...)
-        self.datasets[split] = ReplaceUnreadableDataset(self.datasets[split], training=split.startswith("train"))
+        self.datasets[split] = ReplaceUnreadableDataset(
+            self.datasets[split], training=split.startswith("train"),
+            manifest=os.path.join((task_cfg or self.cfg).data, f"{split}.tsv"),
+        )
 
     def can_reuse_epoch_itr(self, dataset) -> bool:
         # fairseq caches a split's EpochBatchIterator and advances its epoch at every
@@ -135,7 +143,7 @@ class ReplaceUnreadableAudioMixin:
 
 @register_task("audio_pretraining_knnvq", dataclass=AudioPretrainingKnnvqConfig)
 class AudioPretrainingKnnvqTask(
-    RenameOldModelFieldsMixin, StopWhenFinishedMixin, ReplaceUnreadableAudioMixin, AudioPretrainingTask
+    RenameOldModelFieldsMixin, GuardedRunMixin, StopWhenFinishedMixin, ReplaceUnreadableAudioMixin, AudioPretrainingTask
 ):
     """fairseq's ``audio_pretraining``; unreadable files are replaced, logged and counted,
     and a model config with the 0.1.0 field names is renamed before fairseq reads it
@@ -163,10 +171,9 @@ def check_pretrained_checkpoint(w2v_path: str) -> None:
 
     Without this, fairseq's ``Wav2VecEncoder`` fails with ``KeyError: 544502645`` (a
     text file), an ``AttributeError`` about ``remove_pretraining_modules`` (a fine-tuned
-    or image checkpoint) or torch's advice to load with ``weights_only=False``.
+    or image checkpoint) or torch's advice to load with ``weights_only=False`` (for a file
+    that holds a class other than those of :mod:`fairseq_knnvq.checkpoint_safety`).
     """
-    import pickle
-
     import torch
     from fairseq.models import MODEL_REGISTRY
 
@@ -175,21 +182,9 @@ def check_pretrained_checkpoint(w2v_path: str) -> None:
     try:
         with open(w2v_path, "rb") as checkpoint_file:
             state = torch.load(checkpoint_file, map_location="cpu")  # as fairseq loads it
-    except pickle.UnpicklingError as error:
-        if "weights_only" not in str(error).lower() and "weights only" not in str(error).lower():
-            raise PretrainedCheckpointError(
-                f"model.w2v_path {w2v_path} is not a PyTorch checkpoint ({error}); {_PRETRAINING_FIX}"
-            ) from None
+    except Exception as error:  # refused by weights-only loading, a text file, a truncated download
         raise PretrainedCheckpointError(
-            f"model.w2v_path {w2v_path} holds Python objects that torch's weights-only loading refuses "
-            f"({str(error).splitlines()[-1] if str(error) else 'UnpicklingError'}). A checkpoint of an older "
-            f"fairseq (e.g. the official wav2vec_small.pt) needs TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 in the "
-            f"environment; only do that for files you trust. Otherwise {_PRETRAINING_FIX}"
-        ) from None
-    except Exception as error:  # a text file, a truncated download, another format
-        raise PretrainedCheckpointError(
-            f"model.w2v_path {w2v_path} is not a PyTorch checkpoint ({type(error).__name__}: {error}); "
-            f"{_PRETRAINING_FIX}"
+            f"{describe_load_error(w2v_path, error, 'model.w2v_path ')}; {_PRETRAINING_FIX}"
         ) from None
     if not isinstance(state, dict) or "model" not in state or ("cfg" not in state and "args" not in state):
         raise PretrainedCheckpointError(
@@ -214,7 +209,7 @@ def check_pretrained_checkpoint(w2v_path: str) -> None:
 
 
 @register_task("audio_finetuning_knnvq", dataclass=AudioFinetuningKnnvqConfig)
-class AudioFinetuningKnnvqTask(StopWhenFinishedMixin, ReplaceUnreadableAudioMixin, AudioFinetuningTask):
+class AudioFinetuningKnnvqTask(GuardedRunMixin, StopWhenFinishedMixin, ReplaceUnreadableAudioMixin, AudioFinetuningTask):
     """fairseq's ``audio_finetuning``; unreadable files are replaced, logged and counted,
     and every split's labels are checked against the dictionary before it is loaded
     (fairseq would silently train units it lacks as ``<unk>``)."""

@@ -17,6 +17,7 @@ from fairseq.tasks import FairseqTask, register_task
 from ..data.image_folder import ImageFolderDataset, UnreadableImageLog, find_split
 from .finished_run import MAX_UPDATE_HELP, StopWhenFinishedMixin
 from .renamed_fields import RenameOldModelFieldsMixin
+from .run_folder import GuardedRunMixin
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ class ImageAutoencodingConfig(FairseqDataclass):
 
 
 @register_task("image_autoencoding", dataclass=ImageAutoencodingConfig)
-class ImageAutoencodingTask(RenameOldModelFieldsMixin, StopWhenFinishedMixin, FairseqTask):
+class ImageAutoencodingTask(RenameOldModelFieldsMixin, GuardedRunMixin, StopWhenFinishedMixin, FairseqTask):
     """A model config with the 0.1.0 field names is renamed before fairseq reads it
     (:mod:`fairseq_knnvq.tasks.renamed_fields`)."""
 

@@ -185,7 +185,8 @@ def test_export_errors_name_the_problem_and_write_nothing(pretrained, finetuned,
 
     not_a_checkpoint = tmp_path / "notes.pt"
     not_a_checkpoint.write_text("not a checkpoint")
-    assert "could not be read as a fairseq checkpoint" in export_error(not_a_checkpoint, tmp_path / "b")
+    assert f"{not_a_checkpoint} is not a checkpoint: neither a PyTorch zip archive nor a pickle" in export_error(
+        not_a_checkpoint, tmp_path / "b")
 
     assert "is a file, not a folder" in export_error(pretrained, not_a_checkpoint / "out")
 

@@ -89,21 +89,21 @@ def test_w2v_path_that_is_not_a_pretraining_checkpoint_is_named(tmp_path):
     torch.save({"weights": torch.zeros(2)}, no_cfg)
     fine_tuned = tmp_path / "ctc.pt"
     torch.save({"cfg": {"model": {"_name": "wav2vec_ctc"}}, "model": {}}, fine_tuned)
-    old_fairseq = tmp_path / "old.pt"
+    old_fairseq = tmp_path / "old.pt"  # args as an argparse.Namespace: allowed, and a registered model
     torch.save({"args": argparse.Namespace(arch="wav2vec2"), "model": {}}, old_fairseq)
     pretrained = tmp_path / "pretrained.pt"
     torch.save({"cfg": {"model": {"_name": "wav2vec2_knnvq"}}, "model": {}}, pretrained)
 
     cases = {
         missing: f"model.w2v_path {missing} does not exist; {fix}",
-        text: f"model.w2v_path {text} is not a PyTorch checkpoint (",
+        text: f"model.w2v_path {text} is not a checkpoint: neither a PyTorch zip archive nor a pickle; {fix}",
         no_cfg: f"model.w2v_path {no_cfg} is a PyTorch file but not a fairseq checkpoint",
         fine_tuned: f"model.w2v_path {fine_tuned} holds a 'wav2vec_ctc' model (e.g. an already fine-tuned or an "
                     f"image model), not a wav2vec 2.0 pretraining checkpoint; {fix}",
-        old_fairseq: "needs TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1",
     }
     for path, expected in cases.items():
         with pytest.raises(PretrainedCheckpointError) as raised:
             check_pretrained_checkpoint(str(path))
         assert expected in str(raised.value), (path, str(raised.value))
     check_pretrained_checkpoint(str(pretrained))  # the plugin's pretraining model: accepted
+    check_pretrained_checkpoint(str(old_fairseq))  # fairseq's wav2vec2 of an old-style checkpoint: accepted
