@@ -47,6 +47,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from fairseq_knnvq.cli.help_format import DefaultsHelpFormatter
 from fairseq_knnvq.cli.outputs import output_folder_problem
 from fairseq_knnvq.data.labels import describe_unknown_units, find_unknown_units
 from fairseq_knnvq.data.manifest import ManifestError, check_audio_files, list_problems, read_manifest
@@ -264,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="knnvq-infer",
         description="Decode a manifest with a CTC fine-tuned checkpoint (greedy/Viterbi) and report WER and CER.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", type=Path, help="fine-tuned checkpoint (.pt) written by fairseq-hydra-train")
     parser.add_argument("--data", type=Path, default=None, help="folder with SUBSET.tsv, SUBSET.LABELS and dict.LABELS.txt (default: the checkpoint's task.data)")

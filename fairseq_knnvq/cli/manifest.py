@@ -34,6 +34,7 @@ import sys
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from fairseq_knnvq.cli.help_format import DefaultsHelpFormatter
 from fairseq_knnvq.cli.outputs import output_folder_problem
 from fairseq_knnvq.data.manifest import (
     DEFAULT_SAMPLE_RATE,
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
             "all audio files under ROOT: line 1 the absolute root, then "
             "'relative/path<TAB>num_frames'."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("root", type=Path, help="folder searched recursively for audio files")
     parser.add_argument("--dest", type=Path, default=Path("."), help="output folder")

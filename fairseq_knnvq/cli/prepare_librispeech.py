@@ -43,6 +43,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from fairseq_knnvq.cli.help_format import DefaultsHelpFormatter
 from fairseq_knnvq.cli.manifest import add_check_arguments, check_dest, describe, refuse_stale_manifests, resample_folder
 from fairseq_knnvq.data.librispeech import (
     LabelledSplit,
@@ -85,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
             "Write fairseq fine-tuning data (NAME.tsv, NAME.wrd, NAME.ltr, dict.ltr.txt; "
             "optionally sentencepiece units) for splits of a LibriSpeech-layout corpus."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("root", type=Path, help="corpus root; split folders are relative to it")
     parser.add_argument("--dest", type=Path, required=True, help="output folder (fairseq's task.data)")
