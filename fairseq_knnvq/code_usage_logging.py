@@ -13,6 +13,7 @@ every value of a logging output.
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -33,7 +34,66 @@ LOGGED_STATS = {
     "pooled_prob_perplexity": "prob_perplexity",
     "tightness_max_prob": "tightness_max_prob",
     "tightness_vertex_l2": "tightness_vertex_l2",
+    "used_codes_ceiling": "used_entries_ceiling",
+    "code_usage_of_ceiling": "usage_of_ceiling",
 }
+
+# The rows one KNN search chose from (this worker's, or every worker's with knn_global)
+# and those per vertex, rows / (K * M); logged as means over the searches.
+KNN_ROWS_KEYS = ("knn_rows", "knn_rows_per_vertex")
+
+logger = logging.getLogger(__name__)
+
+
+def knn_rows_logging_output(net_output: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """The logging-output entries of :data:`KNN_ROWS_KEYS` (detached tensors: read back
+    when fairseq syncs the logs, not in the step)."""
+    return {key: net_output[key].detach().float() for key in KNN_ROWS_KEYS if key in net_output}
+
+
+def few_rows_message(rows: float, k: int, entries: int, knn_global: bool, world: int) -> str:
+    """The warning for a KNN search with fewer rows than the K * M neighbours it asks for."""
+    per_vertex = rows / (k * entries)
+    where = f"all {world} workers' batches" if knn_global and world > 1 else "this worker's batch"
+    fixes = []
+    if not knn_global:
+        fixes.append("model.knn_global=true (each search then chooses from the rows of every worker)")
+    if k > 1:
+        fixes.append(f"a smaller model.knn_k (K <= {max(1, int(rows // entries))} gives at least one row per vertex here)")
+    fixes.append("a larger batch (dataset.max_tokens, or more workers with knn_global)")
+    return (
+        f"KNN rows per vertex {per_vertex:.2f} < 1: each KNN search chooses from {rows:.0f} rows "
+        f"({where}) while a group asks for K * M = {k} * {entries} = {k * entries} neighbours, so "
+        "rows are shared between vertices and pulled towards several at once. In this regime our "
+        "speech study found no gain over the diversity loss (docs/study.md). Fixes: " + "; ".join(fixes)
+        + ". The logs show knn_rows and knn_rows_per_vertex in every record."
+    )
+
+
+class FewKnnRowsCheck:
+    """Warns once, at the first training step of a model that trains on the KNN loss, when
+    its search sees fewer rows than K * M (rank 0 only). The step reads one number back
+    to the host, once per run."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def __call__(self, model, net_output: Mapping[str, Any]) -> None:
+        if self.done or not model.training or "knn_rows" not in net_output:
+            return
+        cfg = getattr(model, "cfg", None)
+        if cfg is None or str(getattr(cfg, "regularizer", "")) != "knn" or str(getattr(cfg, "quantizer", "smoothed")) == "vqvae":
+            return
+        self.done = True
+        import torch.distributed as dist
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world > 1 and dist.get_rank() != 0:
+            return
+        rows = float(net_output["knn_rows"])
+        k, entries = int(cfg.knn_k), int(cfg.latent_vars)
+        if rows < k * entries:
+            logger.warning(few_rows_message(rows, k, entries, bool(cfg.knn_global), world))
 
 
 def usage_logging_output(usage: CodeUsage) -> Dict[str, torch.Tensor]:

@@ -43,44 +43,19 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import report
 from .files import atomic_write_text
+from .verdict import COLLAPSED, FULL_USE, TIGHT, verdict  # noqa: F401 (the study's verdict column)
 
 # Metrics reported by default, per task: usage, hard and soft perplexity side by side,
 # tightness, and the task's own measure.
 DEFAULT_METRICS = {
-    "speech": ("code_usage", "used_codes", "pooled_code_perplexity", "pooled_prob_perplexity",
-               "tightness_max_prob", "accuracy", "loss"),
-    "image": ("code_usage", "used_codes", "pooled_code_perplexity", "pooled_prob_perplexity",
-              "tightness_max_prob", "psnr"),
+    "speech": ("code_usage", "used_codes", "used_codes_ceiling", "pooled_code_perplexity",
+               "pooled_prob_perplexity", "tightness_max_prob", "accuracy", "loss"),
+    "image": ("code_usage", "used_codes", "used_codes_ceiling", "pooled_code_perplexity",
+              "pooled_prob_perplexity", "tightness_max_prob", "psnr"),
 }
 RESULT_FILE = "result.json"
 MARKER = ".knnvq-study"
 
-
-# The verdict's thresholds: a run uses its codebook fully when at least FULL_USE of the
-# entries is chosen on the validation set, and has collapsed below COLLAPSED; it is tight
-# when the smoothed vectors put on average at least TIGHT on their largest entry.
-FULL_USE = 0.95
-COLLAPSED = 0.5
-TIGHT = 0.5
-
-
-def verdict(metrics: Dict[str, float]) -> str:
-    """Plain words for a run's final pooled usage: ``"collapsed: 11 of 64 codes"``,
-    ``"partial use: 561 of 640 codes"``, ``"loose: mean max p 0.40"`` or ``"full use,
-    tight"`` (usage and tightness can both fail: usage is named first)."""
-    if "code_usage" not in metrics:
-        return "-"
-    usage = metrics["code_usage"]
-    problems = []
-    if usage < FULL_USE:
-        used = metrics.get("used_codes")
-        total = round(used / usage) if used and usage > 0 else None
-        word = "collapsed" if usage < COLLAPSED else "partial use"
-        problems.append(f"{word}: {used:.0f} of {total} codes" if total else f"{word}: usage {usage:.2f}")
-    max_p = metrics.get("tightness_max_prob")
-    if max_p is not None and max_p < TIGHT:
-        problems.append(f"loose: mean max p {max_p:.2f}")
-    return "; ".join(problems) or "full use, tight"
 
 
 class StudyError(Exception):

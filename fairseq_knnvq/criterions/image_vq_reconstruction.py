@@ -35,7 +35,7 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
-from ..code_usage_logging import log_code_usage, usage_logging_output
+from ..code_usage_logging import KNN_ROWS_KEYS, FewKnnRowsCheck, log_code_usage, usage_logging_output
 from ..evaluation.image_metrics import psnr_from_mse
 from ..files import atomic_path
 
@@ -48,7 +48,7 @@ AUX_LOSSES = {
     "vq_loss": "vq_weight",
 }
 # Also logged (as per-image averages) when the model returns them.
-LOGGED_EXTRAS = ("codebook_loss", "commitment_loss", "temp")
+LOGGED_EXTRAS = ("codebook_loss", "commitment_loss", "temp") + KNN_ROWS_KEYS
 
 
 @dataclass
@@ -127,6 +127,7 @@ class ImageVQReconstructionCriterion(FairseqCriterion):
         self.grid_images = cfg.grid_images
         self._grid_written_at: Optional[int] = None
         self._last_train_update: Optional[int] = None
+        self.check_knn_rows = FewKnnRowsCheck()
 
     def forward(self, model, sample, reduce=True):
         images = sample["net_input"]["images"]
@@ -167,6 +168,7 @@ class ImageVQReconstructionCriterion(FairseqCriterion):
             }
         )
         logging_output.update(usage_logging_output(net_output["usage_sums"]))
+        self.check_knn_rows(model, net_output)
 
         if model.training:
             self._last_train_update = _num_updates(model)

@@ -40,7 +40,13 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.wav2vec_criterion import Wav2vecCriterion, Wav2VecCriterionConfig
 from omegaconf import II
 
-from ..code_usage_logging import is_usage_key, log_code_usage, usage_logging_output
+from ..code_usage_logging import (
+    FewKnnRowsCheck,
+    is_usage_key,
+    knn_rows_logging_output,
+    log_code_usage,
+    usage_logging_output,
+)
 from ..models.wav2vec2_knnvq import EXTRA_LOSS_NAMES
 
 # Counts the logging outputs that were summed into one, for averages (see module doc).
@@ -124,6 +130,7 @@ class Wav2vecKnnVqCriterion(Wav2vecCriterion):
                 f"got {knn_log_interval}"
             )
         self.knn_log_interval = int(knn_log_interval)
+        self.check_knn_rows = FewKnnRowsCheck()
 
     def tracks_knn_loss(self, model) -> bool:
         """Whether this forward call computes the KNN loss of a variant that does not train
@@ -169,6 +176,8 @@ class Wav2vecKnnVqCriterion(Wav2vecCriterion):
             logging_output["diversity_loss"] = net_output["diversity_loss"].detach()
         if "usage_sums" in net_output:
             logging_output.update(usage_logging_output(net_output["usage_sums"]))
+        logging_output.update(knn_rows_logging_output(net_output))
+        self.check_knn_rows(model, net_output)
         return loss, sample_size, logging_output
 
     @staticmethod

@@ -14,7 +14,7 @@ code. One idea a module, each opening with the equation it implements:
 """
 from .diversity import diversity_loss
 from .knn import KnnVertexLoss, knn_vertex_loss
-from .metrics import CodeUsage, codebook_stats, count_codes
+from .metrics import CodeUsage, codebook_stats, count_codes, uniform_usage_ceiling
 from .quantizer import REGULARIZERS, SmoothedVectorQuantizer, VQVAEQuantizer
 from .smoothing import SMOOTHING_MODES, TemperatureSchedule, smooth
 from .vertex_search import KNN_DISTANCES
@@ -33,4 +33,5 @@ __all__ = [
     "diversity_loss",
     "knn_vertex_loss",
     "smooth",
+    "uniform_usage_ceiling",
 ]

@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import distributed
-from .rows import as_rows, at_least_float32, check_finite, row_blocks
+from .rows import as_rows, at_least_float32, check_finite, row_blocks, valid_count, without_autocast
 from .vertex_search import (
     AUTO_CHUNK_ELEMENTS,
     VertexSearch,
@@ -330,6 +330,9 @@ class KnnVertexLoss:
         self.global_, self.group, self.check_inputs = global_, group, check_inputs
 
     def __repr__(self) -> str:
+        # rows the last neighbour search chose from, a 0-d tensor (no host sync): this
+        # process's valid rows, or every worker's when the choice is global
+        self.searched_rows: Optional[Tensor] = None
         return (
             f"KnnVertexLoss(k={self.k}, distance={self.distance!r}, "
             f"chunk_size={self.chunk_size}, global_={self.global_})"
@@ -351,7 +354,10 @@ class KnnVertexLoss:
         if k_search > 0:
             search = search_vertices(rows, k_search, self.distance, valid, self.chunk_size, probs=probs)
         if self.global_ and distributed.world_size(self.group) > 1:
-            return distributed.global_vertex_selection(rows, self.k, self.distance, valid, search, self.group)
+            selection = distributed.global_vertex_selection(rows, self.k, self.distance, valid, search, self.group)
+            self.searched_rows = selection.num_total
+            return selection
+        self.searched_rows = valid_count(rows, valid)
         return VertexSelection.local(rows, self.k, valid, search)
 
     def __call__(self, logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:

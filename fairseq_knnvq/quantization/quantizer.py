@@ -149,9 +149,10 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
     where valid) returns fairseq's keys ``x``, ``num_vars``, ``code_perplexity``,
     ``prob_perplexity``, ``temp`` (and ``targets``), plus ``diversity_loss`` (with
     gradient only when it is the regulariser in training), ``knn_loss`` (when the
-    regulariser is KNN or ``track_knn_loss``) and ``usage_sums`` (:class:`CodeUsage`, the
-    summable statistics of the batch; ``usage_sums.counts`` is the (G, M) histogram of
-    the hard codes).
+    regulariser is KNN or ``track_knn_loss``, with ``knn_rows`` and
+    ``knn_rows_per_vertex``: the rows its neighbour search chose from, and those over
+    ``K * M``) and ``usage_sums`` (:class:`CodeUsage`, the summable statistics of the
+    batch; ``usage_sums.counts`` is the (G, M) histogram of the hard codes).
     An empty batch (B or T = 0) or one without a valid position gives correctly shaped
     empty outputs and zero losses.
 
@@ -359,6 +360,11 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
             chosen = hard_index if hard_index is not None else selection.argmax(-1)
             result["targets"] = chosen.view(bsz, tsz, self.groups).detach()
 
+        if "knn_loss" in result:
+            # the rows the neighbour search chose from (every worker's with knn_global),
+            # and per vertex: rows / (K * M), below 1 when K * M exceeds them
+            result["knn_rows"] = self.knn.searched_rows
+            result["knn_rows_per_vertex"] = self.knn.searched_rows / float(self.knn.k * self.num_vars)
         codebooks = self._codebooks()
         if hard_index is not None:
             quantized = StraightThroughCodewords.apply(soft, hard_index, codebooks)

@@ -38,6 +38,7 @@ from ..preflight import RunConfigError, missing_manifest_split
 from .finished_run import MAX_UPDATE_HELP, StopWhenFinishedMixin
 from .renamed_fields import RenameOldModelFieldsMixin
 from .run_folder import GuardedRunMixin
+from .usage_verdict import LogUsageVerdictMixin
 
 logger = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class ReplaceUnreadableAudioMixin:
 
 @register_task("audio_pretraining_knnvq", dataclass=AudioPretrainingKnnvqConfig)
 class AudioPretrainingKnnvqTask(
-    RenameOldModelFieldsMixin, GuardedRunMixin, StopWhenFinishedMixin, ReplaceUnreadableAudioMixin, AudioPretrainingTask
+    RenameOldModelFieldsMixin, LogUsageVerdictMixin, GuardedRunMixin, StopWhenFinishedMixin, ReplaceUnreadableAudioMixin, AudioPretrainingTask
 ):
     """fairseq's ``audio_pretraining``; unreadable files are replaced, logged and counted,
     and a model config with the 0.1.0 field names is renamed before fairseq reads it

@@ -18,6 +18,7 @@ from ..data.image_folder import ImageFolderDataset, UnreadableImageLog, find_spl
 from .finished_run import MAX_UPDATE_HELP, StopWhenFinishedMixin
 from .renamed_fields import RenameOldModelFieldsMixin
 from .run_folder import GuardedRunMixin
+from .usage_verdict import LogUsageVerdictMixin
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class ImageAutoencodingConfig(FairseqDataclass):
 
 
 @register_task("image_autoencoding", dataclass=ImageAutoencodingConfig)
-class ImageAutoencodingTask(RenameOldModelFieldsMixin, GuardedRunMixin, StopWhenFinishedMixin, FairseqTask):
+class ImageAutoencodingTask(RenameOldModelFieldsMixin, LogUsageVerdictMixin, GuardedRunMixin, StopWhenFinishedMixin, FairseqTask):
     """A model config with the 0.1.0 field names is renamed before fairseq reads it
     (:mod:`fairseq_knnvq.tasks.renamed_fields`)."""
 

@@ -66,6 +66,22 @@ def test_tiny_pretraining_trains_saves_reloads_resumes_and_logs_usage(
     _check_usage(valid, prefix="valid_")
     assert valid["valid_num_updates"] == FIRST_UPDATES
 
+    # Rows per vertex: the KNN search of each step chose from the masked frames that
+    # fairseq counts as ntokens (one worker, local KNN), over K * M = 8 * 32.
+    for record, prefix in [(r, "") for r in updates] + [(valid, "valid_")]:
+        assert record[prefix + "knn_rows"] == pytest.approx(record[prefix + "ntokens"], abs=1e-3)
+        assert record[prefix + "knn_rows_per_vertex"] == pytest.approx(record[prefix + "knn_rows"] / (8 * 32), abs=1e-3)
+    # ... below 1 here: a run that trains on the KNN loss warns once, with the numbers.
+    warnings = [line for line in first.stdout.splitlines() if "KNN rows per vertex" in line]
+    if regularizer == "knn":
+        assert len(warnings) == 1
+        assert f"chooses from {updates[0]['ntokens']:.0f} rows" in warnings[0]
+        assert "model.knn_global=true" in warnings[0]
+    else:
+        assert warnings == []
+    # The validation's verdict in words, in the run's own log.
+    verdict_line = next(line for line in first.stdout.splitlines() if "code usage on the validation subset" in line)
+    assert verdict_line.endswith(f"(update {FIRST_UPDATES}): " + verdict({k[len("valid_"):]: v for k, v in valid.items()}))
     # The checkpoint loads back through fairseq as the plugin's model.
     checkpoint = run_dir / "checkpoints" / "checkpoint_last.pt"
     assert checkpoint.is_file()
@@ -97,6 +113,20 @@ def test_tiny_pretraining_trains_saves_reloads_resumes_and_logs_usage(
 
 
 def _free_port() -> int:
+@pytest.mark.slow
+def test_no_rows_warning_with_a_row_per_vertex_or_more(tiny_manifests, tmp_path):
+    # K = 2: K * M = 64 neighbours per group, for about 180 masked frames a batch
+    result = run_hydra_train(PRETRAINING, "tiny_knn_ce", [
+        f"task.data={tiny_manifests}", "common.log_interval=1", "optimization.max_update=2", "model.knn_k=2",
+        "checkpoint.no_save=true"], tmp_path / "run")
+    updates = records_of(parse_json_log(result.stdout), "train_inner")
+    assert len(updates) == 2
+    for record in updates:
+        assert record["knn_rows_per_vertex"] == pytest.approx(record["ntokens"] / (2 * 32), abs=1e-3)
+        assert record["knn_rows_per_vertex"] > 1
+    assert "KNN rows per vertex" not in result.stdout
+
+
     import socket
 
     with socket.socket() as sock:
