@@ -23,6 +23,7 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel, register_model
 
 from .. import dummy_batches
+from ..preflight import RunConfigError
 from ..quantization import SmoothedVectorQuantizer, VQVAEQuantizer
 from .smoothed_quantizer_config import (
     SMOOTHING_CHOICES,
@@ -146,6 +147,12 @@ class VQImageAutoencoder(dummy_batches.MarksDummyBatches, BaseFairseqModel):
         if cfg.downsample_factor not in DOWNSAMPLE_FACTORS:
             raise ValueError(
                 f"model.downsample_factor must be one of {DOWNSAMPLE_FACTORS}, got {cfg.downsample_factor}"
+            )
+        if cfg.latent_vars < 2:
+            # One entry per group is no code choice at all (every position gets the same code).
+            raise RunConfigError(
+                f"model.latent_vars must be at least 2 (codebook entries per group), got {cfg.latent_vars}; "
+                f"e.g. model.latent_vars=1024"
             )
         if cfg.code_dim % cfg.latent_groups:
             raise ValueError(

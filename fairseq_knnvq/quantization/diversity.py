@@ -23,7 +23,16 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .rows import STATISTICS_BLOCK_ELEMENTS, as_rows, at_least_float32, check_finite, row_blocks, row_weights, valid_count
+from .rows import (
+    STATISTICS_BLOCK_ELEMENTS,
+    as_rows,
+    at_least_float32,
+    check_finite,
+    row_blocks,
+    row_weights,
+    valid_count,
+    without_autocast,
+)
 
 
 def entropy_perplexity(mean_probs: Tensor) -> Tensor:
@@ -44,6 +53,7 @@ def perplexity_and_diversity(mean_probs: Tensor, num_valid: Optional[Tensor] = N
     return perplexity, loss
 
 
+@without_autocast()
 def masked_prob_sums(logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """``sum_n w_n p_n``, ``(G, M)``, in at least float32.
 
@@ -69,6 +79,7 @@ def masked_prob_sums(logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     return total.view(groups, entries)
 
 
+@without_autocast()
 def masked_mean_probs(logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     """``pbar``, ``(G, M)`` (zeros without a valid row).
 
@@ -84,6 +95,7 @@ def masked_mean_probs(logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     return (probs * weights.view(-1, 1, 1)).sum(0) / weights.sum().clamp_min(1.0)
 
 
+@without_autocast()
 def diversity_loss(logits: Tensor, mask: Optional[Tensor] = None, check_inputs: bool = True) -> Tensor:
     """``L_div`` of ``softmax(logits)`` over the valid rows (0 when there are none).
 
@@ -129,6 +141,7 @@ class TemperedSoftmaxWithMeanProbs(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @without_autocast()
     def backward(ctx, grad_probs: Optional[Tensor], grad_mean: Optional[Tensor]):
         probs, weights, count = ctx.saved_tensors
         if grad_probs is None:
@@ -147,6 +160,7 @@ class TemperedSoftmaxWithMeanProbs(torch.autograd.Function):
         return grad.to(ctx.input_dtype), None, None, None
 
 
+@without_autocast()
 def tempered_softmax_and_mean_probs(
     logits: Tensor, tau: float, mask: Optional[Tensor] = None
 ) -> Tuple[Tensor, Tensor]:

@@ -11,7 +11,8 @@ extra memory instead of a second N x G x M tensor.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import contextlib
+from typing import Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -64,6 +65,27 @@ def as_rows(logits: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Opti
 def at_least_float32(x: Tensor) -> Tensor:
     """fp16 / bf16 inputs are computed in float32; float64 stays float64."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# The device types whose autocast :func:`without_autocast` turns off.
+AUTOCAST_DEVICE_TYPES: Tuple[str, ...] = ("cpu", "cuda")
+
+
+@contextlib.contextmanager
+def without_autocast() -> Iterator[None]:
+    """Turns ``torch.autocast`` off (CPU and CUDA) inside; usable as a decorator.
+
+    The core's losses and statistics are reductions over many rows: under autocast a
+    matrix product or ``linalg.vecdot`` would run in fp16 / bf16 (rounding each sum to
+    3 significant digits, and overflowing beyond 65,504 in fp16). Inside, every
+    operation runs in the dtype of its inputs, which the core makes at least float32,
+    so a computation gives the same values with and without an enclosing autocast.
+    """
+    with contextlib.ExitStack() as stack:
+        for device_type in AUTOCAST_DEVICE_TYPES:
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 
 def check_finite(logits: Tensor) -> None:

@@ -69,11 +69,31 @@ def vertex_closeness(rows: Tensor, lse: Tensor, sq_norm: Optional[Tensor], dista
     return 2.0 * log_p.exp_() - sq_norm.unsqueeze(-1)
 
 
-def topk_along_rows(score: Tensor, k: int) -> Tuple[Tensor, Tensor]:
-    """``torch.topk(score, k, dim=0)`` of ``(N, G, C)`` scores: ``(values, indices)``."""
+# How topk_along_rows reads the (N, G, C) scores: "blocked" copies a few columns at a
+# time into a contiguous block and takes the top-k along its first axis (the CPU's
+# default); "rows_last" copies the scores once into a (G, C, N) tensor and takes the
+# top-k along its last, contiguous axis (the default on other devices, where a top-k
+# along dim 0 reads every value of a (group, vertex) slice G*C values apart).
+TOPK_LAYOUTS: Tuple[str, ...] = ("blocked", "rows_last")
+
+
+def topk_along_rows(score: Tensor, k: int, layout: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """``torch.topk(score, k, dim=0, sorted=True)`` of ``(N, G, C)`` scores:
+    ``(values, indices)``, each ``(k, G, C)`` and contiguous. ``layout``: one of
+    :data:`TOPK_LAYOUTS` (default: ``blocked`` on the CPU, ``rows_last`` elsewhere);
+    the values are the same in every layout (the indices too, up to the order among
+    tied values, which ``torch.topk`` leaves open). ``rows_last`` makes one copy of
+    the scores."""
+    if layout is None:
+        layout = "blocked" if score.device.type == "cpu" else "rows_last"
+    if layout not in TOPK_LAYOUTS:
+        raise ValueError(f"unknown top-k layout {layout!r}; choose one of {', '.join(TOPK_LAYOUTS)}")
     n, groups, entries = score.shape
+    if layout == "rows_last":
+        top = torch.topk(score.permute(1, 2, 0).contiguous(), k, dim=-1, sorted=True)
+        return top.values.permute(2, 0, 1).contiguous(), top.indices.permute(2, 0, 1).contiguous()
     width = max(1, TOPK_BLOCK_ELEMENTS // max(1, n * groups))
-    if score.device.type != "cpu" or width >= entries:
+    if width >= entries:
         top = torch.topk(score, k, dim=0, sorted=True)
         return top.values, top.indices
     values = score.new_empty((k, groups, entries))

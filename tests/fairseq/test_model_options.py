@@ -25,7 +25,9 @@ def build(**options):
     (dict(knn_k=0), "model.knn_k must be a positive integer (K, the smoothed vectors pulled towards each codebook "
                     "vertex), got 0; e.g. model.knn_k=8"),
     (dict(knn_k=-3), "model.knn_k must be a positive integer"),
-    (dict(latent_vars=0), "model.latent_vars must be a positive integer (codebook entries per group), got 0"),
+    (dict(latent_vars=0), "model.latent_vars must be an integer of at least 2 (codebook entries per group), got 0"),
+    (dict(latent_vars=1), "model.latent_vars must be an integer of at least 2 (codebook entries per group), got 1; "
+                          "e.g. model.latent_vars=320"),
     (dict(latent_groups=0), "model.latent_groups must be a positive integer"),
     (dict(latent_temp=[2.0, 0.5, 1.5]), "model.latent_temp (start, end, decay) needs start > 0, end > 0 and "
                                         "0 < decay <= 1, got [2.0, 0.5, 1.5]"),
