@@ -242,6 +242,7 @@ class SelectedVertexDistance(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @without_autocast()
     def backward(ctx, grad_output: Tensor):
         rows, index, weight, full, lse, sq_norm = ctx.saved_tensors
         # The loss is linear in the weights, so the incoming scalar scales them (K*G*M
@@ -287,6 +288,7 @@ class SoftmaxWithSelectedDistance(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @without_autocast()
     def backward(ctx, grad_probs: Tensor, grad_total: Tensor):
         probs, index, weight, sq_norm = ctx.saved_tensors
         grad = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
@@ -328,11 +330,11 @@ class KnnVertexLoss:
         check_knn_args(k, distance, chunk_size)
         self.k, self.distance, self.chunk_size = k, distance, chunk_size
         self.global_, self.group, self.check_inputs = global_, group, check_inputs
-
-    def __repr__(self) -> str:
         # rows the last neighbour search chose from, a 0-d tensor (no host sync): this
         # process's valid rows, or every worker's when the choice is global
         self.searched_rows: Optional[Tensor] = None
+
+    def __repr__(self) -> str:
         return (
             f"KnnVertexLoss(k={self.k}, distance={self.distance!r}, "
             f"chunk_size={self.chunk_size}, global_={self.global_})"
@@ -360,6 +362,7 @@ class KnnVertexLoss:
         self.searched_rows = valid_count(rows, valid)
         return VertexSelection.local(rows, self.k, valid, search)
 
+    @without_autocast()
     def __call__(self, logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         rows, valid = self.rows(logits, mask)
         selection = self.select(rows, valid)
@@ -368,6 +371,7 @@ class KnnVertexLoss:
         search = selection.search
         return selection.loss(SelectedVertexDistance.apply(rows, search.index, selection.weight, self.distance, search))
 
+    @without_autocast()
     def with_softmax(self, logits: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """``(softmax(logits), self(logits, mask))`` in one autograd node
         (:class:`SoftmaxWithSelectedDistance`): the same values and gradients as the

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .diversity import entropy_perplexity, masked_prob_sums
-from .rows import STATISTICS_BLOCK_ELEMENTS, as_rows, at_least_float32, row_blocks
+from .rows import STATISTICS_BLOCK_ELEMENTS, as_rows, at_least_float32, row_blocks, without_autocast
 
 
 @dataclass
@@ -54,6 +54,7 @@ class CodeUsage:
 
     @classmethod
     @torch.no_grad()
+    @without_autocast()
     def from_logits(
         cls,
         logits: Tensor,
@@ -112,33 +113,69 @@ class CodeUsage:
         )
 
     def all_reduce(self, group=None) -> "CodeUsage":
-        """Sums over the workers of ``torch.distributed`` (a no-op in one process)."""
+        """Sums over the workers of ``torch.distributed`` (a no-op in one process).
+
+        Under any backend: the sums travel on the device the group's backend reduces
+        on (:func:`collective_device`; NCCL takes CUDA tensors only, while
+        ``checkpoints.quantizer_usage`` returns CPU sums) and come back on the device
+        of ``counts``."""
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()):
             return self
         flat = self.to_flat()
+        home = flat.device
+        flat = flat.to(collective_device(dist.get_backend(group), home))
         dist.all_reduce(flat, group=group)
-        return CodeUsage.from_flat(flat, self.groups, self.entries)
+        return CodeUsage.from_flat(flat.to(home), self.groups, self.entries)
 
     def stats(self) -> Dict[str, float]:
         return codebook_stats(self)
 
 
+# Backends that reduce tensors of one device type only, and that type.
+SINGLE_DEVICE_BACKENDS: Dict[str, str] = {"nccl": "cuda", "xccl": "xpu", "hccl": "hpu"}
+
+
+def collective_device(backend: str, device: torch.device) -> torch.device:
+    """The device on which a collective of ``backend`` (the name ``dist.get_backend()``
+    gives) takes a tensor that lives on ``device``: ``device`` itself where the backend
+    reduces on it (gloo and mpi: CPU and CUDA), else the backend's own device (NCCL:
+    the current CUDA device; a per-device backend such as ``cpu:gloo,cuda:nccl``: the
+    first device type it names)."""
+    backend = str(backend).lower()
+    if ":" in backend:
+        device_types = [part.split(":", 1)[0].strip() for part in backend.split(",")]
+    elif backend in SINGLE_DEVICE_BACKENDS:
+        device_types = [SINGLE_DEVICE_BACKENDS[backend]]
+    else:
+        return device
+    if device.type in device_types:
+        return device
+    device_type = device_types[0]
+    if device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(device_type, getattr(torch, device_type).current_device())
+
+
 @torch.no_grad()
+@without_autocast()
 def tightness_sums(probs: Tensor, valid: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Per-group sums over the valid rows of ``(N, G, M)`` probabilities of ``max_m p``
     and of the squared distance to the nearest vertex, ``1 - 2 max_m p + ||p||^2``.
 
     ``valid`` ``(N,)`` bool weighs rows instead of indexing them (no host sync); the
-    squared norms run over blocks of rows, so no N x G x M temporary is made.
+    squared norms run over blocks of rows, so no N x G x M temporary is made. Sums in
+    at least float32 (half-precision probabilities are read in float32).
     """
     max_p = at_least_float32(probs.amax(-1))  # (N, G)
     sq_norm = torch.empty_like(max_p)
     for start, stop in row_blocks(probs, STATISTICS_BLOCK_ELEMENTS):
-        block = probs[start:stop]
+        block = at_least_float32(probs[start:stop])
         sq_norm[start:stop] = torch.linalg.vecdot(block, block)
     vertex_l2 = (1.0 - 2.0 * max_p).add_(sq_norm)
+    # the sums over the rows in float64, as they are returned: (N, G) values only
+    max_p, vertex_l2 = max_p.double(), vertex_l2.double()
     if valid is None:
         return max_p.sum(0), vertex_l2.sum(0)
     weights = valid.to(max_p.dtype)
@@ -146,6 +183,7 @@ def tightness_sums(probs: Tensor, valid: Optional[Tensor] = None) -> Tuple[Tenso
 
 
 @torch.no_grad()
+@without_autocast()
 def tightness_sums_of_logits(rows: Tensor, valid: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """:func:`tightness_sums` of ``softmax(rows)`` for logits ``(N, G, M)``, computed over
     blocks of rows so that no N x G x M probability tensor is made."""
@@ -174,8 +212,6 @@ def count_codes(
     if indices.dim() == 1:
         indices = indices.unsqueeze(1)
     indices = indices.reshape(-1, indices.shape[-1])
-    # the sums over the rows in float64, as they are returned: (N, G) values only
-    max_p, vertex_l2 = max_p.double(), vertex_l2.double()
     if check and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_entries):
         raise ValueError(f"code indices must lie in [0, {num_entries})")
     groups = indices.shape[1]
@@ -189,6 +225,19 @@ def count_codes(
             raise ValueError(f"valid must have shape ({indices.shape[0]},), got {tuple(valid.shape)}")
         ones = valid.to(device=indices.device, dtype=torch.long).unsqueeze(1).expand(-1, groups).reshape(-1)
     return counts.scatter_add_(0, flat, ones).view(groups, num_entries)
+
+
+def uniform_usage_ceiling(num_counted: float, num_entries: int) -> float:
+    """``M * (1 - (1 - 1/M)^n)``: the expected number of distinct entries among ``n``
+    draws from ``M`` equally likely entries (per group; a share, not a hard maximum:
+    a run can exceed it by chance)."""
+    if num_entries < 1:
+        raise ValueError(f"num_entries must be >= 1, got {num_entries}")
+    if num_counted <= 0:
+        return 0.0
+    if num_entries == 1:
+        return 1.0
+    return num_entries * -math.expm1(num_counted * math.log1p(-1.0 / num_entries))
 
 
 def codebook_stats(
@@ -229,19 +278,9 @@ def codebook_stats(
         "code_perplexity": float(entropy_perplexity(counts / total.clamp_min(1.0))),
     }
     n = float(total[0, 0]) if counts.numel() else 0.0
-def uniform_usage_ceiling(num_counted: float, num_entries: int) -> float:
-    """``M * (1 - (1 - 1/M)^n)``: the expected number of distinct entries among ``n``
-    draws from ``M`` equally likely entries (per group; a share, not a hard maximum:
-    a run can exceed it by chance)."""
-    if num_entries < 1:
-        raise ValueError(f"num_entries must be >= 1, got {num_entries}")
-    if num_counted <= 0:
-        return 0.0
-    if num_entries == 1:
-        return 1.0
-    return num_entries * -math.expm1(num_counted * math.log1p(-1.0 / num_entries))
-
-
+    ceiling = sum(uniform_usage_ceiling(float(t), usage.entries) for t in total.flatten())
+    out["used_entries_ceiling"] = ceiling
+    out["usage_of_ceiling"] = used / ceiling if ceiling > 0 else float("nan")
     if usage.prob_sums is not None and n > 0:
         out["prob_perplexity"] = float(entropy_perplexity(usage.prob_sums.double() / n))
     if usage.max_prob_sums is not None and n > 0:
@@ -249,6 +288,3 @@ def uniform_usage_ceiling(num_counted: float, num_entries: int) -> float:
     if usage.vertex_l2_sums is not None and n > 0:
         out["tightness_vertex_l2"] = float(usage.vertex_l2_sums.sum()) / (n * usage.groups)
     return out
-    ceiling = sum(uniform_usage_ceiling(float(t), usage.entries) for t in total.flatten())
-    out["used_entries_ceiling"] = ceiling
-    out["usage_of_ceiling"] = used / ceiling if ceiling > 0 else float("nan")

@@ -34,7 +34,8 @@ from .smoothing import (
     smooth,
     smoothed_logits_of,
 )
-from .vertex_search import check_chunk_size
+from .rows import at_least_float32, without_autocast
+from .vertex_search import AUTO_CHUNK_ELEMENTS, check_chunk_size
 
 REGULARIZERS = ("knn", "diversity", "none")
 KNN_INPUTS = ("smoothed", "probs")
@@ -55,7 +56,9 @@ class StraightThroughCodewords(torch.autograd.Function):
     each entry. Saves ``index`` (N x G) and the weights, not an N x G x M tensor.
 
     ``soft`` ``(N, G, M)``, ``index`` ``(N, G)``, ``codebooks`` ``(G, M, d)``; returns
-    ``(G, N, d)`` in the codebooks' dtype.
+    ``(G, N, d)`` in the codebooks' dtype. The backward pass sums in at least float32
+    (a half-precision codebook gets the float32 sum rounded once, as fairseq's
+    float32 reductions give it) and returns the gradients in the inputs' dtypes.
     """
 
     @staticmethod
@@ -70,14 +73,20 @@ class StraightThroughCodewords(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @without_autocast()
     def backward(ctx, grad_q: Tensor):
         index, weight, codebooks = ctx.saved_tensors
         grad_soft = grad_codebooks = None
+        grad_q = at_least_float32(grad_q)
         if ctx.needs_input_grad[0]:
-            grad_soft = torch.bmm(grad_q, codebooks.transpose(1, 2)).transpose(0, 1).to(ctx.soft_dtype)
+            codebooks32 = codebooks.to(grad_q.dtype)
+            grad_soft = torch.bmm(grad_q, codebooks32.transpose(1, 2)).transpose(0, 1).to(ctx.soft_dtype)
         if ctx.needs_input_grad[2]:
             gather_index = index.t().unsqueeze(-1).expand(-1, -1, codebooks.shape[-1])
-            grad_codebooks = torch.zeros_like(codebooks).scatter_add_(1, gather_index, grad_q * weight.unsqueeze(-1))
+            summed = grad_q.new_zeros(codebooks.shape).scatter_add_(
+                1, gather_index, grad_q * weight.to(grad_q.dtype).unsqueeze(-1)
+            )
+            grad_codebooks = summed.to(codebooks.dtype)
         return grad_soft, None, grad_codebooks
 
 
@@ -266,9 +275,18 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
             raise ValueError(f"expected {self.input_dim} input channels, got {fsz}")
         if mask is not None and tuple(mask.shape) != (bsz, tsz):
             raise ValueError(f"mask must have shape {(bsz, tsz)}, got {tuple(mask.shape)}")
-        result: Dict[str, Any] = {"num_vars": self.num_vars * self.groups}
-
+        # the projection runs in the caller's precision (autocast included); everything
+        # after it in at least float32 with autocast off (_quantize_logits)
         logits = self.weight_proj(x.reshape(-1, fsz)).view(bsz * tsz, self.groups, self.num_vars)
+        return self._quantize_logits(logits, bsz, tsz, mask, produce_targets)
+
+    @without_autocast()
+    def _quantize_logits(
+        self, logits: Tensor, bsz: int, tsz: int, mask: Optional[Tensor], produce_targets: bool
+    ) -> Dict[str, Any]:
+        """:meth:`forward` from the logits ``(B*T, G, M)`` on: the same values with and
+        without an enclosing ``torch.autocast``."""
+        result: Dict[str, Any] = {"num_vars": self.num_vars * self.groups}
         flat_mask = None if mask is None else mask.reshape(-1)
         logits32 = logits.float()
 
@@ -342,6 +360,11 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         elif self.track_knn_loss:
             with torch.no_grad():
                 result["knn_loss"] = self.knn(knn_input(), flat_mask)
+        if "knn_loss" in result:
+            # the rows the neighbour search chose from (every worker's with knn_global),
+            # and per vertex: rows / (K * M), below 1 when K * M exceeds them
+            result["knn_rows"] = self.knn.searched_rows
+            result["knn_rows_per_vertex"] = self.knn.searched_rows / float(self.knn.k * self.num_vars)
         with torch.no_grad():
             # tightness of the KNN input: from a softmax some node already holds when it
             # is that input, else over blocks of rows (no N x G x M copy)
@@ -360,17 +383,13 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
             chosen = hard_index if hard_index is not None else selection.argmax(-1)
             result["targets"] = chosen.view(bsz, tsz, self.groups).detach()
 
-        if "knn_loss" in result:
-            # the rows the neighbour search chose from (every worker's with knn_global),
-            # and per vertex: rows / (K * M), below 1 when K * M exceeds them
-            result["knn_rows"] = self.knn.searched_rows
-            result["knn_rows_per_vertex"] = self.knn.searched_rows / float(self.knn.k * self.num_vars)
         codebooks = self._codebooks()
         if hard_index is not None:
             quantized = StraightThroughCodewords.apply(soft, hard_index, codebooks)
         else:
-            # (G, BT, M) @ (G, M, d) -> (G, BT, d): the quantized vector p^T C per group.
-            quantized = torch.bmm(selection.to(codebooks.dtype).transpose(0, 1), codebooks)
+            # (G, BT, M) @ (G, M, d) -> (G, BT, d): the quantized vector p^T C per group,
+            # summed in the selection's dtype (at least float32) for every codebook dtype
+            quantized = torch.bmm(selection.transpose(0, 1), codebooks.to(selection.dtype)).to(codebooks.dtype)
         quantized = quantized.transpose(0, 1).reshape(bsz, tsz, self.groups * codebooks.shape[-1])
         if not self.time_first:
             quantized = quantized.transpose(1, 2)
@@ -392,9 +411,13 @@ class VQVAEQuantizer(nn.Module):
     ``codebook_loss = ||sg(z) - e||^2``, ``commitment_loss = ||z - sg(e)||^2`` and
     ``vq_loss = codebook_loss + beta * commitment_loss``.
 
-    ``forward(z)`` takes ``(..., dim)`` and returns ``x`` (same shape), ``targets``
-    ``(..., G)``, the losses, ``num_vars``, ``code_perplexity`` and ``usage_sums``
-    (:class:`CodeUsage`).
+    ``forward(z)`` takes ``(..., dim)`` and returns ``x`` (same shape and dtype),
+    ``targets`` ``(..., G)``, the losses, ``num_vars``, ``code_perplexity`` and
+    ``usage_sums`` (:class:`CodeUsage`).
+
+    Precision: the code search, the losses and the codebook's gradient are computed in
+    at least float32 whatever the dtype of ``z`` and of the codebook, with autocast off
+    (:func:`nearest_codes`); only ``x`` is returned in ``z``'s dtype.
     """
 
     def __init__(
@@ -438,22 +461,19 @@ class VQVAEQuantizer(nn.Module):
         )
         return rotated * (e_norm / z_norm).detach()
 
+    @without_autocast()
     def forward(self, z: Tensor) -> Dict[str, Any]:
         if z.dim() < 2 or z.shape[-1] != self.dim:
             raise ValueError(f"expected input (..., {self.dim}), got {tuple(z.shape)}")
         # No finiteness check: under fp16 an overflow must reach fairseq's loss scaler
         # (which skips the step) instead of stopping the run, and a check syncs.
-        lead = z.shape[:-1]
+        lead, input_dtype = z.shape[:-1], z.dtype
+        z = at_least_float32(z)
         zg = z.reshape(-1, self.groups, self.dim // self.groups).transpose(0, 1)  # (G, N, d)
+        # a half-precision codebook is read in float32: its gradient (the gather's
+        # scatter-add over the rows) is summed in float32 and rounded once
         codebooks = self.codebooks.to(z.dtype)
-        # ||z - e||^2 = ||z||^2 - 2 z.e + ||e||^2, as one batched matrix product.
-        with torch.no_grad():
-            dist = (
-                zg.pow(2).sum(-1, keepdim=True)
-                - 2.0 * torch.bmm(zg, codebooks.transpose(1, 2))
-                + codebooks.pow(2).sum(-1).unsqueeze(1)
-            )
-            codes = dist.argmin(-1)  # (G, N)
+        codes = nearest_codes(zg.detach(), codebooks.detach())  # (G, N)
         chosen = torch.gather(
             codebooks, 1, codes.unsqueeze(-1).expand(-1, -1, codebooks.shape[-1])
         )  # (G, N, d)
@@ -469,7 +489,7 @@ class VQVAEQuantizer(nn.Module):
         counts = count_codes(codes.t(), self.num_vars, check=False)
         code_perplexity = entropy_perplexity(counts.float() / max(1, codes.shape[1]))
         return {
-            "x": out.transpose(0, 1).reshape(*lead, self.dim),
+            "x": out.transpose(0, 1).reshape(*lead, self.dim).to(input_dtype),
             "targets": codes.t().reshape(*lead, self.groups),
             "num_vars": self.num_vars * self.groups,
             "codebook_loss": codebook_loss,
@@ -484,3 +504,28 @@ class VQVAEQuantizer(nn.Module):
                 vertex_l2_sums=torch.zeros(self.groups, dtype=torch.float64, device=counts.device),
             ),
         }
+
+
+@torch.no_grad()
+def nearest_codes(z: Tensor, codebooks: Tensor, block_elements: int = AUTO_CHUNK_ELEMENTS) -> Tensor:
+    """``argmin_m ||z_n - e_m||^2`` per group, ``(G, N)``, for ``z`` ``(G, N, d)`` and
+    ``codebooks`` ``(G, M, d)``.
+
+    Computed as ``argmin_m (||e_m||^2 - 2 z_n . e_m)`` in at least float32 (the
+    ``||z_n||^2`` term is the same for every m): with it, and in fp16, ``||z||^2 ~ 30``
+    rounds away differences of ``2 z.e ~ 1e-4`` between codes and every row picks the
+    first code. Over blocks of rows, so that the distances take at most
+    ``block_elements`` values at a time.
+    """
+    dtype = at_least_float32(z).dtype
+    z, codebooks = z.to(dtype), codebooks.to(dtype)
+    groups, n, _ = z.shape
+    entries = codebooks.shape[1]
+    sq_norms = codebooks.pow(2).sum(-1).unsqueeze(1)  # (G, 1, M)
+    codes = torch.empty((groups, n), dtype=torch.long, device=z.device)
+    block = max(1, block_elements // max(1, groups * entries))
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        dist = torch.baddbmm(sq_norms, z[:, start:stop], codebooks.transpose(1, 2), alpha=-2.0)
+        codes[:, start:stop] = dist.argmin(-1)
+    return codes
