@@ -13,6 +13,7 @@ from fairseq import checkpoint_utils
 
 from fairseq_knnvq.models.wav2vec2_knnvq import Wav2Vec2KnnVqModel
 from fairseq_knnvq.quantization import SmoothedVectorQuantizer
+from fairseq_knnvq.verdict import verdict
 from fairseq_run import CONFIG_DIR, TINY_CORPUS, last_record, parse_json_log, records_of, run_hydra_train
 
 fairseq_knnvq.register_with_fairseq()
@@ -65,7 +66,6 @@ def test_tiny_pretraining_trains_saves_reloads_resumes_and_logs_usage(
     valid = last_record(records, "valid")
     _check_usage(valid, prefix="valid_")
     assert valid["valid_num_updates"] == FIRST_UPDATES
-
     # Rows per vertex: the KNN search of each step chose from the masked frames that
     # fairseq counts as ntokens (one worker, local KNN), over K * M = 8 * 32.
     for record, prefix in [(r, "") for r in updates] + [(valid, "valid_")]:
@@ -82,6 +82,7 @@ def test_tiny_pretraining_trains_saves_reloads_resumes_and_logs_usage(
     # The validation's verdict in words, in the run's own log.
     verdict_line = next(line for line in first.stdout.splitlines() if "code usage on the validation subset" in line)
     assert verdict_line.endswith(f"(update {FIRST_UPDATES}): " + verdict({k[len("valid_"):]: v for k, v in valid.items()}))
+
     # The checkpoint loads back through fairseq as the plugin's model.
     checkpoint = run_dir / "checkpoints" / "checkpoint_last.pt"
     assert checkpoint.is_file()
@@ -112,7 +113,6 @@ def test_tiny_pretraining_trains_saves_reloads_resumes_and_logs_usage(
     assert state["optimizer_history"][-1]["num_updates"] == FIRST_UPDATES + 1
 
 
-def _free_port() -> int:
 @pytest.mark.slow
 def test_no_rows_warning_with_a_row_per_vertex_or_more(tiny_manifests, tmp_path):
     # K = 2: K * M = 64 neighbours per group, for about 180 masked frames a batch
@@ -127,6 +127,7 @@ def test_no_rows_warning_with_a_row_per_vertex_or_more(tiny_manifests, tmp_path)
     assert "KNN rows per vertex" not in result.stdout
 
 
+def _free_port() -> int:
     import socket
 
     with socket.socket() as sock:
