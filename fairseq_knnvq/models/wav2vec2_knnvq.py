@@ -271,14 +271,14 @@ class Wav2Vec2KnnVqModel(dummy_batches.MarksDummyBatches, Wav2Vec2Model):
             # encoder): the one whose perplexities fairseq reports.
             result["usage_sums"] = outputs[-1]["usage_sums"]
             result["diversity_loss"] = outputs[-1]["diversity_loss"]
+            for key in ("knn_rows", "knn_rows_per_vertex"):
+                if key in outputs[-1]:
+                    result[key] = outputs[-1][key]
         return result
 
     def get_extra_losses(self, net_output) -> List[Optional[torch.Tensor]]:
         """``[diversity, features_pen, knn]``; a term the variant does not train is None."""
         diversity = features_pen = knn = None
-            for key in ("knn_rows", "knn_rows_per_vertex"):
-                if key in outputs[-1]:
-                    result[key] = outputs[-1][key]
         if self.cfg.regularizer == "diversity" and "diversity_loss" in net_output:
             diversity = net_output["diversity_loss"]
         if "features_pen" in net_output:
