@@ -63,9 +63,10 @@ def test_resumed_run_trains_and_validates_what_the_uninterrupted_run_does(tiny_m
     # the same masks, crops, negatives, noise and data order after the resume.
     assert _records(part, "train_inner") + _records(rest, "train_inner") == _records(whole, "train_inner")
     # Every logged value of both validations. The one at update 8 is the uninterrupted
-    # run's second pass and the resumed process's first: equal only because every pass
-    # gets a fresh validation iterator at epoch 1 (fairseq's cached one advances its
-    # epoch, which reorders the clips longer than max_sample_size and moves their crops).
+    # run's third pass (after fairseq's start-up dry run and update 4) and the resumed
+    # process's second: equal only because every pass gets a fresh validation iterator
+    # at epoch 1 (fairseq's cached one advances its epoch, which reorders the clips
+    # longer than max_sample_size and moves their crops).
     assert _records(part, "valid") + _records(rest, "valid") == _records(whole, "valid")
 
 
