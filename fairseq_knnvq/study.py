@@ -237,6 +237,8 @@ class Study:
     metrics: Sequence[str]
     jobs: int = 1
     threads: int = 1
+    # How a point's training runs: run_training (here) or a study_launchers.SlurmLauncher
+    launcher: Optional[Callable[..., int]] = None
 
     def points(self) -> List[Point]:
         return expand(self.configs, self.grid, self.seeds)
@@ -300,7 +302,7 @@ class Study:
         started = time.monotonic()
         tag = f"[{index}/{total}] {point.label}"
         progress(f"{tag}: started (log {run_dir / 'console.log'})")
-        code = run_training(cmd, run_dir, progress, self.threads)
+        code = (self.launcher or run_training)(cmd, run_dir, progress, self.threads)
         log = run_dir / "console.log"
         if code != 0:
             raise StudyError(f"{tag} failed (exit code {code}). Last lines of {log}:\n{tail(log)}")

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .. import study
+from .. import study, study_launchers
 
 
 def _int_list(text: str):
@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="runs at the same time (default: one per CPU core)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    parser.add_argument("--launcher", choices=study_launchers.LAUNCHERS, default="local",
+                        help="local: runs here, --jobs at a time; slurm: each point is a SLURM job submitted "
+                             "through submitit (--jobs of them queued at a time; needs 'fairseq-knnvq[slurm]')")
+    parser.add_argument("--partition", default=None, help="--launcher slurm: the partition (default: the "
+                                                          "cluster's default partition)")
+    parser.add_argument("--gpus-per-run", type=int, default=0,
+                        help="--launcher slurm: GPUs of each job (default 0); one task, fairseq starts one "
+                             "process per GPU (set distributed_training.distributed_world_size with --set)")
+    parser.add_argument("--time-limit", type=int, default=60, metavar="MINUTES",
+                        help="--launcher slurm: time limit of each job in minutes (default 60)")
     parser.add_argument("--no-compose-check", action="store_true",
                         help="skip composing each config before the first run")
     return parser
@@ -78,8 +88,24 @@ def make_study(args: argparse.Namespace) -> study.Study:
     return study.Study(
         config_dir=args.config_dir.resolve(), configs=args.configs, grid=grid, seeds=args.seeds,
         out=args.out.resolve(), fixed=fixed, metrics=args.metrics or study.DEFAULT_METRICS[args.task],
-        jobs=args.jobs, threads=args.threads,
+        jobs=args.jobs, threads=args.threads, launcher=make_launcher(args),
     )
+
+
+def make_launcher(args: argparse.Namespace) -> Optional[study_launchers.SlurmLauncher]:
+    """None (runs here) or the SLURM launcher, checked: SLURM answers, the partition exists."""
+    slurm_only = [f"--{name.replace('_', '-')}" for name, default in
+                  (("partition", None), ("gpus_per_run", 0), ("time_limit", 60)) if getattr(args, name) != default]
+    if args.launcher == "local":
+        if slurm_only:
+            raise study.StudyError(f"{', '.join(slurm_only)} only apply with --launcher slurm")
+        return None
+    launcher = study_launchers.SlurmLauncher(args.partition, args.gpus_per_run, args.time_limit)
+    try:
+        launcher.check()
+    except study_launchers.LauncherError as error:
+        raise study.StudyError(str(error)) from None
+    return launcher
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
