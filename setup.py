@@ -35,8 +35,10 @@ setup(
         "hf": ["transformers>=4.40", "safetensors"],
         # common.tensorboard_logdir=... (fairseq writes its scalars with torch's SummaryWriter).
         "tensorboard": ["tensorboard"],
-        "dev": ["pytest", "matplotlib", "transformers>=4.40", "safetensors", "tensorboard"],
-        # SLURM launches through configs/run_config/slurm_*.yaml (hydra's submitit launcher).
+        "dev": ["pytest", "matplotlib", "transformers>=4.40", "safetensors", "tensorboard",
+                "hydra-submitit-launcher>=1.2"],
+        # SLURM launches through configs/run_config/slurm_*.yaml (hydra's submitit launcher) and
+        # knnvq-study --launcher slurm (submitit; checked with hydra-submitit-launcher 1.2.0, submitit 1.5.4).
         "slurm": ["hydra-submitit-launcher>=1.2"],
     },
     entry_points={
