@@ -35,7 +35,10 @@ setup(
         "hf": ["transformers>=4.40", "safetensors"],
         # common.tensorboard_logdir=... (fairseq writes its scalars with torch's SummaryWriter).
         "tensorboard": ["tensorboard"],
-        "dev": ["pytest", "matplotlib", "transformers>=4.40", "safetensors", "tensorboard",
+        # knnvq-infer --lm: CTC beam search with a KenLM model (flashlight-text has KenLM built in;
+        # checked with flashlight-text 0.0.7).
+        "lm": ["flashlight-text>=0.0.7"],
+        "dev": ["pytest", "matplotlib", "transformers>=4.40", "safetensors", "tensorboard", "flashlight-text>=0.0.7",
                 "hydra-submitit-launcher>=1.2"],
         # SLURM launches through configs/run_config/slurm_*.yaml (hydra's submitit launcher) and
         # knnvq-study --launcher slurm (submitit; checked with hydra-submitit-launcher 1.2.0, submitit 1.5.4).
@@ -46,6 +49,7 @@ setup(
             "knnvq-manifest = fairseq_knnvq.cli.manifest:main",
             "knnvq-prepare-librispeech = fairseq_knnvq.cli.prepare_librispeech:main",
             "knnvq-infer = fairseq_knnvq.cli.infer_ctc:main",
+            "knnvq-ngram-lm = fairseq_knnvq.cli.ngram_lm:main",
             "knnvq-report = fairseq_knnvq.cli.report:main",
             "knnvq-eval-image = fairseq_knnvq.cli.eval_image:main",
             "knnvq-export-hf = fairseq_knnvq.cli.export_hf:main",

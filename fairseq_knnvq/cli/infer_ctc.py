@@ -7,13 +7,23 @@
 
 reads ``{data}/{subset}.tsv`` and the reference labels ``{data}/{subset}.{labels}``
 (``labels`` defaults to the one the checkpoint was fine-tuned with, e.g. ``ltr``),
-decodes every utterance with CTC greedy (Viterbi) decoding and writes, in manifest
-order::
+decodes every utterance with CTC greedy (Viterbi) decoding, or with a beam search over
+an n-gram language model (``--lm``), and writes, in manifest order::
 
     <output-dir>/hypo.<subset>.txt   one hypothesis per line (words)
     <output-dir>/ref.<subset>.txt    the reference words of the same line
     <output-dir>/wer.<subset>.json   WER and CER in percent, with the error and length
                                      counts they are computed from
+
+(``*.<subset>.beam.*`` for a beam search, whose JSON also records the LM, the lexicon and
+every option of the search.)
+
+Beam search (``--lm LM.arpa|LM.bin``, needs the ``lm`` extra, flashlight-text) is
+fairseq's ``kenlm`` decoder: with ``--lexicon`` (fairseq's ``WORD W O R D |`` format) or
+``--lexicon-words`` (a word list or transcripts, each word spelled in letters with the
+word boundary ``|``) a lexicon search whose word LM scores whole words; without one a
+lexicon-free search whose LM scores the model's units (an LM over ``.ltr`` lines).
+The options default to fairseq's decoder config (``fairseq_knnvq.evaluation.beam_search``).
 
 Greedy decoding is what fairseq's ``ctc`` criterion does during validation: the most
 likely unit of every non-padded frame, repeats collapsed, the blank (the task's
@@ -51,11 +61,20 @@ from fairseq_knnvq.cli.help_format import DefaultsHelpFormatter
 from fairseq_knnvq.cli.outputs import output_folder_problem
 from fairseq_knnvq.data.labels import describe_unknown_units, find_unknown_units
 from fairseq_knnvq.data.manifest import ManifestError, check_audio_files, list_problems, read_manifest
+from fairseq_knnvq.evaluation.beam_search import (
+    BeamSearchError,
+    BeamSearchOptions,
+    check_spellings,
+    import_flashlight,
+    lexicon_from_words,
+    read_lexicon,
+)
 from fairseq_knnvq.evaluation.speech import (
     Batching,
     char_error_rate,
     decode_subset,
     detect_post_process,
+    task_blank,
     units_to_words,
     word_error_rate,
 )
@@ -261,6 +280,61 @@ def choose_batching(args: argparse.Namespace, dataset_cfg: Any) -> Batching:
     return Batching(max_tokens, batch_size, dataset_cfg.get("required_batch_size_multiple") or 1)
 
 
+BEAM_OPTIONS = {  # option -> field of BeamSearchOptions
+    "--beam": "beam", "--beam-threshold": "beam_threshold", "--lm-weight": "lm_weight",
+    "--word-score": "word_score", "--sil-weight": "sil_weight", "--unk-weight": "unk_weight",
+    "--beam-size-token": "beam_size_token",
+}
+
+
+def choose_decoding(args: argparse.Namespace) -> BeamSearchOptions | None:
+    """None for greedy decoding, else the beam search's options (fairseq's defaults for
+    those not given). Checked before the model is loaded."""
+    given = [option for option, field in BEAM_OPTIONS.items() if getattr(args, field) is not None]
+    given += [o for o, v in (("--lm", args.lm), ("--lexicon", args.lexicon), ("--lexicon-words", args.lexicon_words))
+              if v is not None]
+    decoder = args.decoder or ("beam" if given else "greedy")
+    if decoder == "greedy":
+        beam_only = given
+        if beam_only:
+            raise InferenceError(f"{', '.join(beam_only)} are options of the beam search: drop --decoder greedy")
+        return None
+    if args.lexicon is not None and args.lexicon_words is not None:
+        raise InferenceError("give --lexicon or --lexicon-words, not both")
+    if (args.lexicon or args.lexicon_words) is not None and args.lm is None:
+        raise InferenceError("a lexicon search needs a word language model: give --lm (knnvq-ngram-lm writes one)")
+    for option, path in (("--lm", args.lm), ("--lexicon", args.lexicon), ("--lexicon-words", args.lexicon_words)):
+        if path is not None and not path.is_file():
+            raise InferenceError(f"{option} {path} does not exist")
+    try:
+        import_flashlight("--lm" if args.lm is not None else "--decoder beam")
+    except BeamSearchError as error:
+        raise InferenceError(str(error)) from None
+    options = BeamSearchOptions(**{field: getattr(args, field) for field in BEAM_OPTIONS.values()
+                                   if getattr(args, field) is not None})
+    if options.beam < 1 or (options.beam_size_token is not None and options.beam_size_token < 1):
+        raise InferenceError("--beam and --beam-size-token must be at least 1")
+    return options
+
+
+def build_beam_search(args: argparse.Namespace, options: BeamSearchOptions, dictionary, blank: int):
+    from fairseq_knnvq.evaluation.beam_search import CtcBeamSearch
+
+    try:
+        lexicon = None
+        if args.lexicon is not None:
+            lexicon = read_lexicon(args.lexicon)
+            source = f"lexicon {args.lexicon}"
+        elif args.lexicon_words is not None:
+            lexicon = lexicon_from_words(args.lexicon_words, dictionary.symbols)
+            source = f"--lexicon-words {args.lexicon_words}"
+        if lexicon is not None:
+            check_spellings(lexicon, dictionary.indices, source)
+        return CtcBeamSearch(dictionary.symbols, blank, options, args.lm, lexicon)
+    except BeamSearchError as error:
+        raise InferenceError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="knnvq-infer",
@@ -285,6 +359,25 @@ def build_parser() -> argparse.ArgumentParser:
         f"else {DEFAULT_MAX_TOKENS})",
     )
     parser.add_argument("--batch-size", type=int, default=None, help="utterances per batch at most; 1 decodes without padding")
+    search = parser.add_argument_group(
+        "beam search", "CTC beam search with an n-gram LM (fairseq's kenlm decoder; needs flashlight-text: "
+        "pip install 'fairseq-knnvq[lm]'). Defaults: fairseq's decoder config "
+        f"{BeamSearchOptions().as_record()}")
+    search.add_argument("--decoder", choices=("greedy", "beam"), default=None,
+                        help="default: beam when --lm, a lexicon or a beam option is given, else greedy")
+    search.add_argument("--lm", type=Path, default=None,
+                        help="KenLM language model, ARPA or binary: over words with a lexicon, over the model's "
+                        "units without one (knnvq-ngram-lm writes ARPA files from transcripts)")
+    search.add_argument("--lexicon", type=Path, default=None, help="lines 'WORD U1 U2 ... |': each word spelled in the model's units")
+    search.add_argument("--lexicon-words", type=Path, default=None,
+                        help="a word list or transcripts (e.g. train.wrd): every word spelled in letters with '|' at its end")
+    search.add_argument("--beam", type=int, default=None, help="hypotheses kept per frame")
+    search.add_argument("--beam-threshold", type=float, default=None, help="drop hypotheses this far below the best")
+    search.add_argument("--lm-weight", type=float, default=None, help="weight of the LM's log10 score")
+    search.add_argument("--word-score", type=float, default=None, help="added for every word (lexicon search)")
+    search.add_argument("--sil-weight", type=float, default=None, help="added for every silence unit ('|')")
+    search.add_argument("--unk-weight", type=float, default=None, help="added for a word out of the lexicon")
+    search.add_argument("--beam-size-token", type=int, default=None, help="units tried per frame (default: all)")
     parser.add_argument("--output-dir", type=Path, default=None, help="where the hypothesis, reference and WER files go (default: the checkpoint's folder)")
     parser.add_argument("--user-dir", default=None, help="another fairseq plugin folder to import (fairseq-knnvq is always registered)")
     parser.add_argument("--cpu", action="store_true", help="decode on the CPU even when a GPU is available")
@@ -307,6 +400,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     problem = output_folder_problem(output_dir, "--output-dir" if args.output_dir else "--output-dir (default: the checkpoint's folder)")
     if problem:
         raise InferenceError(problem)
+    beam_options = choose_decoding(args)
     import_plugins(args.user_dir)
 
     data_dir = args.data.resolve() if args.data is not None else None
@@ -335,10 +429,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     post_process = detect_post_process(dictionary.symbols) if args.post_process == "auto" else args.post_process
 
+    decoder = None if beam_options is None else build_beam_search(args, beam_options, dictionary, task_blank(task))
+
     batching = choose_batching(args, state["cfg"].get("dataset"))
-    units = decode_subset(model, task, args.subset, batching, device, not args.no_progress)
+    decoded = decode_subset(model, task, args.subset, batching, device, not args.no_progress, decoder)
     decode_seconds = time.perf_counter() - started
-    hypotheses = [units_to_words(dictionary.string(torch.tensor(u, dtype=torch.long)), post_process) for u in units]
+    hypotheses = [" ".join(words) if words is not None
+                  else units_to_words(dictionary.string(torch.tensor(units, dtype=torch.long)), post_process)
+                  for units, words in decoded]
     references = [units_to_words(line, post_process) for line in reference.label_lines]
     wer = word_error_rate(references, hypotheses)
     cer = char_error_rate(references, hypotheses)
@@ -349,7 +447,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "subset": args.subset,
         "labels": labels,
         "post_process": post_process,
-        "decoding": "ctc_greedy",
+        "decoding": "ctc_greedy" if beam_options is None else "ctc_beam_search",
         "num_utterances": len(references),
         "wer": round(wer.percent, 4),
         "cer": round(cer.percent, 4),
@@ -363,15 +461,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "max_tokens": batching.max_tokens,
         "batch_size": batching.batch_size,
     }
+    name = args.subset
+    if beam_options is not None:
+        summary["beam_search"] = {
+            "lm": str(args.lm.resolve()) if args.lm is not None else None,
+            "lexicon": str((args.lexicon or args.lexicon_words).resolve()) if (args.lexicon or args.lexicon_words) else None,
+            "lexicon_kind": "lexicon" if args.lexicon else ("words" if args.lexicon_words else None),
+            "search": "lexicon" if decoder.lexicon is not None else "lexicon_free",
+            **beam_options.as_record(),
+        }
+        name = f"{args.subset}.beam"
     output_dir.mkdir(parents=True, exist_ok=True)
     write_files_atomically(
         {
-            output_dir / f"hypo.{args.subset}.txt": "".join(f"{line}\n" for line in hypotheses),
-            output_dir / f"ref.{args.subset}.txt": "".join(f"{line}\n" for line in references),
+            output_dir / f"hypo.{name}.txt": "".join(f"{line}\n" for line in hypotheses),
+            output_dir / f"ref.{name}.txt": "".join(f"{line}\n" for line in references),
         }
     )
     # Last, so that a summary on disk always belongs to complete hypothesis files.
-    write_files_atomically({output_dir / f"wer.{args.subset}.json": json.dumps(summary, indent=2) + "\n"})
+    write_files_atomically({output_dir / f"wer.{name}.json": json.dumps(summary, indent=2) + "\n"})
     return summary
 
 

@@ -89,8 +89,91 @@ class Batching:
     required_batch_size_multiple: int
 
 
-def decode_subset(model, task, subset: str, batching: Batching, device: str, progress: bool) -> list[list[int]]:
-    """Greedy CTC units of every utterance of ``subset``, in manifest order."""
+class _UnpaddedFirstBlock:
+    """Runs the first block of fairseq's ``ConvFeatureExtractionModel`` (convolution,
+    group norm over time, GELU) on each utterance's own samples, then pads the results
+    with zeros to the batch's length.
+
+    The group norm of wav2vec 2.0's default (``extractor_mode=default``) feature encoder
+    normalises every channel over all time steps of a row, the zeros that pad a short
+    utterance included, so a padded batch changes the features of its short utterances.
+    The later blocks are convolutions without a norm: a frame that fairseq's padding mask
+    keeps sees only frames computed from the utterance's own samples, so they run on the
+    padded batch as before and the model's output for every kept frame is that of the
+    utterance decoded alone."""
+
+    def __init__(self, block, lengths) -> None:
+        self.block = block
+        self.lengths = lengths
+
+    def __call__(self, x):
+        import torch
+        import torch.nn.functional as F
+
+        rows = [self.block(x[row:row + 1, :, :length]) for row, length in enumerate(self.lengths)]
+        width = max(r.shape[-1] for r in rows)
+        return torch.cat([F.pad(r, (0, width - r.shape[-1])) for r in rows], dim=0)
+
+
+def group_norm_feature_extractors(model) -> list:
+    """fairseq ``ConvFeatureExtractionModel`` modules of ``model`` whose first block
+    normalises over time (group norm)."""
+    import torch
+    from fairseq.models.wav2vec.wav2vec2 import ConvFeatureExtractionModel
+
+    return [m for m in model.modules() if isinstance(m, ConvFeatureExtractionModel)
+            and any(isinstance(n, torch.nn.GroupNorm) for n in m.conv_layers[0].modules())]
+
+
+class padding_blind_features:
+    """Within the block, the group-norm feature encoders of ``model`` run their first
+    block per utterance (:class:`_UnpaddedFirstBlock`) for a batch whose audio lengths
+    are ``lengths``; the model is unchanged afterwards. Without group norm, or without
+    padding, nothing changes."""
+
+    def __init__(self, model, lengths) -> None:
+        self.extractors = group_norm_feature_extractors(model) if lengths is not None else []
+        self.lengths = lengths
+
+    def __enter__(self):
+        self.saved = []
+        for extractor in self.extractors:
+            first = extractor.conv_layers[0]
+            self.saved.append((extractor, first))
+            # nn.ModuleList only holds Modules: swap the first block's forward instead.
+            first.forward = _UnpaddedFirstBlock(first.__class__.forward.__get__(first), self.lengths)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for _, first in self.saved:
+            del first.forward
+
+
+class GreedyDecoder:
+    """CTC greedy (Viterbi) decoding of one utterance's (T, V) log-probabilities."""
+
+    def __init__(self, blank: int) -> None:
+        self.blank = blank
+
+    def decode(self, log_probs) -> tuple[list[int], None]:
+        return ctc_greedy_units(log_probs.argmax(dim=-1).tolist(), self.blank), None
+
+
+def task_blank(task) -> int:
+    """The CTC blank: the task's ``blank_symbol``, else the dictionary's ``<s>`` (as
+    fairseq's ``ctc`` criterion)."""
+    dictionary = task.target_dictionary
+    return dictionary.index(task.blank_symbol) if hasattr(task, "blank_symbol") else dictionary.bos()
+
+
+def decode_subset(model, task, subset: str, batching: Batching, device: str, progress: bool,
+                  decoder=None) -> list:
+    """``decoder.decode(log_probs)`` of every utterance of ``subset``, in manifest order
+    (default: greedy CTC units). ``log_probs`` is the (T, V) float32 CPU tensor of the
+    utterance's frames that fairseq's padding mask keeps, as fairseq's ``ctc`` criterion
+    computes it (``get_normalized_probs(log_probs=True)``). Every utterance gets exactly
+    the log-probabilities it gets in a batch of its own (:class:`padding_blind_features`),
+    so the hypotheses do not depend on the batching."""
     import torch
     import tqdm
     from fairseq import utils
@@ -103,7 +186,8 @@ def decode_subset(model, task, subset: str, batching: Batching, device: str, pro
         # Scoring needs every utterance's own audio: an unreadable file is an error here
         # (fairseq's "Failed to load <path>"), not replaced by the next one.
         dataset = dataset.dataset
-    blank = task.target_dictionary.index(task.blank_symbol) if hasattr(task, "blank_symbol") else task.target_dictionary.bos()
+    if decoder is None:
+        decoder = GreedyDecoder(task_blank(task))
     iterator = task.get_batch_iterator(
         dataset=dataset,
         max_tokens=batching.max_tokens,
@@ -113,21 +197,28 @@ def decode_subset(model, task, subset: str, batching: Batching, device: str, pro
         required_batch_size_multiple=batching.required_batch_size_multiple,
         num_workers=0,
     ).next_epoch_itr(shuffle=False)
-    results: list[list[int] | None] = [None] * len(dataset)
+    results: list = [None] * len(dataset)
     with torch.inference_mode(), tqdm.tqdm(total=len(dataset), unit="utt", desc=f"decoding {subset}", disable=not progress) as bar:
         for sample in iterator:
             if device != "cpu":
                 sample = utils.move_to_cuda(sample, device=torch.device(device))
-            net_output = model(**sample["net_input"])
-            frame_argmax = model.get_logits(net_output).argmax(dim=-1).transpose(0, 1)  # (B, T)
+            audio_padding = sample["net_input"].get("padding_mask")
+            lengths = None
+            if audio_padding is not None and bool(audio_padding.any()):
+                lengths = (~audio_padding).sum(dim=1).tolist()
+            with padding_blind_features(model, lengths):
+                net_output = model(**sample["net_input"])
+            log_probs = model.get_normalized_probs(net_output, log_probs=True).transpose(0, 1).float().cpu()  # (B, T, V)
             padding_mask = net_output.get("padding_mask")
+            if padding_mask is not None:
+                padding_mask = padding_mask.cpu()
             for row, sample_id in enumerate(sample["id"].tolist()):
-                frames = frame_argmax[row]
+                frames = log_probs[row]
                 if padding_mask is not None:
                     frames = frames[~padding_mask[row]]
-                results[sample_id] = ctc_greedy_units(frames.tolist(), blank)
+                results[sample_id] = decoder.decode(frames.contiguous())
             bar.update(len(sample["id"]))
-    not_decoded = [i for i, units in enumerate(results) if units is None]
+    not_decoded = [i for i, result in enumerate(results) if result is None]
     if not_decoded:
         raise RuntimeError(f"{len(not_decoded)} utterances of {subset} were not decoded (first: line {not_decoded[0] + 2})")
-    return results  # type: ignore[return-value]
+    return results
