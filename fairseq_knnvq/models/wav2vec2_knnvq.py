@@ -28,6 +28,7 @@ from fairseq.models import register_model
 from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 
 from .. import dummy_batches
+from ..preflight import RunConfigError
 from ..quantization import SmoothedVectorQuantizer
 from .smoothed_quantizer_config import SmoothedQuantizerConfig, smoothed_quantizer_options
 
@@ -62,26 +63,30 @@ class Wav2Vec2KnnVqConfig(Wav2Vec2Config, SmoothedQuantizerConfig):
 
 
 def check_quantizer_options(cfg: Wav2Vec2KnnVqConfig) -> None:
-    """Raises ``ValueError`` naming the ``model.*`` option and a valid value, before
-    any module is built (a bad value otherwise fails deep inside the quantizer)."""
+    """Raises :class:`RunConfigError` (a ``ValueError`` printed without a traceback)
+    naming the ``model.*`` option and a valid value, before any module is built (a bad
+    value otherwise fails deep inside the quantizer, or, ``latent_vars=1``, trains a
+    codebook of one code per group)."""
     import ast
 
-    def positive(name: str, meaning: str, example: str) -> None:
+    def positive(name: str, meaning: str, example: str, least: int = 1) -> None:
         value = getattr(cfg, name)
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"model.{name} must be a positive integer ({meaning}), got {value!r}; e.g. model.{name}={example}")
+        if not isinstance(value, int) or value < least:
+            wanted = "a positive integer" if least == 1 else f"an integer of at least {least}"
+            raise RunConfigError(f"model.{name} must be {wanted} ({meaning}), got {value!r}; e.g. model.{name}={example}")
 
     positive("knn_k", "K, the smoothed vectors pulled towards each codebook vertex", "8")
-    positive("latent_vars", "codebook entries per group", "320")
+    # One entry per group is no code choice at all (every frame gets the same code).
+    positive("latent_vars", "codebook entries per group", "320", least=2)
     positive("latent_groups", "codebook groups", "2")
     positive("quantizer_depth", "layers of the quantizer's projection", "1")
     temp = ast.literal_eval(cfg.latent_temp) if isinstance(cfg.latent_temp, str) else cfg.latent_temp
     try:
         start, end, decay = (float(t) for t in temp)
     except (TypeError, ValueError):
-        raise ValueError(f"model.latent_temp must be (start, end, decay), got {cfg.latent_temp!r}; e.g. model.latent_temp='[2.0,0.5,0.999995]'") from None
+        raise RunConfigError(f"model.latent_temp must be (start, end, decay), got {cfg.latent_temp!r}; e.g. model.latent_temp='[2.0,0.5,0.999995]'") from None
     if not (start > 0 and end > 0 and 0 < decay <= 1):
-        raise ValueError(
+        raise RunConfigError(
             f"model.latent_temp (start, end, decay) needs start > 0, end > 0 and 0 < decay <= 1, got "
             f"{cfg.latent_temp!r}; e.g. model.latent_temp='[2.0,0.5,0.999995]'"
         )

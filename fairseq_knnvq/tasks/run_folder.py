@@ -14,8 +14,8 @@ loop (``fairseq_cli/train.py``) at three points when the task is set up:
    before any update), :func:`prepare_run_folder`:
 
    - checks the options that fairseq accepts but that break training
-     (``optimization.lr`` > 0, the ``tri_stage`` schedule's phases at least one
-     update each);
+     (``optimization.lr`` > 0, the ``tri_stage`` schedule's decay phase at least one
+     update);
    - takes ``<save_dir>/run.lock`` (:class:`fairseq_knnvq.folder_lock.FolderLock`):
      a second process into a folder in use stops, naming the first;
    - compares this run with the folder's run (``<save_dir>/run.json``, written at the
@@ -117,27 +117,29 @@ def install_preemption_handlers() -> None:
 def check_training_options(cfg) -> None:
     """Raises :class:`RunFolderError` for options fairseq accepts but that break
     training: a learning rate <= 0 (trains away from the minimum), a ``tri_stage``
-    schedule with a phase of no update (``ZeroDivisionError`` in fairseq)."""
+    schedule whose decay phase has no update (``ZeroDivisionError`` in fairseq)."""
     lrs = list(cfg.optimization.lr)
     if not lrs or any(not (float(lr) > 0) for lr in lrs):
         raise RunFolderError(f"optimization.lr must be > 0, got {lrs}; e.g. optimization.lr=[0.0005]")
     scheduler = cfg.get("lr_scheduler") or {}
     if scheduler.get("_name") == "tri_stage":
+        # fairseq divides by the decay phase's length (ZeroDivisionError for 0 updates);
+        # a warmup or hold phase of 0 updates is fine (it starts at the peak / skips it).
         ratios = scheduler.get("phase_ratio")
         max_update = cfg.optimization.max_update
-        if ratios is not None:
+        if ratios is not None and len(ratios) == 3:
             phases = [int(max_update * ratio) for ratio in ratios]
-            if min(phases) < 1:
-                fewest = next(n for n in range(1, 10**7) if min(int(n * r) for r in ratios) >= 1)
+            if phases[2] < 1:
+                fewest = next(n for n in range(1, 10**7) if int(n * ratios[2]) >= 1)
                 raise RunFolderError(
                     f"lr_scheduler.phase_ratio {list(ratios)} with optimization.max_update={max_update} gives "
-                    f"phases of {phases} updates; the tri_stage schedule needs at least one update in each "
-                    f"phase: use optimization.max_update={fewest} or more (or other phase ratios)"
+                    f"phases of {phases} updates; the tri_stage schedule needs at least one update in its decay "
+                    f"phase: use optimization.max_update={fewest} or more (or a larger last phase ratio)"
                 )
-        elif scheduler.get("decay_steps", 1) < 1:
+        elif ratios is None and (scheduler.get("decay_steps") or 0) < 1:
             raise RunFolderError(
                 f"lr_scheduler.decay_steps is {scheduler.get('decay_steps')}; the tri_stage schedule needs at "
-                f"least one decay update: e.g. lr_scheduler.decay_steps=1"
+                f"least one update in its decay phase: e.g. lr_scheduler.decay_steps=1"
             )
 
 
