@@ -50,6 +50,7 @@ setup(
             "knnvq-prepare-librispeech = fairseq_knnvq.cli.prepare_librispeech:main",
             "knnvq-infer = fairseq_knnvq.cli.infer_ctc:main",
             "knnvq-ngram-lm = fairseq_knnvq.cli.ngram_lm:main",
+            "knnvq-wer-table = fairseq_knnvq.cli.wer_table:main",
             "knnvq-report = fairseq_knnvq.cli.report:main",
             "knnvq-eval-image = fairseq_knnvq.cli.eval_image:main",
             "knnvq-export-hf = fairseq_knnvq.cli.export_hf:main",
