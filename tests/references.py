@@ -17,3 +17,10 @@ def brute_force_knn(logits, k, distance="ce", mask=None):
         d = 1 - 2 * p + p.pow(2).sum(-1, keepdim=True)
     k_eff = min(k, d.shape[0])
     return d.sort(dim=0).values[:k_eff].sum() / (d.shape[1] * d.shape[2] * k_eff)
+
+
+def float64_argmin(z, codebook):
+    """The nearest codeword ``argmin_m ||z_n - e_m||^2`` of rows ``z`` ``(N, d)`` in a
+    codebook ``(M, d)``, in float64 on the CPU (the ``||z||^2`` term included)."""
+    z, e = z.detach().double().cpu(), codebook.detach().double().cpu()
+    return (z.pow(2).sum(-1, keepdim=True) - 2.0 * z @ e.t() + e.pow(2).sum(-1)).argmin(-1)

@@ -27,6 +27,7 @@ from fairseq_knnvq.quantization import (
 from fairseq_knnvq.quantization.diversity import masked_prob_sums
 from fairseq_knnvq.quantization.metrics import tightness_sums, tightness_sums_of_logits
 from fairseq_knnvq.quantization.quantizer import StraightThroughCodewords, nearest_codes
+from references import float64_argmin
 
 HALF = [torch.float16, torch.bfloat16]
 TEMP = (2.0, 0.5, 0.999995)
@@ -34,12 +35,6 @@ CUDA = pytest.param(
     "cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 )
 DEVICES = ["cpu", CUDA]
-
-
-def float64_argmin(z, codebook):
-    """argmin_m ||z_n - e_m||^2 in float64, ``||z||^2`` included."""
-    z, e = z.double().cpu(), codebook.double().cpu()
-    return (z.pow(2).sum(-1, keepdim=True) - 2.0 * z @ e.t() + e.pow(2).sum(-1)).argmin(-1)
 
 
 # --- the VQ-VAE code search ------------------------------------------------------------
