@@ -22,7 +22,6 @@ from fairseq_knnvq.quantization import (
     SmoothedVectorQuantizer,
     VQVAEQuantizer,
     diversity_loss,
-    knn_vertex_loss,
 )
 from fairseq_knnvq.quantization.diversity import masked_prob_sums
 from fairseq_knnvq.quantization.metrics import tightness_sums, tightness_sums_of_logits
