@@ -83,9 +83,16 @@ def without_autocast() -> Iterator[None]:
     """
     with contextlib.ExitStack() as stack:
         for device_type in AUTOCAST_DEVICE_TYPES:
-            if torch.is_autocast_enabled(device_type):
+            if _autocast_enabled(device_type):
                 stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
+
+
+def _autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 takes no device type (untested here: torch 2.13)
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def check_finite(logits: Tensor) -> None:
