@@ -66,6 +66,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys) -> None:
             metric = "accuracy" if task == "speech" else "psnr"
             assert row[metric] == pytest.approx(valid[f"{subset}_{metric}"], abs=1e-9)
             assert row["num_codes"] == (2 * 320 if task == "speech" else 64)
+            assert row["used_codes_ceiling"] == pytest.approx(valid[f"{subset}_used_codes_ceiling"], abs=1e-9)
             assert row["verdict"] == study.verdict({k[len(subset) + 1:]: v for k, v in valid.items()
                                                     if isinstance(v, float)})
             line = next(l for l in table.splitlines() if l.startswith(f"| {name} |") and row["verdict"] in l
@@ -85,6 +86,18 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys) -> None:
         with Image.open(out / "report" / "speech" / f"{name}_code_counts.png") as image:
             assert image.format == "PNG"
     assert "[6/6]" in printed and "decode tiny_knn_ce" in printed  # progress was shown
+
+
+def test_verdicts_judge_usage_against_its_ceiling() -> None:
+    # 1,000 vectors of a 2 x 320 codebook: uniform use would show about 612 codes, so 590
+    # is full use (96 %) although it is 92 % of M; 400 is partial use, 300 collapsed
+    ceiling = 2 * 320 * (1 - (1 - 1 / 320) ** 1000)
+    metrics = {"code_usage": 590 / 640, "used_codes": 590.0, "used_codes_ceiling": ceiling, "tightness_max_prob": 0.8}
+    assert study.verdict(metrics) == "full use, tight"
+    assert study.verdict(dict(metrics, code_usage=400 / 640, used_codes=400.0)) == \
+        "partial use: 400 of 640 codes (expected 612 under uniform use)"
+    assert study.verdict(dict(metrics, code_usage=300 / 640, used_codes=300.0, tightness_max_prob=0.3)) == \
+        "collapsed: 300 of 640 codes (expected 612 under uniform use); loose: mean max p 0.30"
 
 
 def test_verdicts_name_collapse_and_looseness() -> None:
