@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import errno
 import io
 import itertools
 import json
@@ -43,6 +44,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from . import report
 from .files import atomic_write_text
+from .folder_lock import FolderInUseError, FolderLock
 from .verdict import COLLAPSED, FULL_USE, TIGHT, verdict  # noqa: F401 (the study's verdict column)
 
 # Metrics reported by default, per task: usage, hard and soft perplexity side by side,
@@ -55,6 +57,8 @@ DEFAULT_METRICS = {
 }
 RESULT_FILE = "result.json"
 MARKER = ".knnvq-study"
+# Held while a study runs: a second knnvq-study into the same --out stops.
+STUDY_LOCK = "study.lock"
 
 
 
@@ -172,6 +176,8 @@ class Progress:
         self.lock = threading.Lock()
         self.processes: set = set()
         self.stream = stream or sys.stdout
+        # The signal that stops the study (set by forward_signal): no run starts after it.
+        self.stopping: Optional[str] = None
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
@@ -188,6 +194,24 @@ class Progress:
                     proc.kill()
 
 
+    def forward_signal(self, signum: int) -> None:
+        """Passes SIGTERM / SIGUSR1 on to the running trainings, which finish their update,
+        save ``checkpoint_last.pt`` and exit; no further run starts. A second signal
+        kills them."""
+        import signal
+
+        if self.stopping is not None:
+            self.stop_all()
+            return
+        self.stopping = signal.Signals(signum).name
+        with self.lock:
+            running = [proc for proc in self.processes if proc.poll() is None]
+        for proc in running:
+            proc.send_signal(signum)
+        self(f"{self.stopping}: passed on to {len(running)} running training(s); they save and stop, "
+             f"no new run starts")
+
+
 def run_training(cmd: Sequence[str], run_dir: Path, progress: Progress, threads: int = 1,
                  on_record: Optional[Callable[[str, Dict[str, float]], None]] = None) -> int:
     """Runs one training command in ``run_dir`` (created), its output into
@@ -196,7 +220,7 @@ def run_training(cmd: Sequence[str], run_dir: Path, progress: Progress, threads:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n", encoding="utf-8")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    with open(run_dir / "console.log", "w", encoding="utf-8") as log:
+    with open(run_dir / "console.log", "a", encoding="utf-8") as log:  # a resumed run adds to it
         proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env=env, cwd=run_dir)
         with progress.lock:
@@ -204,6 +228,7 @@ def run_training(cmd: Sequence[str], run_dir: Path, progress: Progress, threads:
         try:
             for line in proc.stdout:
                 log.write(line)
+                log.flush()  # console.log can be followed while the run trains
                 if on_record is not None:
                     parsed = report.parse_log_line(line)
                     if parsed is not None:
@@ -262,11 +287,26 @@ class Study:
             raise StudyError(f"--out {self.out} is a file: pass a folder")
         if self.out.is_dir() and any(self.out.iterdir()) and not (self.out / MARKER).is_file():
             raise StudyError(f"--out {self.out} is not empty and was not made by knnvq-study: pass a new folder")
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not os.access(self.out, os.W_OK):
-            raise StudyError(f"--out {self.out} is not writable")
-        (self.out / MARKER).write_text("made by knnvq-study; a rerun skips the finished points\n")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not os.access(self.out, os.W_OK):
+                raise PermissionError(errno.EACCES, "Permission denied")
+            self.out_lock = FolderLock(self.out, STUDY_LOCK, "running knnvq-study into this --out",
+                                       "Wait for it to end, or pass another --out")
+            self.out_lock.acquire()
+            (self.out / MARKER).write_text("made by knnvq-study; a rerun skips the finished points\n")
+        except FolderInUseError as error:
+            raise StudyError(str(error)) from None
+        except OSError as error:
+            raise StudyError(f"--out {self.out} cannot be written ({error.strerror or error}): pass a folder "
+                             "you can write to, or fix its permissions") from None
         fairseq_hydra_train()
+
+    def release(self) -> None:
+        """Gives up ``--out`` (:meth:`check` takes it; the process's exit also does this)."""
+        lock = getattr(self, "out_lock", None)
+        if lock is not None:
+            lock.release()
 
     def compose_check(self, progress: Progress) -> None:
         """Composes every config with the grid's first values (``--cfg job``): a key that
@@ -296,9 +336,14 @@ class Study:
 
     def run_point(self, point: Point, index: int, total: int, progress: Progress) -> dict:
         run_dir = point.folder(self.out)
-        if run_dir.exists():
-            shutil.rmtree(run_dir)  # a half-done run of an earlier attempt
         cmd = self.command(point)
+        if progress.stopping:
+            raise StudyError(f"[{index}/{total}] {point.label}: not started ({progress.stopping} received)")
+        command_file = run_dir / "command.txt"
+        if run_dir.exists() and not (command_file.is_file() and command_file.read_text(encoding="utf-8") == " ".join(cmd) + "\n"):
+            shutil.rmtree(run_dir)  # a run of another command: start again
+        # A run of the same command (stopped by a signal, or failed) resumes from its
+        # checkpoint_last.pt: fairseq's resume.
         started = time.monotonic()
         tag = f"[{index}/{total}] {point.label}"
         progress(f"{tag}: started (log {run_dir / 'console.log'})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -111,6 +112,9 @@ def make_launcher(args: argparse.Namespace) -> Optional[study_launchers.SlurmLau
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     progress = study.Progress()
+    for name in ("SIGTERM", "SIGUSR1"):  # a cluster's preemption: the runs save and stop
+        signal.signal(getattr(signal, name), lambda signum, frame: progress.forward_signal(signum))
+    runner = None
     try:
         runner = make_study(args)
         runner.check()
@@ -122,6 +126,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print()
             print(table, flush=True)
             progress(f"wrote {runner.out / 'summary.md'}, summary.csv, runs.csv and plots/")
+        if progress.stopping:
+            from fairseq_knnvq.tasks.run_folder import PREEMPTED_EXIT_STATUS
+
+            print(f"knnvq-study: stopped by {progress.stopping}; the runs in progress saved their "
+                  "checkpoint_last.pt: rerun the same command to continue them", file=sys.stderr)
+            return PREEMPTED_EXIT_STATUS
         if failures:
             print(f"knnvq-study: {len(failures)} run(s) failed; rerun the same command to retry them "
                   "(finished runs are skipped)", file=sys.stderr)
@@ -132,6 +142,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("knnvq-study: interrupted; rerun the same command to continue", file=sys.stderr)
         return 130
+    finally:
+        if runner is not None:
+            runner.release()
     return 0
 
 
