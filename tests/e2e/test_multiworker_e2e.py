@@ -69,6 +69,10 @@ def test_two_cpu_workers_train_with_global_knn(tiny_manifests, tmp_path):
     for record in updates:
         assert record["loss_2"] == pytest.approx(KNN_WEIGHT * record["knn_loss"] / math.log(2), abs=2e-3)
         assert record["knn_loss"] > 20 * 2e-3  # so the comparison above is not between two zeros
+        # Global KNN: each worker's search chose from the masked frames of both workers,
+        # which is fairseq's ntokens summed over the workers.
+        assert record["knn_rows"] == pytest.approx(record["ntokens"], abs=1e-3)
+        assert record["knn_rows_per_vertex"] == pytest.approx(record["ntokens"] / (8 * 32), abs=1e-3)
     # validation ran the exchange on every batch, dummy batches included, without a deadlock
     assert last_record(records, "valid")["valid_knn_loss"] > 0
 
