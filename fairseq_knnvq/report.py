@@ -43,6 +43,7 @@ DEFAULT_METRICS: Dict[str, str] = {
     "temp": "Gumbel temperature",
     "loss": "loss (bits)",
     "accuracy": "contrastive accuracy",
+    "psnr": "PSNR (dB)",
     "wer": "WER (%)",
     "uer": "UER (%)",
 }

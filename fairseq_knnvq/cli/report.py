@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="label of a run, once per run in the same order (default: folder name)")
     curves.add_argument("--metrics", default=None,
                         help="comma-separated metrics to plot, e.g. loss_0,loss_1 (default: the "
-                             "code-usage metrics, losses and temperature that the logs contain)")
+                             "code-usage metrics, losses, temperature, WER and PSNR that the logs contain)")
     curves.add_argument("--out", type=Path, required=True, help="folder for the PNGs and tables")
 
     codes = sub.add_parser("codes", help="histogram of code counts per group from a checkpoint")
