@@ -4,10 +4,11 @@ must be: the group-norm feature encoder runs its first block per utterance, see
 ``fairseq_knnvq.evaluation.speech.padding_blind_features``).
 
     python benchmarks/bench_decoding.py CHECKPOINT --data DIR --subset test \\
-        [--batch-sizes 1,4,16] [--max-tokens 1600000] [--repeats 3] [--device cpu]
+        [--batch-sizes 1,4,16] [--max-tokens 1600000] [--repeats 3] [--warmup 1] [--device cpu]
 
-The model is loaded once (as ``knnvq-infer`` loads it); every batching decodes the whole
-subset ``--repeats`` times and the median wall time counts. Writes
+The model is loaded once (as ``knnvq-infer`` loads it) and decodes the subset
+``--warmup`` times untimed; then every batching decodes the whole subset ``--repeats``
+times and the median wall time counts. Writes
 ``benchmarks/results/decoding.json`` (``--output`` to change).
 """
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=infer_ctc.DEFAULT_MAX_TOKENS,
                         help="also decode with this many samples per batch (knnvq-infer's default); 0: skip")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed decodes of the subset first")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--output", type=Path, default=Path(HERE) / "results" / "decoding.json")
     args = parser.parse_args()
@@ -53,6 +55,8 @@ def main() -> None:
     if args.max_tokens:
         batchings[f"max_tokens={args.max_tokens}"] = Batching(args.max_tokens, None, 1)
     results, hypotheses = {}, {}
+    for _ in range(args.warmup):
+        decode_subset(model, task, args.subset, next(iter(batchings.values())), args.device, False)
     for name, batching in batchings.items():
         seconds = []
         for _ in range(args.repeats):
@@ -68,7 +72,8 @@ def main() -> None:
     record = {
         "checkpoint": str(args.checkpoint.resolve()), "subset": args.subset,
         "utterances": len(hypotheses[baseline]), "device": args.device,
-        "torch_threads": torch.get_num_threads(), "repeats": args.repeats, "results": results,
+        "torch_threads": torch.get_num_threads(), "repeats": args.repeats, "warmup": args.warmup,
+        "command": " ".join(sys.argv), "results": results,
     }
     atomic_write_text(args.output, json.dumps(record, indent=2) + "\n")
     print(json.dumps(record["results"], indent=2))

@@ -4,6 +4,10 @@
   (fairseq-free);
 - :mod:`.image`: a ``vq_image_autoencoder`` checkpoint on an image folder
   (``knnvq-eval-image``);
-- :mod:`.speech`: greedy CTC decoding and word / character error rates
-  (``knnvq-infer``).
+- :mod:`.speech`: CTC decoding that does not depend on the batch, greedy decoding and
+  word / character error rates (``knnvq-infer``);
+- :mod:`.beam_search`: CTC beam search with a KenLM n-gram LM (flashlight-text,
+  ``knnvq-infer --lm``);
+- :mod:`.ngram`: an n-gram LM from transcripts as an ARPA file (``knnvq-ngram-lm``);
+- :mod:`.wer_table`: WER tables in the wav2vec 2.0 paper's layout (``knnvq-wer-table``).
 """
