@@ -27,6 +27,8 @@ from hydra.errors import CompactHydraException
 RECIPE_SUFFIX = "_recipe"
 # The manifest of an audio split is <task.data>/<split>.tsv (fairseq's audio tasks).
 MANIFEST_SUFFIX = ".tsv"
+# fairseq's audio tasks and the plugin's: task.data holds a <split>.tsv manifest per split.
+AUDIO_TASKS = ("audio_pretraining", "audio_finetuning", "audio_pretraining_knnvq", "audio_finetuning_knnvq")
 # The split a message suggests for an option, when exactly one split's name has one of these.
 LIKELY_SPLIT_WORDS = {"train_subset": ("train",), "valid_subset": ("valid", "dev")}
 

@@ -24,6 +24,15 @@ own ``hydra_main`` with every command-line argument passed through (``-m``, ``--
   class does not have is an error naming it.
 - ``common.user_dir`` is set to this installed plugin unless given, so the plugin is
   the one imported here (fairseq refuses a second ``fairseq_knnvq`` from another path).
+- Before hydra runs (so before it makes a run folder): a ``--config-name`` missing from
+  ``--config-dir`` is an error listing that folder's configs, and an override (``+``
+  too) of a field the schema lacks names the nearest fields ("did you mean
+  model.knn_k?"). Before fairseq builds the model, an audio run's ``task.data`` must
+  hold every split it reads (:mod:`fairseq_knnvq.preflight`). These errors, and the
+  plugin's own checks inside the run (:class:`~fairseq_knnvq.preflight.RunConfigError`),
+  end the process with one ``knnvq-train: error: ...`` line and status 1.
+- Known-harmless warnings of hydra, torch and fairseq are silenced
+  (:mod:`fairseq_knnvq.quiet_logs`).
 
 ``fairseq-hydra-train ... common.user_dir=$(python -m fairseq_knnvq)`` keeps working
 unchanged; this is a convenience, not a fork.
@@ -36,6 +45,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fairseq_knnvq import quiet_logs
 from fairseq_knnvq.preflight import (
+    AUDIO_TASKS,
     PreflightError,
     RunConfigError,
     audio_splits_of,
@@ -46,8 +56,6 @@ from fairseq_knnvq.preflight import (
 
 # FairseqConfig fields whose value is a registered class chosen by ``_name``.
 GROUPS = ("task", "model", "criterion", "optimizer", "lr_scheduler", "scoring", "bpe", "tokenizer")
-# fairseq's audio tasks and the plugin's: task.data holds <split>.tsv manifests.
-AUDIO_TASKS = ("audio_pretraining", "audio_finetuning", "audio_pretraining_knnvq", "audio_finetuning_knnvq")
 
 
 class LaunchError(Exception):
@@ -186,17 +194,36 @@ def store_schema(config_name: str, chosen: Dict[str, Optional[str]]) -> List[str
     return typed
 
 
-def check_override_keys(overrides: Sequence[str], chosen: Dict[str, Optional[str]]) -> None:
-    """Raises :class:`LaunchError` for an override (also a ``+`` one) of a field that the
-    schema does not have, with the nearest valid names: hydra would refuse it after
-    creating nothing but suggest ``+KEY``, and fairseq then fails on ``+KEY`` with a
-    ``ConfigKeyError`` after hydra made the run folder."""
+def key_problems(overrides: Sequence[str], chosen: Dict[str, Optional[str]]) -> List[str]:
+    """One message per override of a field that the schema lacks (see
+    :func:`fairseq_knnvq.preflight.unknown_override_keys`)."""
     from omegaconf import DictConfig
 
     schema, _, classes = build_schema(chosen)
     fields = {section: (list(node.keys()) if isinstance(node, DictConfig) else None)
               for section, node in ((s, schema.get(s)) for s in schema.keys())}
-    messages = unknown_override_keys(overrides, fields, classes)
+    return unknown_override_keys(overrides, fields, classes)
+
+
+def override_problems(config_dir: Path, config_name: str, overrides: Sequence[str]) -> List[str]:
+    """:func:`key_problems` of ``overrides`` for one config of ``config_dir`` (imports
+    fairseq and registers the plugin): knnvq-study's hint when a config does not compose."""
+    import fairseq  # noqa: F401
+
+    import fairseq_knnvq
+
+    fairseq_knnvq.register_with_fairseq()
+    names, in_defaults = read_primary(primary_config_path(str(config_dir), config_name))
+    _, chosen = rewrite_overrides(list(overrides), list(overrides), names, in_defaults)
+    return key_problems(overrides, chosen)
+
+
+def check_override_keys(overrides: Sequence[str], chosen: Dict[str, Optional[str]]) -> None:
+    """Raises :class:`LaunchError` for an override (also a ``+`` one) of a field that the
+    schema does not have, with the nearest valid names: hydra would refuse it after
+    creating nothing but suggest ``+KEY``, and fairseq then fails on ``+KEY`` with a
+    ``ConfigKeyError`` after hydra made the run folder."""
+    messages = key_problems(overrides, chosen)
     if messages:
         raise LaunchError("; ".join(messages) + ". knnvq-train --config-dir DIR --config-name NAME --cfg job "
                           "prints every field of the composed config")
