@@ -91,8 +91,16 @@ def fairseq_model(checkpoint: Path):
 @pytest.mark.slow
 def test_pretraining_export_computes_what_fairseq_computes(pretrained, data, tmp_path):
     out = tmp_path / "hf_pretrained"
+    killed = tmp_path / ".hf_pretrained.0a1b2c3d.partial"  # what an export killed by SIGKILL leaves
+    killed.mkdir()
+    (killed / "model.safetensors").write_bytes(b"half")
     result = run_cli(str(pretrained), str(out))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert f"removing {killed}, left by an interrupted export" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_pretrained"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o666 & ~umask for p in out.iterdir()}
     assert "Wav2Vec2ForPreTraining" in result.stdout
     assert "checked against the fairseq model" in result.stdout  # the CLI's own read-back check
     assert {"config.json", "model.safetensors", "preprocessor_config.json"} <= {p.name for p in out.iterdir()}
