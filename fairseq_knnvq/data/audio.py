@@ -34,8 +34,6 @@ from .image_folder import MAX_REPLACEMENT_TRIES
 NON_FINITE_REASON = "non-finite samples (NaN or inf)"
 
 
-
-
 def audio_path(dataset: FairseqDataset, index: int) -> str:
     """The file behind item ``index`` of a (possibly wrapped) ``FileAudioDataset``;
     ``"item <index>"`` when the dataset keeps no file names."""
@@ -89,8 +87,7 @@ class ReplaceUnreadableDataset(BaseWrapperDataset):
     """
 
     def __init__(
-        self, dataset: FairseqDataset, seed: Optional[int] = None, training: bool = True,
-        manifest: Optional[str] = None,
+        self, dataset: FairseqDataset, seed: Optional[int] = None, training: bool = True, manifest: Optional[str] = None
     ):
         super().__init__(dataset)
         # The manifest the items come from, named when a file disagrees with its line.
