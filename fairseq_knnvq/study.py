@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import report
+from . import preflight, report
 from .files import atomic_write_text
 from .folder_lock import FolderInUseError, FolderLock
 from .verdict import COLLAPSED, FULL_USE, TIGHT, verdict  # noqa: F401 (the study's verdict column)
@@ -56,6 +56,8 @@ DEFAULT_METRICS = {
               "pooled_prob_perplexity", "tightness_max_prob", "psnr"),
 }
 RESULT_FILE = "result.json"
+# The image task, whose data folder holds a folder (or a file list) per split.
+IMAGE_TASKS = ("image_autoencoding",)
 MARKER = ".knnvq-study"
 # Held while a study runs: a second knnvq-study into the same --out stops.
 STUDY_LOCK = "study.lock"
@@ -277,8 +279,9 @@ class Study:
         missing = [c for c in self.configs if not (self.config_dir / f"{c}.yaml").is_file()]
         if missing:
             # <scale>_recipe.yaml files hold the settings the variants share; not listed
-            found = sorted(p.stem for p in self.config_dir.glob("*.yaml") if not p.stem.endswith("_recipe"))
-            raise StudyError(f"no config {', '.join(missing)} in {self.config_dir} (there: {', '.join(found)})")
+            found = preflight.variant_configs(self.config_dir)
+            close = "".join(preflight.did_you_mean(name, found) for name in missing)
+            raise StudyError(f"no config {', '.join(missing)} in {self.config_dir}{close} (there: {', '.join(found)})")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise StudyError("--seeds needs distinct integers, e.g. --seeds 1,2,3")
         if self.jobs < 1 or self.threads < 1:
@@ -310,21 +313,69 @@ class Study:
 
     def compose_check(self, progress: Progress) -> None:
         """Composes every config with the grid's first values (``--cfg job``): a key that
-        hydra does not know stops the study here, with hydra's message, not after hours."""
+        hydra does not know stops the study here (with the nearest valid names), not after
+        hours; then checks that the data folder holds every split the composed config
+        reads (:meth:`check_data`)."""
         def compose(config: str) -> Tuple[str, subprocess.CompletedProcess]:
             point = Point(config, tuple((k, v[0]) for k, v in self.grid), self.seeds[0])
             cmd = self.command(point) + ["--cfg", "job"]
-            return config, subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            return config, subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                           cwd=self.out, env=dict(os.environ, OMP_NUM_THREADS="1"))
 
         progress(f"checking that {len(self.configs)} config(s) compose with the grid's overrides")
+        overrides = self.fixed + [k + "=" + v[0] for k, v in self.grid]
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) as pool:
             for config, result in pool.map(compose, self.configs):
                 if result.returncode != 0:
-                    message = result.stdout.strip().splitlines()
-                    raise StudyError(f"config {config} does not compose with "
-                                     f"{' '.join(self.fixed + [k + '=' + v[0] for k, v in self.grid])}:\n"
-                                     + "\n".join(message[-8:]))
+                    message = (result.stdout + result.stderr).strip().splitlines()
+                    raise StudyError(f"config {config} does not compose with {' '.join(overrides)}:\n"
+                                     + "\n".join(message[-8:]) + self.nearest_fields(config, overrides))
+                self.check_data(config, result.stdout)
+
+    def nearest_fields(self, config: str, overrides: Sequence[str]) -> str:
+        """For a compose failure: the overrides whose field the config lacks, with the
+        nearest valid names (knnvq-train's check), as extra lines of the message."""
+        from .cli.train import override_problems
+
+        try:
+            problems = override_problems(self.config_dir, config, overrides)
+        except Exception:  # the check is a hint; hydra's message above stands alone
+            return ""
+        return "".join(f"\n{problem}" for problem in problems)
+
+    def check_data(self, config: str, job_yaml: str) -> None:
+        """The data folder of a composed config (``--cfg job`` output) holds the splits it
+        reads: ``<split>.tsv`` manifests for the audio tasks, image folders or file lists
+        for the image task."""
+        import yaml
+
+        from . import preflight
+
+        try:
+            job = yaml.safe_load(job_yaml)
+        except yaml.YAMLError:
+            return  # not a config printout; the runs report their own errors
+        if not isinstance(job, dict):
+            return
+        task, dataset = job.get("task") or {}, job.get("dataset") or {}
+        data = task.get("data")
+        if not isinstance(data, str) or "${" in data:
+            return
+        splits = preflight.audio_splits_of(dataset)
+        if task.get("_name") in preflight.AUDIO_TASKS:
+            try:
+                preflight.check_manifest_splits(Path(data), splits)
+            except preflight.RunConfigError as error:
+                raise StudyError(f"config {config}: {error}") from None
+        elif task.get("_name") in IMAGE_TASKS:
+            from .data.image_folder import find_split
+
+            for names in splits.values():
+                for split in names:
+                    try:
+                        find_split(data, split)
+                    except FileNotFoundError as error:
+                        raise StudyError(f"config {config}: {error}") from None
 
     def finished(self, point: Point) -> Optional[dict]:
         path = point.folder(self.out) / RESULT_FILE
@@ -423,7 +474,9 @@ def aggregate(results: Sequence[dict], grid_keys: Sequence[str], metrics: Sequen
         groups.setdefault(key, []).append(result)
     rows = []
     for key, members in groups.items():
-        row = {"config": key[0], "grid": dict(zip(grid_keys, key[1:])), "seeds": sorted(m["seed"] for m in members)}
+        members = sorted(members, key=lambda m: m["seed"])
+        row = {"config": key[0], "grid": dict(zip(grid_keys, key[1:])), "seeds": [m["seed"] for m in members],
+               "verdicts": [verdict(m["metrics"]) for m in members]}
         for metric in metrics:
             values = [m["metrics"][metric] for m in members if metric in m["metrics"]]
             row[metric] = {
@@ -445,18 +498,35 @@ def _format_mean_sd(metric: str, stats: dict) -> str:
     return text
 
 
+def seed_verdicts(verdicts: Sequence[str]) -> str:
+    """The :func:`verdict` of each seed's run, in one cell: the verdict when all seeds
+    agree, else each verdict with its count, most seeds first (``"full use, tight in 1 of
+    2 seeds; partial use: 58 of 64 codes in 1 of 2 seeds"``)."""
+    judged = [v for v in verdicts if v != "-"]
+    if not judged:
+        return "-"
+    counts: Dict[str, int] = {}
+    for words in judged:
+        counts[words] = counts.get(words, 0) + 1
+    if len(counts) == 1:
+        return judged[0]
+    ranked = sorted(counts.items(), key=lambda item: (-item[1], judged.index(item[0])))
+    return "; ".join(f"{words} in {n} of {len(judged)} seeds" for words, n in ranked)
+
+
 def markdown_summary(rows: Sequence[dict], grid_keys: Sequence[str], metrics: Sequence[str]) -> str:
-    """The summary table; with usage and tightness among the metrics, a last column gives
-    the :func:`verdict` of the means."""
+    """The summary table; with usage among the metrics, a last column gives the
+    :func:`verdict` of every seed's run (:func:`seed_verdicts`): a mean can hide a seed
+    whose codebook collapsed."""
     judged = "code_usage" in metrics
-    header = ["config", *grid_keys, "seeds", *metrics] + (["verdict (means)"] if judged else [])
+    header = ["config", *grid_keys, "seeds", *metrics] + (["verdict (per seed)"] if judged else [])
     lines = ["| " + " | ".join(header) + " |",
              "|---|" + "---|" * len(grid_keys) + "---:|" * (len(metrics) + 1) + ("---|" if judged else "")]
     for row in rows:
         cells = [row["config"], *(str(row["grid"][k]) for k in grid_keys), str(len(row["seeds"]))]
         cells += [_format_mean_sd(m, row[m]) for m in metrics]
         if judged:
-            cells.append(verdict({m: row[m]["mean"] for m in metrics if row[m]["n"]}))
+            cells.append(seed_verdicts(row["verdicts"]))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -468,10 +538,44 @@ def _as_number(value: str) -> Optional[float]:
         return None
 
 
+def write_config_plots(rows: Sequence[dict], metrics: Sequence[str], folder: Path) -> List[Path]:
+    """``<metric>_by_config.png``: one point per row (config, and the grid values when
+    there are any), the mean over seeds with the standard deviation as bars; for a
+    study without a swept grid key."""
+    plt = report.pyplot()
+    written = []
+    labels = [row["config"] + "".join(f"\n{k.split('.')[-1]}={v}" for k, v in row["grid"].items()) for row in rows]
+    for metric in metrics:
+        shown = [(i, row) for i, row in enumerate(rows) if row[metric]["n"]]
+        if not shown:
+            continue
+        fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 4.0))
+        try:
+            for i, row in shown:
+                ax.errorbar([i], [row[metric]["mean"]], yerr=[row[metric]["sd"]], marker="o", capsize=4,
+                            color=f"C{i % 10}", linestyle="none")
+            ax.set_xticks(range(len(rows)))
+            ax.set_xticklabels(labels, fontsize=8)
+            ax.set_xlim(-0.5, len(rows) - 0.5)
+            ax.set_ylabel(metric)
+            ax.set_title(f"{metric} (final validation; mean ± sd over seeds)")
+            ax.grid(alpha=0.3, axis="y")
+            path = folder / f"{metric}_by_config.png"
+            report.save_figure(fig, path)
+            written.append(path)
+        finally:
+            plt.close(fig)
+    return written
+
+
 def write_plots(rows: Sequence[dict], grid_keys: Sequence[str], metrics: Sequence[str], folder: Path) -> List[Path]:
     """``<metric>_vs_<key>.png`` for every grid key with at least two values: one line per
     config and values of the other grid keys, the standard deviation over seeds as bars.
-    Numeric values go on a numeric axis (log scale when they span a factor of 8 or more)."""
+    Numeric values go on a numeric axis (log scale when they span a factor of 8 or more).
+    Without such a key, :func:`write_config_plots` (one point per config)."""
+    swept = [key for key in grid_keys if len({row["grid"][key] for row in rows}) >= 2]
+    if not swept:
+        return write_config_plots(rows, metrics, folder)
     plt = report.pyplot()
     written = []
     for key in grid_keys:
@@ -524,8 +628,10 @@ def write_plots(rows: Sequence[dict], grid_keys: Sequence[str], metrics: Sequenc
     return written
 
 
-def write_summaries(results: Sequence[dict], grid_keys: Sequence[str], metrics: Sequence[str], out: Path) -> str:
-    """runs.csv, summary.csv, summary.md and plots/; returns the Markdown table."""
+def write_summaries(results: Sequence[dict], grid_keys: Sequence[str], metrics: Sequence[str], out: Path,
+                    written: Optional[List[Path]] = None) -> str:
+    """runs.csv, summary.csv, summary.md and plots/; returns the Markdown table. The
+    paths of the files written are appended to ``written`` when given."""
     runs_rows = [["config", *grid_keys, "seed", *metrics]]
     for r in results:
         runs_rows.append([r["config"], *(r["grid"].get(k, "") for k in grid_keys), r["seed"],
@@ -539,5 +645,7 @@ def write_summaries(results: Sequence[dict], grid_keys: Sequence[str], metrics: 
     atomic_write_text(out / "summary.csv", _csv(summary_rows))
     table = markdown_summary(rows, grid_keys, metrics)
     atomic_write_text(out / "summary.md", table)
-    write_plots(rows, grid_keys, metrics, out / "plots")
+    plots = write_plots(rows, grid_keys, metrics, out / "plots")
+    if written is not None:
+        written += [out / "runs.csv", out / "summary.csv", out / "summary.md", *plots]
     return table

@@ -82,8 +82,9 @@ def make_study(args: argparse.Namespace) -> study.Study:
         if key in dict(grid):
             raise study.StudyError(f"{key} is both in --set and in --grid: keep one")
         fixed.append(f"{key}={value}")
-    if not args.data.exists():
-        raise study.StudyError(f"--data {args.data} does not exist: pass the manifest folder (speech; "
+    if not args.data.is_dir() or not any(args.data.iterdir()):
+        what = "is empty" if args.data.is_dir() else "is not a folder" if args.data.exists() else "does not exist"
+        raise study.StudyError(f"--data {args.data} {what}: pass the manifest folder (speech; "
                                "knnvq-prepare-librispeech writes one) or the image folder (image)")
     fixed.insert(0, f"task.data={args.data.resolve()}")
     return study.Study(
@@ -122,10 +123,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             runner.compose_check(progress)
         results, failures = runner.run(progress)
         if results:
-            table = study.write_summaries(results, [k for k, _ in runner.grid], runner.metrics, runner.out)
+            written: list = []
+            table = study.write_summaries(results, [k for k, _ in runner.grid], runner.metrics, runner.out, written)
             print()
             print(table, flush=True)
-            progress(f"wrote {runner.out / 'summary.md'}, summary.csv, runs.csv and plots/")
+            tables = [p.name for p in written if p.parent == runner.out]
+            plots = [p.name for p in written if p.parent != runner.out]
+            progress(f"wrote {', '.join(tables)} in {runner.out}"
+                     + (f" and {len(plots)} plot(s) in {runner.out / 'plots'}: {', '.join(plots)}" if plots
+                        else "; no plot (no metric was logged)"))
         if progress.stopping:
             from fairseq_knnvq.tasks.run_folder import PREEMPTED_EXIT_STATUS
 
