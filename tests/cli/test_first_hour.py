@@ -37,7 +37,7 @@ def prepared(tmp_path_factory) -> Path:
 
     dest = tmp_path_factory.mktemp("prepared")
     prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "dev=dev",
-                              "--split", "test=test", "--no-progress"])
+                              "--split", "test=test", "--no-progress", "--workers", "1"])
     return dest
 
 
@@ -125,3 +125,149 @@ def test_help_names_each_default_once(module):
         assert help_text.count("(default:") <= 1, (action.dest, help_text)
         if action.default not in (None, False, "==SUPPRESS==") and "default" not in (action.help or "").lower():
             assert help_text.endswith("(default: %(default)s)"), action.dest  # argparse fills in the value
+
+
+# -- knnvq-study --------------------------------------------------------------------------
+
+def study_args(data: Path, out: Path, *extra: str):
+    return ["--task", "speech", "--config-dir", str(CONFIG_DIR / "pretraining"), "--configs", "tiny_knn_ce",
+            "--data", str(data), "--out", str(out), "--seeds", "1", "--jobs", "1", *extra]
+
+
+def test_an_empty_data_folder_stops_a_study_before_any_run(tmp_path, capsys):
+    from fairseq_knnvq.cli import study as study_cli
+
+    (tmp_path / "empty").mkdir()
+    assert study_cli.main(study_args(tmp_path / "empty", tmp_path / "out")) == 2
+    assert f"--data {tmp_path / 'empty'} is empty" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_data_folder_without_the_configs_splits_stops_a_study(prepared, tmp_path, capsys):
+    """The compose check reads the splits of the composed config: valid.tsv is missing."""
+    from fairseq_knnvq.cli import study as study_cli
+
+    assert study_cli.main(study_args(prepared, tmp_path / "out")) == 2
+    err = capsys.readouterr().err
+    assert (f"config tiny_knn_ce: dataset.valid_subset=valid, but task.data {prepared} has no valid.tsv; its "
+            "splits: dev, test, train. Add dataset.valid_subset=dev") in err
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_an_image_folder_without_images_stops_a_study(tmp_path):
+    """check_data on the composed config (the dict that ``--cfg job`` prints)."""
+    import yaml
+
+    from fairseq_knnvq import study
+
+    data = tmp_path / "images"
+    (data / "train" / "cat").mkdir(parents=True)
+    (data / "train" / "cat" / "notes.txt").write_text("no image here")
+    runner = study.Study(config_dir=CONFIG_DIR / "image", configs=["tiny_knn_ce"], grid=[], seeds=[1],
+                         out=tmp_path / "out", fixed=[], metrics=["psnr"])
+    job = {"task": {"_name": "image_autoencoding", "data": str(data)},
+           "dataset": {"train_subset": "train", "valid_subset": "valid", "disable_validation": False}}
+    with pytest.raises(study.StudyError) as raised:
+        runner.check_data("tiny_knn_ce", yaml.safe_dump(job))
+    assert str(raised.value).startswith(f"config tiny_knn_ce: split 'train': folder '{data / 'train'}' holds no "
+                                        "image file")
+
+
+def test_a_misspelt_grid_key_names_the_nearest_field(tmp_path):
+    """The hint that knnvq-study adds to hydra's message when a config does not compose."""
+    from fairseq_knnvq import study
+
+    runner = study.Study(config_dir=CONFIG_DIR / "pretraining", configs=["tiny_knn_ce"], grid=[], seeds=[1],
+                         out=tmp_path / "out", fixed=[], metrics=["loss"])
+    assert runner.nearest_fields("tiny_knn_ce", ["task.data=/d", "model.knn_kk=1", "common.seed=1"]) == (
+        "\nmodel.knn_kk=1: model (Wav2Vec2KnnVqConfig) has no field 'knn_kk' (did you mean model.knn_k?)")
+
+
+def seed_results():
+    """Two configs x two seeds of final validation metrics; the diversity seeds disagree."""
+    def metrics(used, total, max_p):
+        return {"code_usage": used / total, "used_codes": float(used), "tightness_max_prob": max_p, "loss": 5.0 + used / 100}
+
+    return [
+        {"config": "tiny_diversity", "grid": {}, "seed": 1, "metrics": metrics(64, 64, 0.9)},
+        {"config": "tiny_diversity", "grid": {}, "seed": 2, "metrics": metrics(58, 64, 0.9)},
+        {"config": "tiny_knn_ce", "grid": {}, "seed": 1, "metrics": metrics(64, 64, 0.95)},
+        {"config": "tiny_knn_ce", "grid": {}, "seed": 2, "metrics": metrics(63, 64, 0.96)},
+    ]
+
+
+def test_the_verdict_column_shows_disagreement_between_seeds():
+    from fairseq_knnvq import study
+
+    results = seed_results()
+    rows = study.aggregate(results, [], ["code_usage", "used_codes", "tightness_max_prob"])
+    table = study.markdown_summary(rows, [], ["code_usage", "used_codes", "tightness_max_prob"])
+    per_seed = {(r["config"], r["seed"]): study.verdict(r["metrics"]) for r in results}
+    assert per_seed[("tiny_diversity", 1)] != per_seed[("tiny_diversity", 2)]  # else the case is not tested
+    diversity_line = next(line for line in table.splitlines() if line.startswith("| tiny_diversity"))
+    assert diversity_line.endswith(f"| {per_seed[('tiny_diversity', 1)]} in 1 of 2 seeds; "
+                                   f"{per_seed[('tiny_diversity', 2)]} in 1 of 2 seeds |")
+    # the mean alone (0.953 of the codes) would read as full use
+    assert study.verdict({m: rows[0][m]["mean"] for m in ("code_usage", "used_codes", "tightness_max_prob")}) \
+        == per_seed[("tiny_diversity", 1)]
+    knn_line = next(line for line in table.splitlines() if line.startswith("| tiny_knn_ce"))
+    assert per_seed[("tiny_knn_ce", 1)] == per_seed[("tiny_knn_ce", 2)]
+    assert knn_line.endswith(f"| {per_seed[('tiny_knn_ce', 1)]} |")
+    assert "verdict (per seed)" in table.splitlines()[0]
+
+
+def test_a_study_without_a_grid_plots_one_point_per_config(tmp_path, monkeypatch):
+    """Each config's mean and standard deviation over seeds, drawn as one error bar."""
+    import statistics
+
+    from fairseq_knnvq import report, study
+
+    drawn = {}
+    save = report.save_figure
+
+    def keep(fig, path):
+        (ax,) = fig.axes  # one ErrorbarContainer per config: (data line, caps, bar segments)
+        drawn[path.name] = [[(line.get_ydata()[0], bar) for line in [container.lines[0]]
+                             for bar in [container.lines[2][0].get_segments()[0]]] for container in ax.containers]
+        save(fig, path)
+
+    monkeypatch.setattr(report, "save_figure", keep)
+    results = seed_results()
+    written = []
+    study.write_summaries(results, [], ["code_usage", "loss"], tmp_path, written)
+    assert [p.relative_to(tmp_path).as_posix() for p in written] == [
+        "runs.csv", "summary.csv", "summary.md", "plots/code_usage_by_config.png", "plots/loss_by_config.png"]
+    assert all(p.is_file() and p.stat().st_size > 0 for p in written)
+    for config_index, config in enumerate(("tiny_diversity", "tiny_knn_ce")):
+        values = [r["metrics"]["loss"] for r in results if r["config"] == config]
+        ((mean, segment),) = drawn["loss_by_config.png"][config_index]
+        assert mean == pytest.approx(statistics.fmean(values), abs=1e-12)
+        (x0, low), (x1, high) = segment
+        assert x0 == x1 == config_index
+        assert (high - low) / 2 == pytest.approx(statistics.stdev(values), abs=1e-12)
+
+
+# -- knnvq-report --------------------------------------------------------------------------
+
+def test_report_curves_plot_psnr_in_db_for_image_runs(tmp_path, monkeypatch):
+    from fairseq_knnvq import report
+
+    lines = [
+        '[2026-01-01 10:00:00,000][train_inner][INFO] - {"epoch": 1, "update": 0.5, "loss": "0.31", "psnr": "14.2", "num_updates": "10"}',
+        '[2026-01-01 10:00:01,000][valid][INFO] - {"epoch": 1, "valid_loss": "0.30", "valid_psnr": "14.6", "valid_num_updates": "10"}',
+        '[2026-01-01 10:00:02,000][train_inner][INFO] - {"epoch": 1, "update": 1.0, "loss": "0.21", "psnr": "16.1", "num_updates": "20"}',
+        '[2026-01-01 10:00:03,000][valid][INFO] - {"epoch": 1, "valid_loss": "0.20", "valid_psnr": "16.9", "valid_num_updates": "20"}',
+    ]
+    run = report.parse_log_lines(lines, name="image")
+    assert "psnr" in report.metrics_to_plot([run])
+    labels = {}
+    save = report.save_figure
+
+    def keep(fig, path):
+        (ax,) = fig.axes
+        labels[path.name] = (ax.get_ylabel(), [list(line.get_ydata()) for line in ax.get_lines()])
+        save(fig, path)
+
+    monkeypatch.setattr(report, "save_figure", keep)
+    report.write_curves_report([run], tmp_path)
+    assert labels["psnr.png"] == ("PSNR (dB)", [[14.2, 16.1], [14.6, 16.9]])
