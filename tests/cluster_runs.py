@@ -15,6 +15,8 @@ from fairseq_run import CONFIG_DIR, console_script
 # workers, saving (and so validating) every SAVE_EVERY updates.
 UPDATES = 8
 SAVE_EVERY = 2
+# The validation subset (prepared_data has train and dev): the logger of its records.
+VALID = "dev"
 # Keys of fairseq's log records that measure time, not the computation.
 TIMING_KEYS = ("wps", "ups", "wall", "train_wall", "gb_free")
 
@@ -28,7 +30,7 @@ def free_port() -> int:
 def pretraining_overrides(data: Path) -> List[str]:
     """The tiny_knn_ce run of every cluster test: 2 workers (gloo), global KNN."""
     return [
-        f"task.data={data}", "dataset.valid_subset=dev", "common.log_interval=1",
+        f"task.data={data}", f"dataset.valid_subset={VALID}", "common.log_interval=1",
         f"optimization.max_update={UPDATES}", f"checkpoint.save_interval_updates={SAVE_EVERY}",
         "model.knn_global=true", "distributed_training.distributed_world_size=2",
         "distributed_training.distributed_backend=gloo",
