@@ -199,7 +199,7 @@ def _hydra_origin() -> Dict[str, Any]:
 
 
 def _describe(record: Dict[str, Any]) -> str:
-    name = record.get("config_name") or "a run"
+    name = record.get("config_name") or "a run without a config name (not started by hydra)"
     overrides = [o for o in record.get("overrides", []) if not o.split("=", 1)[0].lstrip("+~") in _PATH_OVERRIDES]
     return f"{name}" + (f" ({' '.join(overrides)})" if overrides else "")
 
@@ -219,9 +219,13 @@ def _read_checkpoint_cfg(path: Path) -> Optional[Dict[str, Any]]:
 
 
 def check_same_run(folder: Path, cfg: Any, last: Optional[Path]) -> Dict[str, Any]:
-    """Raises :class:`RunFolderError` when ``folder`` holds a run of other options than
-    ``cfg``; returns the record of this run (to write when the folder has none)."""
+    """Raises :class:`RunFolderError` when ``folder`` holds checkpoints of a run of other
+    options than ``cfg``; returns the record of this run (to write when the folder has
+    none, or no checkpoints: its ``run.json`` is then of a run that saved nothing, or
+    whose checkpoints were moved away)."""
     current = {**_hydra_origin(), "identity": run_identity(cfg)}
+    if not checkpoint_candidates(folder, exclude=None):
+        return current
     record_path = folder / RUN_RECORD
     recorded: Optional[Dict[str, Any]] = None
     source = str(record_path)
@@ -265,7 +269,7 @@ def atomic_copy(source, target) -> None:
         _fsync(partial)
 
 
-def checkpoint_candidates(folder: Path, exclude: Path) -> List[Path]:
+def checkpoint_candidates(folder: Path, exclude: Optional[Path]) -> List[Path]:
     """The folder's checkpoint files other than ``exclude``, newest first."""
     files = [p for p in folder.glob("checkpoint*.pt") if p.is_file() and p != exclude]
     return sorted(files, key=lambda p: p.stat().st_mtime, reverse=True)
@@ -356,7 +360,7 @@ def prepare_run_folder(cfg, trainer) -> None:
         record = check_same_run(folder, cfg, last if resuming else None)
         if resuming:
             recover_unreadable_last(last)
-        if not (folder / RUN_RECORD).is_file():
+        if not (folder / RUN_RECORD).is_file() or not checkpoint_candidates(folder, exclude=None):
             record["created"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
             atomic_write_text(folder / RUN_RECORD, json.dumps(record, indent=1, sort_keys=True) + "\n")
     import torch.distributed as dist

@@ -206,3 +206,28 @@ def test_a_failed_checkpoint_copy_leaves_the_old_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert checkpoint_utils.PathManager.copy(str(source), str(target), overwrite=True)
     assert target.read_bytes() == source.read_bytes() and zipfile.is_zipfile(target)
+
+
+# --- run identity ---------------------------------------------------------------------------
+
+
+def test_identity_is_compared_only_when_the_folder_holds_checkpoints(tmp_path):
+    import json
+
+    from fairseq_knnvq.tasks.run_folder import check_same_run, run_identity
+
+    def cfg(distance, data, max_update):
+        return OmegaConf.create({"task": {"_name": "audio_pretraining_knnvq", "data": data, "max_update": max_update},
+                                 "model": {"_name": "wav2vec2_knnvq", "knn_distance": distance},
+                                 "criterion": {"_name": "wav2vec_knnvq", "knn_log_interval": 10}})
+
+    (tmp_path / "run.json").write_text(json.dumps({"config_name": "tiny_knn_ce", "identity": run_identity(cfg("ce", "/a", 8))}))
+    check_same_run(tmp_path, cfg("l2", "/a", 8), None)  # no checkpoint: nothing to mix
+    (tmp_path / "checkpoint_1_2.pt").write_bytes(b"")
+    with pytest.raises(RunFolderError) as refused:
+        check_same_run(tmp_path, cfg("l2", "/a", 8), None)
+    assert str(refused.value).startswith(f"{tmp_path} holds checkpoints of another run: tiny_knn_ce (from "
+                                         f"{tmp_path / 'run.json'}); this run is a run without a config name (not "
+                                         f"started by hydra). They differ in "
+                                         f"model.knn_distance: 'ce' there, 'l2' here. Give this run its own folder")
+    check_same_run(tmp_path, cfg("ce", "/moved/data", 20), None)  # a resume may move the data, train longer
