@@ -143,12 +143,13 @@ class SlurmLauncher:
             return int(job.result())
         except Exception as error:  # submitit's FailedJobError / UncompletedJobError
             state = job.watcher.get_state(job.job_id, mode="force")
-            lines: List[str] = [f"knnvq-study: SLURM job {job.job_id} ended as {state}: "
-                                f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}"]
+            lines: List[str] = [f"knnvq-study: SLURM job {job.job_id} ended as {state} before the training "
+                                f"returned ({type(error).__name__})"]
             for path in (job.paths.stderr, job.paths.stdout):
                 try:
                     text = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
                 except OSError:
+                    lines.append(f"--- no {path}: the job did not start")
                     continue
                 lines.append(f"--- end of {path}:")
                 lines.extend(text[-15:])
