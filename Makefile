@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast demo install clean
+.PHONY: test test-fast test-cluster demo install clean
 
 install: $(STAMP)
 
@@ -23,6 +23,13 @@ test: $(STAMP)
 # Skips the end-to-end tests marked slow.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The SLURM and multi-node tests against a throwaway one-node SLURM on this host
+# (scripts/local_slurm.sh; needs root, apt-get installs slurm-wlm, munge, mariadb).
+test-cluster: $(STAMP)
+	set -e; trap 'scripts/local_slurm.sh stop' EXIT; eval "$$(scripts/local_slurm.sh start)"; \
+	KNNVQ_REQUIRE_SLURM=1 $(PY) -m pytest -q tests/e2e/test_slurm_e2e.py tests/e2e/test_slurm_study_e2e.py \
+	  tests/e2e/test_multinode_e2e.py
 
 # Everything under demo_out/; e.g. `make demo DEMO_ARGS=--quick` for a smoke test.
 demo: $(STAMP)
