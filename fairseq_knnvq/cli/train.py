@@ -251,6 +251,31 @@ def checked_pre_main(cfg, **kwargs):
         return fairseq_main(cfg, **kwargs)
     except RunConfigError as error:
         raise SystemExit(f"knnvq-train: error: {error}") from None
+    except ValueError as error:
+        if not raised_by_plugin_check(error):
+            raise
+        raise SystemExit(f"knnvq-train: error: {error}") from None
+
+
+def raised_by_plugin_check(error: BaseException) -> bool:
+    """Whether ``error`` comes from a ``raise`` statement in the plugin's own code (a
+    check of a config value, e.g. ``model.knn_k must be a positive integer``), not from
+    a library it called: the innermost frame of its traceback is a ``raise`` line of a
+    file under the plugin folder."""
+    import linecache
+    import os
+
+    import fairseq_knnvq
+
+    tb = error.__traceback__
+    if tb is None:
+        return False
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    filename = tb.tb_frame.f_code.co_filename
+    if not filename.startswith(fairseq_knnvq.PLUGIN_DIR + os.sep):
+        return False
+    return linecache.getline(filename, tb.tb_lineno).lstrip().startswith("raise ")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

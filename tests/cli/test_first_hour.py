@@ -271,3 +271,26 @@ def test_report_curves_plot_psnr_in_db_for_image_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "save_figure", keep)
     report.write_curves_report([run], tmp_path)
     assert labels["psnr.png"] == ("PSNR (dB)", [[14.2, 16.1], [14.6, 16.9]])
+
+
+def test_a_bad_model_option_is_one_message(tmp_path):
+    """A check of the plugin's model config (a ValueError raised by the plugin's code while
+    fairseq builds the model) ends knnvq-train with its message only."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.tsv").write_text(str(TINY_CORPUS) + "\n")
+    result = launch("knnvq-train", ["--config-dir", str(CONFIG_DIR / "pretraining"), "--config-name", "tiny_knn_ce",
+                                    f"task.data={tmp_path / 'data'}", "dataset.disable_validation=true",
+                                    "model.knn_k=0", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert_one_message(result, "knnvq-train: error: model.knn_k must be a positive integer")
+
+
+def test_only_the_plugins_own_raise_statements_count_as_its_checks():
+    from fairseq_knnvq.cli.train import raised_by_plugin_check
+    from fairseq_knnvq.criterions.wav2vec_knnvq import Wav2vecKnnVqCriterion
+
+    with pytest.raises(ValueError) as plugin_check:
+        Wav2vecKnnVqCriterion.extra_loss_weights([1, 2, 3], 0.1)
+    assert raised_by_plugin_check(plugin_check.value)
+    with pytest.raises(ValueError) as library_error:
+        Wav2vecKnnVqCriterion.extra_loss_weights(["x"], 0.1)  # float("x") inside the plugin's code
+    assert not raised_by_plugin_check(library_error.value)
