@@ -48,6 +48,7 @@ from ..code_usage_logging import (
     usage_logging_output,
 )
 from ..models.wav2vec2_knnvq import EXTRA_LOSS_NAMES
+from ..preflight import RunConfigError
 
 # Counts the logging outputs that were summed into one, for averages (see module doc).
 COUNT_KEY = "_num_logging_outputs"
@@ -96,7 +97,7 @@ class _NetOutputRecorder:
     def get_extra_losses(self, net_output):
         losses = self._model.get_extra_losses(net_output)
         if torch.is_tensor(losses) or len(losses) != len(EXTRA_LOSS_NAMES):
-            raise ValueError(
+            raise RunConfigError(
                 "criterion wav2vec_knnvq needs a model whose extra losses are [diversity, "
                 "features_pen, knn], i.e. model._name=wav2vec2_knnvq; this model returned "
                 f"{1 if torch.is_tensor(losses) else len(losses)}. Use criterion._name=wav2vec "
@@ -113,7 +114,7 @@ class Wav2vecKnnVqCriterion(Wav2vecCriterion):
         log_keys = [] if log_keys is None else list(log_keys)
         for key in ("logits", "target"):
             if key in log_keys:
-                raise ValueError(
+                raise RunConfigError(
                     f"criterion wav2vec_knnvq cannot log {key!r}: its logging outputs are "
                     f"summed across workers and {key!r} is an array; remove it from "
                     "criterion.log_keys"
@@ -125,7 +126,7 @@ class Wav2vecKnnVqCriterion(Wav2vecCriterion):
             log_keys=[key for key in log_keys if key not in _ALWAYS_LOGGED],
         )
         if int(knn_log_interval) < 1:
-            raise ValueError(
+            raise RunConfigError(
                 f"criterion.knn_log_interval must be >= 1 (updates between logged KNN losses), "
                 f"got {knn_log_interval}"
             )
@@ -152,7 +153,7 @@ class Wav2vecKnnVqCriterion(Wav2vecCriterion):
             if len(stock) == 1:
                 stock = stock * 2
             if len(stock) != 2:
-                raise ValueError(
+                raise RunConfigError(
                     "criterion.loss_weights are fairseq's weights of the diversity loss and "
                     f"the feature penalty, e.g. [0.1, 10]; got {stock}. Set the weight of the "
                     "KNN loss with criterion.knn_weight."
