@@ -38,14 +38,15 @@ from fairseq_knnvq.files import atomic_write_text  # noqa: E402
 LM_ORDER = 3
 
 
-def run_name(config: str, seed: int) -> str:
-    return f"{config}_seed{seed}"
+def run_name(config: str, seed: int, finetune_updates: Optional[int] = None) -> str:
+    """The fine-tuning run's folder name; ``_ft<N>`` when fine-tuning is not the config's length."""
+    return f"{config}_seed{seed}" + (f"_ft{finetune_updates}" if finetune_updates else "")
 
 
 def pretrain_and_finetune(config: str, seed: int, out: Path, data: Path, config_dir: Path,
                           pretrain_updates: Optional[int], finetune_updates: Optional[int],
                           progress: study.Progress) -> None:
-    name = run_name(config, seed)
+    name = run_name(config, seed, finetune_updates)
     finetuned = out / "finetune" / name / "checkpoints" / "checkpoint_best.pt"
     if finetuned.is_file():
         progress(f"{name}: fine-tuned already, skipped")
@@ -120,7 +121,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     runs, not_run = [], []
     for config in configs:
         for seed in seeds:
-            name = run_name(config, seed)
+            name = run_name(config, seed, args.finetune_updates)
             checkpoint = out / "finetune" / name / "checkpoints" / "checkpoint_best.pt"
             if not checkpoint.is_file() or checkpoint.stat().st_size == 0:
                 not_run.append(name)
