@@ -113,6 +113,8 @@ def unknown_override_keys(
             continue
         parts = key.split(".")
         section = parts[0]
+        if len(parts) < 2:
+            continue  # a config group choice (+run_config=slurm_2) or a group's own _name: hydra's
         if section not in fields:
             messages.append(f"{override}: the config has no section {section!r}"
                             f"{did_you_mean(section, fields)}")

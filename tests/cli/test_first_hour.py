@@ -68,7 +68,8 @@ def test_override_keys_are_checked_against_the_sections_fields():
     classes = {"model": "M"}
     messages = preflight.unknown_override_keys(
         ["model.knn_k=1", "++model.knn_k=2", "model.w2v_args.x=1", "task.anything=1", "~model.knn_k",
-         "hydra.run.dir=/x", "datset.max_tokens=5", "model.knn_distanse=ce"], fields, classes)
+         "hydra.run.dir=/x", "+run_config=slurm_2", "hydra/launcher=submitit_slurm", "datset.max_tokens=5",
+         "model.knn_distanse=ce"], fields, classes)
     assert messages == [
         "datset.max_tokens=5: the config has no section 'datset' (did you mean dataset?)",
         "model.knn_distanse=ce: model (M) has no field 'knn_distanse' (did you mean model.knn_distance?)",
