@@ -361,8 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=None, help="utterances per batch at most; 1 decodes without padding")
     search = parser.add_argument_group(
         "beam search", "CTC beam search with an n-gram LM (fairseq's kenlm decoder; needs flashlight-text: "
-        "pip install 'fairseq-knnvq[lm]'). Defaults: fairseq's decoder config "
-        f"{BeamSearchOptions().as_record()}")
+        "pip install 'fairseq-knnvq[lm]'). Defaults, from fairseq's decoder config: "
+        + ", ".join(f"--{field.replace('_', '-')} {value}" for field, value in BeamSearchOptions().as_record().items()
+                    if value is not None))
     search.add_argument("--decoder", choices=("greedy", "beam"), default=None,
                         help="default: beam when --lm, a lexicon or a beam option is given, else greedy")
     search.add_argument("--lm", type=Path, default=None,
