@@ -117,3 +117,18 @@ def load_error_message(path: str, what: str = "") -> Optional[str]:
     except Exception as error:  # torch raises many types for a file that is no checkpoint
         return describe_load_error(path, error, what)
     return None
+
+
+def damage_message(path: str) -> Optional[str]:
+    """For a zip checkpoint: a message naming the first member whose CRC does not match
+    (a bit flipped on disk or in a copy, which ``torch.load`` does not check: it loads
+    the wrong weights), else ``None``. Reads the whole file."""
+    if file_kind(path) != "zip":
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as error:
+        return f"{path} is damaged ({error})"
+    return None if bad is None else f"{path} is damaged: its part {bad} fails its CRC check (a disk or copy error)"
+

@@ -47,7 +47,7 @@ import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..checkpoint_safety import load_error_message
+from ..checkpoint_safety import damage_message, load_error_message
 from ..files import atomic_path, atomic_write_text
 from ..folder_lock import FolderInUseError, FolderLock
 from ..preflight import RunConfigError
@@ -285,15 +285,15 @@ def remove_leftovers(folder: Path) -> None:
 
 
 def recover_unreadable_last(last: Path) -> None:
-    """When ``last`` (``checkpoint_last.pt``) cannot be read, keeps it as
+    """When ``last`` (``checkpoint_last.pt``) cannot be read or fails its CRC check, keeps it as
     ``checkpoint_last.pt.unreadable`` and puts a copy of the newest readable checkpoint
     of its folder in its place, with a warning naming both; :class:`RunFolderError`
     when there is none."""
-    problem = load_error_message(str(last))
+    problem = load_error_message(str(last)) or damage_message(str(last))
     if problem is None:
         return
     for candidate in checkpoint_candidates(last.parent, last):
-        if load_error_message(str(candidate)) is None:
+        if load_error_message(str(candidate)) is None and damage_message(str(candidate)) is None:
             kept = last.with_name(last.name + UNREADABLE_SUFFIX)
             atomic_copy(last, kept)
             atomic_copy(candidate, last)  # checkpoint_last.pt exists all along

@@ -231,3 +231,28 @@ def test_identity_is_compared_only_when_the_folder_holds_checkpoints(tmp_path):
                                          f"started by hydra). They differ in "
                                          f"model.knn_distance: 'ce' there, 'l2' here. Give this run its own folder")
     check_same_run(tmp_path, cfg("ce", "/moved/data", 20), None)  # a resume may move the data, train longer
+
+
+def test_a_flipped_bit_is_found_although_torch_loads_the_file(tmp_path, caplog):
+    """torch.load does not check the zip's CRCs: a bit flipped in the tensor data loads as
+    wrong weights. Resuming checks them and takes the newest intact checkpoint."""
+    from fairseq_knnvq.checkpoint_safety import damage_message
+    from fairseq_knnvq.tasks.run_folder import recover_unreadable_last
+
+    intact, last = tmp_path / "checkpoint_1_4.pt", tmp_path / "checkpoint_last.pt"
+    torch.save({"model": {"w": torch.arange(1000.0)}}, intact)
+    data = bytearray(intact.read_bytes())
+    offset = data.index(torch.arange(1000.0).numpy().tobytes()[:64])
+    data[offset + 40] ^= 0x10
+    last.write_bytes(bytes(data))
+    os.utime(intact, (1, 1))  # older than checkpoint_last.pt
+    flipped = torch.load(last, weights_only=True)["model"]["w"]
+    assert not torch.equal(flipped, torch.arange(1000.0))  # torch took it
+    message = damage_message(str(last))
+    assert message.startswith(f"{last} is damaged: its part ") and message.endswith("fails its CRC check (a disk or copy error)")
+    assert damage_message(str(intact)) is None
+    with caplog.at_level(logging.WARNING):
+        recover_unreadable_last(last)
+    assert f"{message}; resuming from {intact}, the newest readable checkpoint" in caplog.text
+    assert last.read_bytes() == intact.read_bytes()
+    assert (tmp_path / "checkpoint_last.pt.unreadable").read_bytes() == bytes(data)
