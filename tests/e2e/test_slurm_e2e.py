@@ -5,11 +5,12 @@ hydra's submitit launcher, and fairseq starts its workers from SLURM's environme
 (``SLURM_PROCID``, ``SLURM_NTASKS``, ``scontrol show hostnames``, the fixed port).
 
 - A 2-task pretraining job (gloo, one CPU each, global KNN) logs every value of every
-  update and validation that the 2-process torchrun run logs (its KNN loss included),
-  and ends with the same weights; its checkpoint loads as the plugin's model.
-- A job cancelled mid-run (scancel: the tasks save checkpoint_last.pt at the next
-  update) and submitted again with the same command resumes there and ends with the
-  weights of the uninterrupted job.
+  update and validation that the 2-process torchrun run logs (its KNN loss included).
+- Cancelled mid-run (scancel: the tasks save checkpoint_last.pt at the next update) and
+  submitted again with the same command, it resumes there, logs the rest of the
+  uninterrupted run's records and ends with its weights (the uninterrupted run is the
+  torchrun one, shared with test_multinode_e2e.py, so that CI trains one job less);
+  its checkpoint loads as the plugin's model.
 - A 2-task fine-tuning job from that checkpoint trains, validates (WER) and saves.
 """
 import os
@@ -61,35 +62,81 @@ def job_ids(sweep: Path) -> List[str]:
     return sorted({p.name.split("_")[0] for p in sweep.glob("submitit/*_submitted.pkl")}, key=int)
 
 
+def sacct_state(job: str) -> str:
+    return subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job], stdout=subprocess.PIPE,
+                          text=True, check=True).stdout.strip()
+
+
 @pytest.fixture(scope="module")
 def pretraining_job(slurm, slurm_partition, prepared_data, tmp_path_factory):
-    """The uninterrupted 2-task job: (sweep folder, parsed log of task 0, checkpoint_last.pt)."""
+    """The 2-task pretraining job, cancelled (scancel) once its first periodic checkpoint
+    is on disk, then the same command submitted again. Returns the sweep folder, the
+    parsed logs of task 0 of both jobs, the update the first one stopped at and the
+    final checkpoint_last.pt."""
+    from fairseq import checkpoint_utils
+
     root = tmp_path_factory.mktemp("slurm_pretraining")
     sweep = root / "sweep"
     command = submit_command(sweep, "pretraining", "tiny_knn_ce", "slurm_1", slurm_partition,
                              pretraining_overrides(prepared_data))
-    finished(popen(command, root), "fairseq-hydra-train -m +run_config=slurm_1")
-    (log,) = task_logs(sweep, 0)
-    return sweep, parse_json_log(log.read_text()), sweep / "0" / "checkpoints" / "checkpoint_last.pt"
+    first = popen(command, root)
+    checkpoints = sweep / "0" / "checkpoints"
+    deadline = time.monotonic() + 300
+    while not (checkpoints / f"checkpoint_1_{SAVE_EVERY}.pt").is_file():
+        assert first.poll() is None, f"the job ended before it was cancelled:\n{first.stdout.read()[-4000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    (job,) = job_ids(sweep)
+    subprocess.run(["scancel", job], check=True)
+    # hydra's launcher learns of the cancel only at submitit's next sacct poll (up to a
+    # minute): the test stops waiting for it once SLURM has ended the job.
+    while not sacct_state(job).startswith("CANCELLED") or subprocess.run(
+            ["squeue", "-h", "-j", job], stdout=subprocess.PIPE, text=True).stdout.strip():
+        assert time.monotonic() < deadline, f"job {job} still {sacct_state(job)}"
+        time.sleep(0.5)
+    first.terminate()
+    first.communicate(timeout=60)
+    stopped_at = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoints / "checkpoint_last.pt"))[
+        "optimizer_history"][-1]["num_updates"]
+
+    finished(popen(command, root), "the same command submitted again")
+    logs = task_logs(sweep, 0)
+    assert len(logs) == 2, logs
+    return sweep, [parse_json_log(log.read_text()) for log in logs], stopped_at, checkpoints / "checkpoint_last.pt"
 
 
 @pytest.mark.slow
 def test_two_task_job_starts_from_slurm_and_trains_as_torchrun(pretraining_job, one_node_run):
-    sweep, records, checkpoint = pretraining_job
+    sweep, (before, _), stopped_at, _ = pretraining_job
     # fairseq took rank and rendezvous from SLURM (its _infer_slurm_init): tcp://<first
     # host of scontrol show hostnames>:<distributed_port>, rank = SLURM_PROCID
-    (task1_log,) = task_logs(sweep, 1)
-    assert "Rank 1, device_id: 0" in task1_log.read_text()
-    (task0_log,) = task_logs(sweep, 0)
-    assert "distributed init (rank 0): tcp://" in task0_log.read_text()
+    assert "Rank 1, device_id: 0" in task_logs(sweep, 1)[0].read_text()
+    assert "distributed init (rank 0): tcp://" in task_logs(sweep, 0)[0].read_text()
 
-    reference, reference_checkpoint = one_node_run
-    train = computed(records, "train_inner")
-    assert [r["num_updates"] for r in train] == list(range(1, UPDATES + 1))
-    # every logged value, the global KNN loss among them, equals the torchrun run's
+    # every value logged before the cancel, the global KNN loss among them, equals the
+    # 2-process torchrun run's (the rest: the next test)
+    reference, _ = one_node_run
+    train = computed(before, "train_inner")
+    assert [r["num_updates"] for r in train] == list(range(1, stopped_at + 1))
     assert all(r["knn_loss"] > 0.1 for r in train)
-    assert train == computed(reference, "train_inner")
-    assert computed(records, VALID) == computed(reference, VALID) != []
+    assert train == computed(reference, "train_inner")[:stopped_at]
+    assert computed(before, VALID) == computed(reference, VALID)[:stopped_at // SAVE_EVERY] != []
+
+
+@pytest.mark.slow
+def test_cancelled_job_submitted_again_resumes_and_ends_with_the_uninterrupted_weights(pretraining_job, one_node_run):
+    sweep, (_, after), stopped_at, checkpoint = pretraining_job
+    (job, _) = job_ids(sweep)
+    assert sacct_state(job).startswith("CANCELLED")
+    assert SAVE_EVERY <= stopped_at < UPDATES  # cancelled mid-run; SIGTERM saved checkpoint_last.pt
+    resumed_log = task_logs(sweep, 0)[1].read_text()
+    assert f"(epoch 1 @ {stopped_at} updates)" in resumed_log  # fairseq's "Loaded checkpoint ..."
+
+    # the uninterrupted run: the 2-process torchrun run, which the SLURM job matches
+    # record for record up to the cancel (test above)
+    reference, reference_checkpoint = one_node_run
+    assert [r["num_updates"] for r in computed(after, "train_inner")] == list(range(stopped_at + 1, UPDATES + 1))
+    assert computed(after, "train_inner") == computed(reference, "train_inner")[stopped_at:]
     assert_same_weights(checkpoint, reference_checkpoint)
 
     from fairseq import checkpoint_utils
@@ -97,53 +144,13 @@ def test_two_task_job_starts_from_slurm_and_trains_as_torchrun(pretraining_job, 
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)])
     assert type(models[0]).__name__ == "Wav2Vec2KnnVqModel"
     assert cfg.model.knn_global is True and cfg.distributed_training.distributed_world_size == 2
-    state = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))
-    assert state["optimizer_history"][-1]["num_updates"] == UPDATES
+    assert checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))["optimizer_history"][-1]["num_updates"] == UPDATES
     assert models[0].state_dict().keys() == model_weights(checkpoint).keys()
 
 
 @pytest.mark.slow
-def test_cancelled_job_submitted_again_resumes_and_ends_with_the_uninterrupted_weights(
-        pretraining_job, slurm_partition, prepared_data, tmp_path):
-    _, uninterrupted, uninterrupted_checkpoint = pretraining_job
-    sweep = tmp_path / "sweep"
-    command = submit_command(sweep, "pretraining", "tiny_knn_ce", "slurm_1", slurm_partition,
-                             pretraining_overrides(prepared_data))
-    first = popen(command, tmp_path)
-    # cancel once the first periodic checkpoint (update SAVE_EVERY) is on disk
-    deadline = time.monotonic() + 300
-    while not (sweep / "0" / "checkpoints" / f"checkpoint_1_{SAVE_EVERY}.pt").is_file():
-        assert first.poll() is None, f"the job ended before it was cancelled:\n{first.stdout.read()[-4000:]}"
-        assert time.monotonic() < deadline, "no checkpoint within 300 s"
-        time.sleep(0.2)
-    (job,) = job_ids(sweep)
-    subprocess.run(["scancel", job], check=True)
-    out, _ = first.communicate(timeout=300)
-    assert first.returncode != 0, out[-3000:]  # hydra's launcher reports the cancelled job
-    state = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job], stdout=subprocess.PIPE,
-                           text=True, check=True).stdout
-    assert state.startswith("CANCELLED"), state
-
-    checkpoints = sweep / "0" / "checkpoints"
-    from fairseq import checkpoint_utils
-
-    stopped_at = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoints / "checkpoint_last.pt"))[
-        "optimizer_history"][-1]["num_updates"]
-    assert SAVE_EVERY <= stopped_at < UPDATES  # cancelled mid-run
-
-    finished(popen(command, tmp_path), "the same command submitted again")
-    logs = task_logs(sweep, 0)
-    assert len(logs) == 2
-    resumed = parse_json_log(logs[1].read_text())
-    assert f"@ {stopped_at} updates" in logs[1].read_text()  # fairseq's "Loaded checkpoint ... (epoch 1 @ N updates)"
-    assert [r["num_updates"] for r in computed(resumed, "train_inner")] == list(range(stopped_at + 1, UPDATES + 1))
-    assert computed(resumed, "train_inner") == computed(uninterrupted, "train_inner")[stopped_at:]
-    assert_same_weights(checkpoints / "checkpoint_last.pt", uninterrupted_checkpoint)
-
-
-@pytest.mark.slow
 def test_finetuning_job_from_the_slurm_checkpoint(pretraining_job, slurm_partition, prepared_data, tmp_path):
-    _, _, pretrained = pretraining_job
+    _, _, _, pretrained = pretraining_job
     sweep = tmp_path / "sweep"
     command = submit_command(sweep, "finetuning", "tiny", "slurm_finetune_1", slurm_partition, [
         f"task.data={prepared_data}", f"model.w2v_path={pretrained}", f"optimization.max_update={FINETUNE_UPDATES}",
