@@ -380,28 +380,29 @@ def _saved_by_fairseq(cfg, trainer, epoch_itr, end_of_epoch: bool) -> bool:
 
 
 def install() -> None:
-    """Installs the hooks (once per process; later calls do nothing)."""
+    """Installs the hooks (once per process; later calls do nothing). The preemption hook
+    goes into ``fairseq_cli.train`` only when a training entry point has imported it
+    (``fairseq-hydra-train``, ``fairseq-train`` and ``knnvq-train`` do so before they set
+    up the task); tools that only load a checkpoint do not import it."""
     from fairseq import checkpoint_utils
 
-    if getattr(checkpoint_utils, _INSTALLED, False):
+    if not getattr(checkpoint_utils, _INSTALLED, False):
+        setattr(checkpoint_utils, _INSTALLED, True)
+        checkpoint_utils.PathManager = _atomic_path_manager()
+        original_load = checkpoint_utils.load_checkpoint
+
+        @functools.wraps(original_load)
+        def load_checkpoint(cfg, trainer, **kwargs):
+            if isinstance(trainer.task, GuardedRunMixin):
+                prepare_run_folder(trainer.cfg, trainer)
+            return original_load(cfg, trainer, **kwargs)
+
+        checkpoint_utils.load_checkpoint = load_checkpoint
+
+    fairseq_train = sys.modules.get("fairseq_cli.train")
+    if fairseq_train is None or getattr(fairseq_train, _INSTALLED, False):
         return
-    setattr(checkpoint_utils, _INSTALLED, True)
-    checkpoint_utils.PathManager = _atomic_path_manager()
-
-    original_load = checkpoint_utils.load_checkpoint
-
-    @functools.wraps(original_load)
-    def load_checkpoint(cfg, trainer, **kwargs):
-        if isinstance(trainer.task, GuardedRunMixin):
-            prepare_run_folder(trainer.cfg, trainer)
-        return original_load(cfg, trainer, **kwargs)
-
-    checkpoint_utils.load_checkpoint = load_checkpoint
-
-    try:
-        import fairseq_cli.train as fairseq_train
-    except ImportError:  # training from another entry point: no save on preemption
-        return
+    setattr(fairseq_train, _INSTALLED, True)
     original_validate_and_save = fairseq_train.validate_and_save
 
     @functools.wraps(original_validate_and_save)
