@@ -243,16 +243,14 @@ def fine_tune(data, w2v_path, root: Path, max_update, check=True):
 
 
 @pytest.mark.slow
-def test_fine_tuning_from_an_old_style_checkpoint_and_resuming_need_no_env_variable(letters, tmp_path):
+def test_fine_tuning_from_an_old_style_checkpoint_needs_no_env_variable(letters, tmp_path):
     assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in os.environ
     old_style = tmp_path / "wav2vec_small_like.pt"
     write_old_style_checkpoint(old_style, letters)
     fine_tune(letters, old_style, tmp_path, max_update=4)
     last = tmp_path / "checkpoints" / "checkpoint_last.pt"
     assert num_updates(last) == 4
-    resumed = fine_tune(letters, old_style, tmp_path, max_update=5)
-    assert f"Loaded checkpoint {last} (epoch" in resumed.stdout and "@ 4 updates)" in resumed.stdout
-    assert num_updates(last) == 5
+    # Resuming a fine-tuning run without the variable: test_finetuning_e2e's sentencepiece run.
 
     # The fine-tuned checkpoint decodes, but knnvq-infer refuses a dev set holding NaN audio.
     data = tmp_path / "nan_data"
