@@ -171,3 +171,17 @@ def test_finetuning_job_from_the_slurm_checkpoint(pretraining_job, slurm_partiti
     assert cfg.model._name == "wav2vec_ctc" and cfg.model.w2v_path == str(pretrained)
     assert cfg.distributed_training.distributed_world_size == 2
     assert checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))["optimizer_history"][-1]["num_updates"] == FINETUNE_UPDATES
+
+
+@pytest.mark.parametrize("local_id, cuda, expected", [("1", False, "0"), ("0", False, "0"), ("1", True, "1")])
+def test_cpu_tasks_keep_fairseq_off_cuda(local_id, cuda, expected, monkeypatch):
+    """Without CUDA the run configs' callback makes every task's SLURM_LOCALID 0 (fairseq
+    would call torch.cuda.set_device with it); with CUDA it leaves SLURM's value."""
+    import torch
+
+    from fairseq_knnvq.hydra_callbacks import SlurmTaskOnCpu
+
+    monkeypatch.setenv("SLURM_LOCALID", local_id)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    SlurmTaskOnCpu().on_job_start(config=None)
+    assert os.environ["SLURM_LOCALID"] == expected
