@@ -93,10 +93,11 @@ class Training:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("signal_name", ["SIGTERM"])
 def test_preemption_saves_the_current_update_and_the_rerun_matches(signal_name, reference, tiny_manifests, tmp_path):
-    """SIGTERM: also a second process refused while the first holds the folder, and the
-    rerun, which must end with the uninterrupted run's weights."""
+    """Also a second process refused while the first holds the folder, and the rerun,
+    which must end with the uninterrupted run's weights. SIGUSR1 takes the same path:
+    tests/cli/test_study_signals.py sends it through knnvq-study to a real training."""
     save_dir = tmp_path / "checkpoints"
     args = overrides(tiny_manifests, save_dir)
     training = Training("tiny_knn_ce", args, tmp_path / "hydra")
@@ -125,8 +126,6 @@ def test_preemption_saves_the_current_update_and_the_rerun_matches(signal_name, 
     assert max(int(r["num_updates"]) for r in records_of(parse_json_log(output), "train_inner")) == update
     assert num_updates(last) == update
     assert not (save_dir / "run.lock").exists()
-    if signal_name == "SIGUSR1":
-        return  # the same path from here on; the resume is checked once, for SIGTERM
 
     resumed = run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_ce", args, run_dir=tmp_path / "resume")
     assert f"Loaded checkpoint {last} (epoch 1 @ {update} updates)" in resumed.stdout
