@@ -58,6 +58,8 @@ def few_rows_message(rows: float, k: int, entries: int, knn_global: bool, world:
     fixes = []
     if not knn_global:
         fixes.append("model.knn_global=true (each search then chooses from the rows of every worker)")
+    elif world == 1:
+        fixes.append("more workers (model.knn_global is on, but this run has one worker)")
     if k > 1:
         fixes.append(f"a smaller model.knn_k (K <= {max(1, int(rows // entries))} gives at least one row per vertex here)")
     fixes.append("a larger batch (dataset.max_tokens, or more workers with knn_global)")

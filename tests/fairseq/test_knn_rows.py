@@ -1,6 +1,7 @@
 """Rows per vertex at paper scale: wav2vec2_knnvq built from configs/pretraining/base_knn_ce
 (BASE, 2 x 320 codes, K = 8) on one worker's batch of the recipe's size logs how many rows
-its KNN search saw, and warns, because per-worker KNN at K = 8 has fewer rows than K * M."""
+its KNN search saw, and warns, because one worker's batch has fewer rows than K * M (the
+reason the config picks neighbours over all workers)."""
 import logging
 
 import pytest
@@ -54,4 +55,6 @@ def test_base_batch_logs_the_rows_its_knn_search_saw_and_warns(caplog):
     warnings = [r.getMessage() for r in caplog.records if "KNN rows per vertex" in r.getMessage()]
     assert len(warnings) == 1 and criterion.check_knn_rows.done  # once per run (tests/e2e: over 3 updates)
     assert f"KNN rows per vertex {rows / (k * entries):.2f} < 1" in warnings[0]
-    assert f"chooses from {rows:.0f} rows" in warnings[0] and "model.knn_global=true" in warnings[0]
+    assert f"chooses from {rows:.0f} rows" in warnings[0] and f"K <= {int(rows // entries)} gives" in warnings[0]
+    # base_knn_ce picks neighbours over all workers; this is one process
+    assert model.cfg.knn_global and "model.knn_global is on, but this run has one worker" in warnings[0]

@@ -31,6 +31,13 @@ RENAMED: Dict[str, str] = {
 }
 
 
+# Values changed on purpose since the snapshot (variant prefix -> dotted key -> value):
+# BASE uses global KNN, from the K-rule study in docs/study.md (issue 19).
+CHANGED: Dict[str, Dict[str, Any]] = {
+    "pretraining/base_": {"model.knn_global": True},
+}
+
+
 def _flat(cfg: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     out = {}
     for key, value in cfg.items():
@@ -58,6 +65,9 @@ def _snapshot() -> Dict[str, Dict[str, Any]]:
     for variant, own in data["variants"].items():
         values = {**data["shared"][variant.split("/")[0]], **own}
         out[variant] = {RENAMED.get(key, key): value for key, value in values.items()}
+        for prefix, changed in CHANGED.items():
+            if variant.startswith(prefix):
+                out[variant].update(changed)
     return out
 
 
