@@ -38,7 +38,7 @@ setup(
         # knnvq-infer --lm: CTC beam search with a KenLM model (flashlight-text has KenLM built in;
         # checked with flashlight-text 0.0.7).
         "lm": ["flashlight-text>=0.0.7"],
-        "dev": ["pytest", "matplotlib", "transformers>=4.40", "safetensors", "tensorboard", "flashlight-text>=0.0.7",
+        "dev": ["pytest", "pytest-timeout", "matplotlib", "transformers>=4.40", "safetensors", "tensorboard", "flashlight-text>=0.0.7",
                 "hydra-submitit-launcher>=1.2"],
         # SLURM launches through configs/run_config/slurm_*.yaml (hydra's submitit launcher) and
         # knnvq-study --launcher slurm (submitit; checked with hydra-submitit-launcher 1.2.0, submitit 1.5.4).

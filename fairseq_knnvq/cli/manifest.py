@@ -121,7 +121,7 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers",
         type=int,
         default=None,
-        help="processes that decode the audio files to check them (default: every CPU)",
+        help="threads that decode the audio files to check them (default: every CPU)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar while checking the audio")
 

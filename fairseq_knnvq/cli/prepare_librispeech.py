@@ -26,7 +26,7 @@ sentencepiece model on the training transcripts, offline, and writes ``<name>.sp
 (pieces separated by spaces), ``dict.spm.txt`` and ``spm_unigram<N>.model``/``.vocab``;
 fine-tune with ``task.labels=spm`` and ``criterion.post_process=sentencepiece``.
 
-Every audio file is decoded to its end first (``--workers`` processes, as in
+Every audio file is decoded to its end first (``--workers`` threads, as in
 ``knnvq-manifest``), and every manifest line must have a UTF-8 transcript; otherwise the
 run stops, naming the files, before anything is written. All outputs are written
 atomically, and a manifest of an earlier run left in ``--dest`` that shares audio with

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import multiprocessing
 import os
 import random
 import shutil
@@ -37,7 +36,7 @@ DEFAULT_SAMPLE_RATE = 16000
 DECODE_BLOCK_FRAMES = 1 << 16
 # soundfile subtypes of floating-point samples, the only ones that can hold NaN or inf.
 FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
-# Files handed to a worker process at a time while checking.
+# Below this many files the check runs in the calling thread.
 CHECK_CHUNK_SIZE = 16
 # How many problem files an error message lists before it says "... and N more".
 MAX_LISTED_PROBLEMS = 10
@@ -228,8 +227,15 @@ def default_workers() -> int:
 def check_audio_files(
     paths: Sequence[Path], workers: int | None = None, progress: bool = False
 ) -> list[_AudioCheck]:
-    """:func:`_check_audio_file` for every path, in order, over ``workers`` processes
-    (default: every CPU), with a progress bar on stderr when ``progress`` is set."""
+    """:func:`_check_audio_file` for every path, in order, over ``workers`` threads
+    (default: every CPU), with a progress bar on stderr when ``progress`` is set.
+
+    Threads, not processes: libsndfile decodes outside the GIL (soundfile calls it
+    through cffi), so threads use every CPU, and nothing is forked. A forked pool
+    deadlocks now and then when the caller already runs threads (torch's, a test
+    runner's), and needs POSIX semaphores that some containers lack.
+    """
+    from concurrent.futures import ThreadPoolExecutor
     from tqdm import tqdm
 
     workers = default_workers() if workers is None else workers
@@ -243,12 +249,8 @@ def check_audio_files(
                 checks.append(_check_audio_file(path))
                 bar.update()
         else:
-            # fork where there is one: the workers only need soundfile, and a forked
-            # worker does not re-import the caller's main module (which spawn needs).
-            methods = multiprocessing.get_all_start_methods()
-            context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-            with context.Pool(min(workers, len(paths))) as pool:
-                for check in pool.imap(_check_audio_file, paths, chunksize=CHECK_CHUNK_SIZE):
+            with ThreadPoolExecutor(max_workers=min(workers, len(paths))) as pool:
+                for check in pool.map(_check_audio_file, paths):  # in the order of ``paths``
                     checks.append(check)
                     bar.update()
     finally:

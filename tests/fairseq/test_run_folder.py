@@ -211,10 +211,16 @@ def test_a_failed_checkpoint_copy_leaves_the_old_file(tmp_path, monkeypatch):
 # --- run identity ---------------------------------------------------------------------------
 
 
-def test_identity_is_compared_only_when_the_folder_holds_checkpoints(tmp_path):
+def test_identity_is_compared_only_when_the_folder_holds_checkpoints(tmp_path, monkeypatch):
     import json
 
+    from hydra.core.hydra_config import HydraConfig
+
     from fairseq_knnvq.tasks.run_folder import check_same_run, run_identity
+
+    # As a run not started by hydra, although an earlier test in this process may have left
+    # hydra's global config set.
+    monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
 
     def cfg(distance, data, max_update):
         return OmegaConf.create({"task": {"_name": "audio_pretraining_knnvq", "data": data, "max_update": max_update},
