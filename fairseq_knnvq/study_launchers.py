@@ -28,6 +28,9 @@ LAUNCHERS = ("local", "slurm")
 SLURM_FOLDER = "slurm"
 # seconds between two looks at a job's state (submitit caches sacct between them)
 POLL_SECONDS = 2.0
+# SLURM marks a cancelled job as ended before slurmstepd has written its "CANCELLED AT" /
+# "DUE TO TIME LIMIT" line into the job's stderr: wait this long for that line.
+STEPD_LINE_SECONDS = 15.0
 
 
 class LauncherError(Exception):
@@ -145,7 +148,8 @@ class SlurmLauncher:
             state = job.watcher.get_state(job.job_id, mode="force")
             lines: List[str] = [f"knnvq-study: SLURM job {job.job_id} ended as {state} before the training "
                                 f"returned ({type(error).__name__})"]
-            for path in (job.paths.stderr, job.paths.stdout):
+            _wait_for_stepd_line(Path(job.paths.stderr), STEPD_LINE_SECONDS)
+            for path in (job.paths.stdout, job.paths.stderr):  # stderr last: its end says why
                 try:
                     text = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
                 except OSError:
@@ -156,3 +160,16 @@ class SlurmLauncher:
             with open(run_dir / "console.log", "a", encoding="utf-8") as log:
                 log.write("\n".join(lines) + "\n")
             return 1
+
+
+def _wait_for_stepd_line(path: Path, seconds: float) -> None:
+    """Returns once ``path`` holds a line of slurmstepd (the reason SLURM ended the job),
+    or after ``seconds``: the line arrives shortly after the job's state changes."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if "slurmstepd" in path.read_text(encoding="utf-8", errors="replace"):
+                return
+        except OSError:
+            pass
+        time.sleep(0.25)
