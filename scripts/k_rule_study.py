@@ -76,9 +76,9 @@ SOFT_BLOCK = tuple(
 # Block G (one group, 1 x 320; planned in docs/study.md's addendum before its runs):
 # the same rows per vertex as two groups, since each group searches the same rows.
 GROUP_BLOCK = (
-    Point("g1_diversity", "tiny_diversity", overrides=("model.latent_groups=1",)),
-    Point("g1_knn_k1", "tiny_knn_ce", overrides=("model.latent_groups=1", "model.knn_k=1")),
-    Point("g1_knn_k8", "tiny_knn_ce", overrides=("model.latent_groups=1", "model.knn_k=8")),
+    Point("g1_diversity", "tiny_diversity", overrides=("+model.latent_groups=1",)),
+    Point("g1_knn_k1", "tiny_knn_ce", overrides=("+model.latent_groups=1", "model.knn_k=1")),
+    Point("g1_knn_k8", "tiny_knn_ce", overrides=("+model.latent_groups=1", "model.knn_k=8")),
 )
 POINTS = ROWS_BLOCK + SOFT_BLOCK + GROUP_BLOCK
 
