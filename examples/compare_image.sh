@@ -40,9 +40,9 @@ for m in $METHODS; do
     mkdir -p "$run"
     echo "== training tiny_$m (log: $run/train.log)"
     "$BIN/fairseq-hydra-train" task.data="$OUT/data" common.user_dir="$USER_DIR" \
-      checkpoint.save_dir="$run" hydra.run.dir="$run/hydra" "$@" \
+      hydra.run.dir="$run" "$@" \
       --config-dir "$HERE/configs/image" --config-name "tiny_$m" > "$run/train.log" 2>&1
-    "$BIN/knnvq-eval-image" "$run/checkpoint_last.pt" "$OUT/data/val" -o "$run/eval.json" --no-progress \
+    "$BIN/knnvq-eval-image" "$run/checkpoints/checkpoint_last.pt" "$OUT/data/val" -o "$run/eval.json" --no-progress \
       > "$run/eval.log" 2>&1
   fi
 done
