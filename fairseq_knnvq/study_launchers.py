@@ -31,6 +31,8 @@ POLL_SECONDS = 2.0
 # SLURM marks a cancelled job as ended before slurmstepd has written its "CANCELLED AT" /
 # "DUE TO TIME LIMIT" line into the job's stderr: wait this long for that line.
 STEPD_LINE_SECONDS = 15.0
+# SLURM job states in which SLURM, not the training, ended the job.
+ENDED_BY_SLURM = {"CANCELLED", "TIMEOUT", "PREEMPTED", "NODE_FAIL", "OUT_OF_MEMORY", "DEADLINE", "BOOT_FAIL"}
 
 
 class LauncherError(Exception):
@@ -143,23 +145,31 @@ class SlurmLauncher:
         """The training's exit code; for a job that SLURM ended, 1 and the job's state and
         the end of its log appended to ``console.log``."""
         try:
-            return int(job.result())
+            code = int(job.result())
+            if code == 0:
+                return 0
+            # A job cancelled as the training starts can return the training's own exit
+            # code (-15 after SIGTERM) before SLURM kills the job's wrapper.
+            state = job.watcher.get_state(job.job_id, mode="force")
+            if str(state).split(" ")[0] not in ENDED_BY_SLURM:
+                return code
+            reason = f": the training was stopped (exit code {code})"
         except Exception as error:  # submitit's FailedJobError / UncompletedJobError
             state = job.watcher.get_state(job.job_id, mode="force")
-            lines: List[str] = [f"knnvq-study: SLURM job {job.job_id} ended as {state} before the training "
-                                f"returned ({type(error).__name__})"]
-            _wait_for_stepd_line(Path(job.paths.stderr), STEPD_LINE_SECONDS)
-            for path in (job.paths.stdout, job.paths.stderr):  # stderr last: its end says why
-                try:
-                    text = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
-                except OSError:
-                    lines.append(f"--- no {path}: the job did not start")
-                    continue
-                lines.append(f"--- end of {path}:")
-                lines.extend(text[-15:])
-            with open(run_dir / "console.log", "a", encoding="utf-8") as log:
-                log.write("\n".join(lines) + "\n")
-            return 1
+            reason = f" before the training returned ({type(error).__name__})"
+        lines: List[str] = [f"knnvq-study: SLURM job {job.job_id} ended as {state}{reason}"]
+        _wait_for_stepd_line(Path(job.paths.stderr), STEPD_LINE_SECONDS)
+        for path in (job.paths.stdout, job.paths.stderr):  # stderr last: its end says why
+            try:
+                text = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
+            except OSError:
+                lines.append(f"--- no {path}: the job did not start")
+                continue
+            lines.append(f"--- end of {path}:")
+            lines.extend(text[-15:])
+        with open(run_dir / "console.log", "a", encoding="utf-8") as log:
+            log.write("\n".join(lines) + "\n")
+        return 1
 
 
 def _wait_for_stepd_line(path: Path, seconds: float) -> None:
