@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Pretrain -> fine-tune -> decode on the shipped tiny corpus, on CPU, with stock
 # fairseq-hydra-train and this plugin:
-#   1. knnvq-prepare-librispeech: manifests, letter labels, dict.ltr.txt (train/dev/test)
+#   1. knnvq-prepare-librispeech: manifests, letter labels, dict.ltr.txt (train, valid
+#      = the corpus's dev/, test: the split names the shipped configs read)
 #   2. pretraining, configs/pretraining/$PRETRAIN_CONFIG.yaml (default tiny_knn_ce)
 #   3. CTC letter fine-tuning from that checkpoint, configs/finetuning/tiny.yaml
 #   4. knnvq-infer: greedy CTC decoding of test, WER/CER in $OUT/decode/wer.test.json
@@ -30,12 +31,12 @@ started=$SECONDS
 
 step "1/4 data: $OUT/data"
 "$PYTHON" -m fairseq_knnvq.cli.prepare_librispeech "$REPO/examples/tiny_corpus/LibriSpeech" \
-    --dest "$OUT/data" --split train=train --split dev=dev --split test=test
+    --dest "$OUT/data" --split train=train --split valid=dev --split test=test
 
 step "2/4 pretraining ($PRETRAIN_CONFIG): $OUT/pretrain"
 t=$SECONDS
 "$PYTHON" -m fairseq_cli.hydra_train --config-dir "$REPO/configs/pretraining" --config-name "$PRETRAIN_CONFIG" \
-    task.data="$OUT/data" dataset.valid_subset=dev common.user_dir="$USER_DIR" \
+    task.data="$OUT/data" common.user_dir="$USER_DIR" \
     hydra.run.dir="$OUT/pretrain" "${PRETRAIN_EXTRA[@]}" \
     > "$OUT/pretrain.log" 2>&1 || { tail -n 40 "$OUT/pretrain.log"; exit 1; }
 pretrain_seconds=$((SECONDS - t))
@@ -49,7 +50,7 @@ t=$SECONDS
     > "$OUT/finetune.log" 2>&1 || { tail -n 40 "$OUT/finetune.log"; exit 1; }
 finetune_seconds=$((SECONDS - t))
 echo "fine-tuning took ${finetune_seconds} s (log: $OUT/finetune.log)"
-grep -E '\]\[dev\]\[' "$OUT/finetune.log" | tail -n 1 || true
+grep -E '\]\[valid\]\[' "$OUT/finetune.log" | tail -n 1 || true
 
 step "4/4 decoding test: $OUT/decode"
 t=$SECONDS

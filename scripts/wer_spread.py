@@ -51,7 +51,7 @@ def pretrain_and_finetune(config: str, seed: int, out: Path, data: Path, config_
     if finetuned.is_file():
         progress(f"{name}: fine-tuned already, skipped")
         return
-    fixed = [f"task.data={data}", "dataset.valid_subset=dev", *demo.SPEECH_OVERRIDES]
+    fixed = [f"task.data={data}", *demo.SPEECH_OVERRIDES]
     if pretrain_updates:
         fixed.append(f"optimization.max_update={pretrain_updates}")
     pretraining = study.Study(config_dir / "pretraining", [config], [], [seed], out / "speech", fixed,

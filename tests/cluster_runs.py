@@ -15,8 +15,8 @@ from fairseq_run import CONFIG_DIR, console_script
 # workers, saving (and so validating) every SAVE_EVERY updates.
 UPDATES = 8
 SAVE_EVERY = 2
-# The validation subset (prepared_data has train and dev): the logger of its records.
-VALID = "dev"
+# The validation subset (prepared_data has train and valid): the logger of its records.
+VALID = "valid"
 # Keys of fairseq's log records that measure time, not the computation.
 TIMING_KEYS = ("wps", "ups", "wall", "train_wall", "gb_free")
 

@@ -17,6 +17,12 @@ for each split named on the command line::
     dict.ltr.txt          fairseq Dictionary ``<symbol> <count>``, counts descending,
                           from the training split's labels
 
+Split names follow the shipped configs, so prepared data trains without a split override:
+every config validates on ``valid`` (``--split valid=dev`` for the tiny corpus), except
+the LibriSpeech fine-tuning configs ``configs/finetuning/base_*``, which validate on
+``dev_other`` as fairseq's do. Data without either name gets a note saying which
+``dataset.valid_subset`` to train with.
+
 Libri-Light's limited-supervision sets (``librispeech_finetuning/1h``, ``9h`` ...)
 use the same layout one or two folders deeper and work the same way
 (``--split train=librispeech_finetuning/1h``).
@@ -58,6 +64,11 @@ from fairseq_knnvq.data.manifest import DEFAULT_SAMPLE_RATE, ManifestError, buil
 from fairseq_knnvq.files import write_files_atomically
 
 UNIT_CHOICES = ("letter", "spm")
+# The split each shipped speech config validates on (dataset.valid_subset) -> those configs.
+CONFIG_VALIDATION_SPLITS = {
+    "valid": "configs/pretraining/* and configs/finetuning/tiny.yaml",
+    "dev_other": "configs/finetuning/base_*",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +88,16 @@ def parse_split(text: str) -> SplitSpec:
     if os.sep in name or "/" in name or name.startswith("."):
         raise argparse.ArgumentTypeError(f"split name {name!r} must be a plain file name stem")
     return SplitSpec(name=name, audio_dir=Path(directory.strip()))
+
+
+def validation_split_note(names: Sequence[str]) -> str | None:
+    """A note for data that no shipped config validates on as it is (``None`` if one does)."""
+    if any(name in CONFIG_VALIDATION_SPLITS for name in names):
+        return None
+    read = "; ".join(f"{split!r} by {configs}" for split, configs in CONFIG_VALIDATION_SPLITS.items())
+    candidates = [name for name in names if name != "train"] or list(names)
+    return (f"note: no split is named as the shipped configs' validation split ({read}); train with "
+            f"dataset.valid_subset={candidates[0]}, or prepare with --split valid=DIR")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,6 +214,9 @@ def run(args: argparse.Namespace) -> dict[str, LabelledSplit]:
     for name, split in splits.items():
         print(f"{describe(name, split.manifest, args.sample_rate)} -> {dest}/{name}.*", file=sys.stderr)
     print(f"dictionaries from split {dict_split!r}; units: {', '.join(units)}", file=sys.stderr)
+    note = validation_split_note(names)
+    if note:
+        print(note, file=sys.stderr)
     return splits
 
 

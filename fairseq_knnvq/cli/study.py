@@ -3,7 +3,7 @@
     knnvq-study --task speech --config-dir configs/pretraining \\
         --configs tiny_gumbel,tiny_diversity,tiny_knn_ce \\
         --grid model.knn_k=1,4,8,16 --grid dataset.max_tokens=80000,160000 \\
-        --seeds 1,2,3 --data manifests/ --set dataset.valid_subset=dev --out study_knn_k --jobs 2
+        --seeds 1,2,3 --data manifests/ --out study_knn_k --jobs 2
 
 Every point runs through stock ``fairseq-hydra-train`` (``--jobs`` at a time, one torch
 thread each by default); a rerun skips the finished points. The results are the final

@@ -44,7 +44,7 @@ def export_error(*argv) -> str:
 
 
 def dev_audio(data: Path, count: int):
-    lines = (data / "dev.tsv").read_text().splitlines()
+    lines = (data / "valid.tsv").read_text().splitlines()
     root = Path(lines[0])
     for line in lines[1 : 1 + count]:
         audio, rate = soundfile.read(root / line.split("\t")[0], dtype="float32")
@@ -55,7 +55,7 @@ def dev_audio(data: Path, count: int):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("hf_data")
-    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "dev=dev",
+    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "valid=dev",
                               "--split", "test=test", "--units", "letter"])
     return dest
 
@@ -64,7 +64,7 @@ def data(tmp_path_factory) -> Path:
 def pretrained(data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("hf_pretrain") / "run"
     run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                    [f"task.data={data}", "dataset.valid_subset=dev", f"optimization.max_update={PRETRAIN_UPDATES}"],
+                    [f"task.data={data}", f"optimization.max_update={PRETRAIN_UPDATES}"],
                     run_dir)
     return run_dir / "checkpoints" / "checkpoint_last.pt"
 

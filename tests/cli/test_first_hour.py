@@ -32,7 +32,8 @@ def assert_one_message(result: subprocess.CompletedProcess, message: str) -> Non
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
-    """The tiny corpus as the README prepares it: train, dev and test (no valid.tsv)."""
+    """The tiny corpus prepared under the corpus's own folder names: train, dev and test
+    (no valid.tsv, the split the shipped tiny configs validate on)."""
     from fairseq_knnvq.cli import prepare_librispeech
 
     dest = tmp_path_factory.mktemp("prepared")

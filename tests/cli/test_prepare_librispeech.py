@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile
+import yaml
 
 from fairseq_knnvq.cli import prepare_librispeech as prepare_cli
 from fairseq_knnvq.data.librispeech import letter_labels
@@ -317,6 +318,41 @@ def test_prepare_runs_on_the_shipped_corpus(tmp_path: Path) -> None:
     symbols = [line.split(" ")[0] for line in read_lines(dest / "dict.ltr.txt")]
     assert symbols[0] == "|"
     assert set(symbols) == set("ABCDEFGHIJKLMNOPQRSTUVWXYZ'|")
+
+
+def configured_valid_subset(path: Path) -> str | None:
+    """dataset.valid_subset of a shipped config: its own, else that of its defaults."""
+    config = yaml.safe_load(path.read_text()) or {}
+    subset = (config.get("dataset") or {}).get("valid_subset")
+    for default in config.get("defaults") or []:
+        parent = path.parent / f"{default}.yaml" if isinstance(default, str) else None
+        if subset is None and parent is not None and parent.is_file():
+            subset = configured_valid_subset(parent)
+    return subset
+
+
+def test_split_names_are_the_ones_the_shipped_configs_validate_on() -> None:
+    """CONFIG_VALIDATION_SPLITS, the note's source, against every speech config's yaml
+    (fairseq's default when none sets it: 'valid')."""
+    found = collections.defaultdict(list)
+    for folder in ("pretraining", "finetuning"):
+        for path in sorted((REPO_ROOT / "configs" / folder).glob("*.yaml")):
+            found[configured_valid_subset(path) or "valid"].append(f"{folder}/{path.stem}")
+    assert set(found) == set(prepare_cli.CONFIG_VALIDATION_SPLITS)
+    assert [name for name in found["dev_other"]] == [f"finetuning/base_{s}" for s in ("100h", "10h", "10m", "1h", "960h")]
+    assert "finetuning/tiny" in found["valid"] and all(
+        name.startswith("pretraining/") or name == "finetuning/tiny" for name in found["valid"])
+
+
+def test_data_no_config_validates_on_gets_a_note(tmp_path: Path, capsys) -> None:
+    dest = tmp_path / "data"
+    prepare_cli.main([str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "dev=dev",
+                      "--no-progress"])
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("configs/finetuning/base_*); train with dataset.valid_subset=dev, or prepare "
+                                 "with --split valid=DIR")
+    assert prepare_cli.validation_split_note(["train", "valid", "test"]) is None
+    assert prepare_cli.validation_split_note(["train", "dev_other"]) is None
 
 
 def test_transcript_that_is_not_utf8_is_named_with_its_line(corpus: Path, tmp_path: Path) -> None:

@@ -83,10 +83,10 @@ def test_the_shipped_config_with_a_plain_override(tmp_path):
     from fairseq_knnvq.cli import prepare_librispeech
 
     data = tmp_path / "data"
-    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(data), "--split", "train=train", "--split", "dev=dev",
+    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(data), "--split", "train=train", "--split", "valid=dev",
                               "--units", "letter"])
     launched = run("knnvq-train", CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                   ["model.knn_k=4", "dataset.valid_subset=dev", *short_run(tmp_path / "run", data, updates=2)], tmp_path)
+                   ["model.knn_k=4", *short_run(tmp_path / "run", data, updates=2)], tmp_path)
     assert launched.returncode == 0, output(launched)[-4000:]
     cfg = checkpoint_cfg(tmp_path / "run")
     assert cfg["model"]["knn_k"] == 4

@@ -22,12 +22,12 @@ from fairseq_run import TINY_CORPUS, parse_json_log
 
 @pytest.fixture(scope="session")
 def prepared_data(tmp_path_factory) -> Path:
-    """train/dev of the shipped corpus with letter labels (pretraining and fine-tuning)."""
+    """train/valid (the corpus's dev/) of the shipped corpus with letter labels (pretraining and fine-tuning)."""
     from fairseq_knnvq.cli import prepare_librispeech
 
     dest = tmp_path_factory.mktemp("cluster_data")
     prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train",
-                              "--split", "dev=dev", "--units", "letter"])
+                              "--split", "valid=dev", "--units", "letter"])
     return dest
 
 

@@ -32,7 +32,7 @@ FINETUNE_LR = 1e-6
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("decoding_data")
-    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "dev=dev",
+    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "valid=dev",
                               "--no-progress"])
     return dest
 
@@ -41,7 +41,7 @@ def data(tmp_path_factory) -> Path:
 def checkpoint(data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("decoding_runs")
     run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                    [f"task.data={data}", "dataset.valid_subset=dev", f"optimization.max_update={PRETRAIN_UPDATES}",
+                    [f"task.data={data}", f"optimization.max_update={PRETRAIN_UPDATES}",
                      f"checkpoint.save_dir={root / 'pretrain'}"], root / "pretrain_hydra")
     run_hydra_train(CONFIG_DIR / "finetuning", "tiny",
                     [f"task.data={data}", f"model.w2v_path={root / 'pretrain' / 'checkpoint_last.pt'}",
@@ -51,8 +51,8 @@ def checkpoint(data, tmp_path_factory) -> Path:
     return root / "finetune" / "checkpoint_best.pt"
 
 
-def decode(checkpoint: Path, data: Path, out: Path, *extra: str, name: str = "dev") -> tuple:
-    infer_ctc.main([str(checkpoint), "--data", str(data), "--subset", "dev", "--output-dir", str(out),
+def decode(checkpoint: Path, data: Path, out: Path, *extra: str, name: str = "valid") -> tuple:
+    infer_ctc.main([str(checkpoint), "--data", str(data), "--subset", "valid", "--output-dir", str(out),
                     "--cpu", "--no-progress", *extra])
     summary = json.loads((out / f"wer.{name}.json").read_text())
     return summary, (out / f"hypo.{name}.txt").read_text().splitlines()
@@ -84,7 +84,7 @@ def test_hypotheses_do_not_depend_on_the_batch_size(checkpoint, data, tmp_path):
 def test_beam_of_one_without_lm_is_greedy_decoding(checkpoint, data, tmp_path):
     greedy, greedy_hypotheses = decode(checkpoint, data, tmp_path / "greedy")
     beam, beam_hypotheses = decode(checkpoint, data, tmp_path / "beam", "--beam", "1", "--lm-weight", "0",
-                                   name="dev.beam")
+                                   name="valid.beam")
     assert beam_hypotheses == greedy_hypotheses
     assert beam["wer"] == greedy["wer"] and beam["cer"] == greedy["cer"]
     assert greedy["decoding"] == "ctc_greedy" and beam["decoding"] == "ctc_beam_search"
@@ -98,12 +98,12 @@ def test_lexicon_search_with_an_lm_of_the_training_words(checkpoint, data, tmp_p
     lm = tmp_path / "train.3gram.arpa"
     ngram_lm.main([str(data / "train.wrd"), "--order", "3", "--output", str(lm)])
     summary, hypotheses = decode(checkpoint, data, tmp_path / "lm", "--lm", str(lm), "--lexicon-words",
-                                 str(data / "train.wrd"), "--beam", "8", name="dev.beam")
+                                 str(data / "train.wrd"), "--beam", "8", name="valid.beam")
     vocabulary = set((data / "train.wrd").read_text().split())
     assert all(word in vocabulary for line in hypotheses for word in line.split())
     assert summary["beam_search"]["search"] == "lexicon" and summary["beam_search"]["lm"] == str(lm)
     assert summary["beam_search"]["lm_weight"] == 2.0 and summary["beam_search"]["beam"] == 8
-    assert (tmp_path / "lm" / "ref.dev.beam.txt").read_text() == (data / "dev.wrd").read_text()
+    assert (tmp_path / "lm" / "ref.valid.beam.txt").read_text() == (data / "valid.wrd").read_text()
 
 
 @pytest.mark.slow
@@ -112,7 +112,7 @@ def test_a_lexicon_with_units_the_model_lacks_is_named(checkpoint, data, tmp_pat
     lexicon.write_text("CAT C A T |\ncafé c a f é |\n")
     lm = tmp_path / "lm.arpa"
     ngram_lm.main([str(data / "train.wrd"), "--order", "2", "--output", str(lm)])
-    message = infer_error([str(checkpoint), "--data", str(data), "--subset", "dev", "--lm", str(lm),
+    message = infer_error([str(checkpoint), "--data", str(data), "--subset", "valid", "--lm", str(lm),
                            "--lexicon", str(lexicon), "--output-dir", str(tmp_path / "out")])
     assert str(lexicon) in message and "line 2: café -> c a f é" in message and "units the model does not have" in message
     assert not (tmp_path / "out").exists()

@@ -51,7 +51,7 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys) -> None:
     assert [row["variant"] for row in summary["speech"]] == SPEECH_VARIANTS
     assert [row["variant"] for row in summary["image"]] == IMAGE_VARIANTS
     table = (out / "summary.md").read_text()
-    for task, folder, subset in (("speech", "speech", "dev"), ("image", "image", "valid")):
+    for task, folder, subset in (("speech", "speech", "valid"), ("image", "image", "valid")):
         for row in summary[task]:
             name = row["variant"]
             run_dir = out / folder / "runs" / name / "default" / "seed1"

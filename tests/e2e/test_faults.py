@@ -228,7 +228,7 @@ def test_nan_audio_and_a_wrong_frame_count_are_skipped_and_counted(tiny_manifest
 @pytest.fixture(scope="module")
 def letters(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("letters")
-    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "dev=dev",
+    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "valid=dev",
                               "--units", "letter", "--no-progress"])
     return dest
 
@@ -254,16 +254,16 @@ def test_fine_tuning_from_an_old_style_checkpoint_needs_no_env_variable(letters,
     # The fine-tuned checkpoint decodes, but knnvq-infer refuses a dev set holding NaN audio.
     data = tmp_path / "nan_data"
     shutil.copytree(letters, data)
-    lines = (letters / "dev.tsv").read_text().splitlines()
+    lines = (letters / "valid.tsv").read_text().splitlines()
     audio = tmp_path / "dev_audio"
     shutil.copytree(lines[0], audio)
     write_nan_wav(audio / "nan.wav")
-    (data / "dev.tsv").write_text("\n".join([str(audio), "nan.wav\t16000", *lines[2:]]) + "\n")
+    (data / "valid.tsv").write_text("\n".join([str(audio), "nan.wav\t16000", *lines[2:]]) + "\n")
     with pytest.raises(SystemExit) as refused:
-        infer_ctc.main([str(last), "--data", str(data), "--subset", "dev", "--cpu", "--no-progress",
+        infer_ctc.main([str(last), "--data", str(data), "--subset", "valid", "--cpu", "--no-progress",
                         "--output-dir", str(tmp_path / "decode")])
     message = str(refused.value.code)
-    assert message.startswith(f"knnvq-infer: error: 1 audio files of {data / 'dev.tsv'} cannot be scored:\n"
+    assert message.startswith(f"knnvq-infer: error: 1 audio files of {data / 'valid.tsv'} cannot be scored:\n"
                               f"  {audio / 'nan.wav'}: holds non-finite samples (NaN or inf), the first at frame 100")
     assert not (tmp_path / "decode").exists()
 

@@ -1,8 +1,9 @@
 """End to end on the shipped tiny corpus: knnvq-prepare-librispeech writes the data,
 stock ``fairseq-hydra-train`` pretrains ``wav2vec2_knnvq`` (tiny_knn_ce) and fine-tunes
-it with CTC (configs/finetuning/tiny.yaml), and ``knnvq-infer`` decodes dev. The WER it
-writes must be the one recomputed here from its hypothesis and reference files, and the
-one fairseq's own CTC criterion logged when it validated the same checkpoint on dev.
+it with CTC (configs/finetuning/tiny.yaml), and ``knnvq-infer`` decodes the validation
+split (``valid``, the corpus's dev/). The WER it writes must be the one recomputed here
+from its hypothesis and reference files, and the one fairseq's own CTC criterion logged
+when it validated the same checkpoint on it.
 
 The runs are far shorter than the tiny config's (the tests check the path, not the
 accuracy; docs/finetuning.md has the measured accuracy of full tiny runs).
@@ -65,12 +66,12 @@ def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def decode(checkpoint: Path, data: Path, output_dir: Path, *extra: str) -> dict:
     """The real console script, as a user runs it."""
-    command = [console_script("knnvq-infer"), str(checkpoint), "--data", str(data), "--subset", "dev",
+    command = [console_script("knnvq-infer"), str(checkpoint), "--data", str(data), "--subset", "valid",
                "--output-dir", str(output_dir), "--cpu", "--no-progress", *extra]
     result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stdout[-5000:]
-    return json.loads((output_dir / "wer.dev.json").read_text())
+    return json.loads((output_dir / "wer.valid.json").read_text())
 
 
 def read_lines(path: Path):
@@ -79,11 +80,11 @@ def read_lines(path: Path):
 
 def check_decoding_files(summary: dict, output_dir: Path, data: Path, require_hypotheses: bool = True) -> None:
     """hypo/ref files in manifest order, and a summary computed from exactly them."""
-    hypotheses = read_lines(output_dir / "hypo.dev.txt")
-    references = read_lines(output_dir / "ref.dev.txt")
+    hypotheses = read_lines(output_dir / "hypo.valid.txt")
+    references = read_lines(output_dir / "ref.valid.txt")
     assert len(hypotheses) == len(references) == summary["num_utterances"] == DEV_UTTERANCES
     # The references are the transcripts, line for line with the manifest.
-    assert references == read_lines(data / "dev.wrd")
+    assert references == read_lines(data / "valid.wrd")
     word_errors = sum(editdistance.eval(r.split(), h.split()) for r, h in zip(references, hypotheses))
     num_words = sum(len(r.split()) for r in references)
     char_errors = sum(editdistance.eval(r, " ".join(h.split())) for r, h in zip(references, hypotheses))
@@ -98,10 +99,10 @@ def check_decoding_files(summary: dict, output_dir: Path, data: Path, require_hy
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    """train/dev/test of the shipped corpus with letter and sentencepiece labels."""
+    """train/valid/test of the shipped corpus with letter and sentencepiece labels."""
     dest = tmp_path_factory.mktemp("librispeech_data")
     prepare_librispeech.main([
-        str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "dev=dev",
+        str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "valid=dev",
         "--split", "test=test", "--units", "letter", "spm", "--spm-vocab", str(SPM_VOCAB),
     ])
     return dest
@@ -110,9 +111,11 @@ def data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def pretrained(data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("pretrain") / "run"
-    run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                    [f"task.data={data}", "dataset.valid_subset=dev", f"optimization.max_update={PRETRAIN_UPDATES}"],
-                    run_dir)
+    # No dataset.valid_subset override: the prepared data's splits are the ones the shipped
+    # configs read (the fine-tuning runs below do the same with configs/finetuning/tiny.yaml).
+    result = run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_ce",
+                             [f"task.data={data}", f"optimization.max_update={PRETRAIN_UPDATES}"], run_dir)
+    assert last_record(parse_json_log(result.stdout), "valid")["valid_num_updates"] == PRETRAIN_UPDATES
     checkpoint = run_dir / "checkpoints" / "checkpoint_last.pt"
     assert checkpoint.is_file()
     return checkpoint
@@ -141,9 +144,9 @@ def test_letters_pretrain_finetune_decode(letter_run, data, tmp_path):
     assert summary["post_process"] == "letter" and summary["labels"] == "ltr"
     # The same checkpoint and subset as fairseq's validation (unpadded, see letter_run):
     # the same WER as its CTC criterion logged (to its 3 decimals).
-    fairseq_dev = last_record(records, "dev")
-    assert fairseq_dev["dev_num_updates"] == LETTER_UPDATES
-    assert summary["wer"] == pytest.approx(fairseq_dev["dev_wer"], abs=1.5e-3)
+    fairseq_dev = last_record(records, "valid")
+    assert fairseq_dev["valid_num_updates"] == LETTER_UPDATES
+    assert summary["wer"] == pytest.approx(fairseq_dev["valid_wer"], abs=1.5e-3)
 
 
 @pytest.mark.slow
@@ -153,10 +156,10 @@ def test_sentencepiece_finetune_decode(data, pretrained, tmp_path):
     ]))
     summary = decode(tmp_path / "run" / "checkpoints" / "checkpoint_best.pt", data, tmp_path / "decode")
     assert summary["labels"] == "spm" and summary["post_process"] == "sentencepiece"
-    # The references are the sentencepiece labels turned back into words: dev.wrd.
+    # The references are the sentencepiece labels turned back into words: valid.wrd.
     check_decoding_files(summary, tmp_path / "decode", data, require_hypotheses=False)
-    assert "\u2581" not in (tmp_path / "decode" / "hypo.dev.txt").read_text(encoding="utf-8")
-    assert summary["wer"] == pytest.approx(last_record(parse_json_log(result.stdout), "dev")["dev_wer"], abs=1.5e-3)
+    assert "\u2581" not in (tmp_path / "decode" / "hypo.valid.txt").read_text(encoding="utf-8")
+    assert summary["wer"] == pytest.approx(last_record(parse_json_log(result.stdout), "valid")["valid_wer"], abs=1.5e-3)
 
     # Resuming a fine-tuning run: its checkpoint holds the task's Dictionary, which torch
     # >= 2.6's weights-only loading refuses unless the plugin allow-lists it.
@@ -188,7 +191,7 @@ def data_copy(data: Path, dest: Path) -> Path:
 @pytest.mark.slow
 def test_pretraining_checkpoint_is_not_decoded(pretrained, data):
     for labels in ([], ["--labels", "ltr"]):
-        message = infer_error([str(pretrained), "--data", str(data), "--subset", "dev", *labels])
+        message = infer_error([str(pretrained), "--data", str(data), "--subset", "valid", *labels])
         assert str(pretrained) in message and "not a CTC fine-tuned model" in message
 
 
@@ -200,7 +203,7 @@ def test_checkpoint_of_an_unregistered_model_names_it(letter_run, data, tmp_path
     state["cfg"]["model"]["w2v_args"]["model"]["_name"] = "wav2vec2_of_another_plugin"
     foreign = tmp_path / "foreign.pt"
     torch.save(state, foreign)
-    message = infer_error([str(foreign), "--data", str(data), "--subset", "dev"])
+    message = infer_error([str(foreign), "--data", str(data), "--subset", "valid"])
     assert "'wav2vec2_of_another_plugin'" in message and "--user-dir" in message and str(foreign) in message
 
 
@@ -208,10 +211,10 @@ def test_checkpoint_of_an_unregistered_model_names_it(letter_run, data, tmp_path
 def test_empty_manifest(letter_run, data, tmp_path):
     checkpoint, _ = letter_run
     copy = data_copy(data, tmp_path / "data")
-    (copy / "dev.tsv").write_text(read_lines(data / "dev.tsv")[0] + "\n")
-    (copy / "dev.ltr").write_text("")
-    message = infer_error([str(checkpoint), "--data", str(copy), "--subset", "dev", "--output-dir", str(tmp_path / "out")])
-    assert str(copy / "dev.tsv") in message and "no audio files" in message
+    (copy / "valid.tsv").write_text(read_lines(data / "valid.tsv")[0] + "\n")
+    (copy / "valid.ltr").write_text("")
+    message = infer_error([str(checkpoint), "--data", str(copy), "--subset", "valid", "--output-dir", str(tmp_path / "out")])
+    assert str(copy / "valid.tsv") in message and "no audio files" in message
     assert not (tmp_path / "out").exists()
 
 
@@ -219,12 +222,12 @@ def test_empty_manifest(letter_run, data, tmp_path):
 def test_missing_or_mismatched_labels(letter_run, data, tmp_path):
     checkpoint, _ = letter_run
     copy = data_copy(data, tmp_path / "data")
-    (copy / "dev.ltr").unlink()
-    message = infer_error([str(checkpoint), "--data", str(copy), "--subset", "dev"])
-    assert str(copy / "dev.ltr") in message and "does not exist" in message
+    (copy / "valid.ltr").unlink()
+    message = infer_error([str(checkpoint), "--data", str(copy), "--subset", "valid"])
+    assert str(copy / "valid.ltr") in message and "does not exist" in message
 
-    (copy / "dev.ltr").write_text("".join(line + "\n" for line in read_lines(data / "dev.ltr")[:-1]))
-    message = infer_error([str(checkpoint), "--data", str(copy), "--subset", "dev"])
+    (copy / "valid.ltr").write_text("".join(line + "\n" for line in read_lines(data / "valid.ltr")[:-1]))
+    message = infer_error([str(checkpoint), "--data", str(copy), "--subset", "valid"])
     assert f"has {DEV_UTTERANCES - 1} lines" in message and f"lists {DEV_UTTERANCES} audio files" in message
 
     missing_subset = infer_error([str(checkpoint), "--data", str(copy), "--subset", "dev_other"])
@@ -241,10 +244,10 @@ def test_the_dictionary_comes_from_the_checkpoint(letter_run, data, tmp_path):
     without = decode(checkpoint, copy, tmp_path / "without_dict")
     with_dict = decode(checkpoint, data, tmp_path / "with_dict")
     assert without["wer"] == with_dict["wer"] and without["num_words"] == with_dict["num_words"]
-    assert (tmp_path / "without_dict" / "hypo.dev.txt").read_text() == (tmp_path / "with_dict" / "hypo.dev.txt").read_text()
+    assert (tmp_path / "without_dict" / "hypo.valid.txt").read_text() == (tmp_path / "with_dict" / "hypo.valid.txt").read_text()
 
-    message = infer_error([str(checkpoint), "--data", str(data), "--subset", "dev", "--labels", "spm"])
-    assert str(data / "dev.spm") in message and "labels=ltr" in message and "\u2581" in message
+    message = infer_error([str(checkpoint), "--data", str(data), "--subset", "valid", "--labels", "spm"])
+    assert str(data / "valid.spm") in message and "labels=ltr" in message and "\u2581" in message
 
 
 @pytest.mark.slow
@@ -256,12 +259,12 @@ def test_checkpoint_without_dictionary_and_a_dictionary_that_does_not_fit(letter
     torch.save(state, older)
     copy = data_copy(data, tmp_path / "data")
     (copy / "dict.ltr.txt").unlink()
-    message = infer_error([str(older), "--data", str(copy), "--subset", "dev"])
+    message = infer_error([str(older), "--data", str(copy), "--subset", "valid"])
     assert str(copy / "dict.ltr.txt") in message and "does not exist" in message
 
     with open(copy / "dict.ltr.txt", "w", encoding="utf-8") as dictionary:
         dictionary.write((data / "dict.ltr.txt").read_text(encoding="utf-8") + "# 1\n")
-    message = infer_error([str(older), "--data", str(copy), "--subset", "dev"])
+    message = infer_error([str(older), "--data", str(copy), "--subset", "valid"])
     assert str(copy / "dict.ltr.txt") in message and "does not fit" in message
 
 

@@ -161,8 +161,8 @@ def test_finetuning_job_from_the_slurm_checkpoint(pretraining_job, slurm_partiti
     (log,) = task_logs(sweep, 0)
     records = parse_json_log(log.read_text())
     assert [r["num_updates"] for r in computed(records, "train_inner")] == list(range(1, FINETUNE_UPDATES + 1))
-    valid = last_record(records, "dev")
-    assert valid["dev_num_updates"] == FINETUNE_UPDATES and 0 <= valid["dev_wer"] <= 100 and "dev_uer" in valid
+    valid = last_record(records, "valid")
+    assert valid["valid_num_updates"] == FINETUNE_UPDATES and 0 <= valid["valid_wer"] <= 100 and "valid_uer" in valid
 
     from fairseq import checkpoint_utils
 

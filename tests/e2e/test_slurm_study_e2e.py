@@ -22,7 +22,7 @@ TABLES = ("runs.csv", "summary.csv", "summary.md")
 def study_argv(data, out, *extra):
     return ["--task", "speech", "--config-dir", str(CONFIG_DIR / "pretraining"),
             "--configs", "tiny_diversity,tiny_knn_ce", "--grid", "model.knn_k=2,8", "--seeds", "1",
-            "--data", str(data), "--set", "optimization.max_update=3", "--set", "dataset.valid_subset=dev",
+            "--data", str(data), "--set", "optimization.max_update=3",
             "--out", str(out), "--jobs", "4", *extra]
 
 
@@ -78,7 +78,7 @@ def test_a_job_slurm_ends_is_reported_with_the_end_of_its_log(slurm, slurm_parti
     canceller.start()
     try:
         argv = ["--task", "speech", "--config-dir", str(CONFIG_DIR / "pretraining"), "--configs", "tiny_knn_ce",
-                "--seeds", "1", "--data", str(prepared_data), "--set", "dataset.valid_subset=dev",
+                "--seeds", "1", "--data", str(prepared_data),
                 "--out", str(tmp_path / "study"), "--launcher", "slurm", "--partition", slurm_partition,
                 "--no-compose-check"]
         assert study_cli.main(argv) == 1
