@@ -8,6 +8,7 @@ as a matrix product (fairseq instead multiplies an N x G*M x d broadcast and sum
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any, Dict, Optional, Sequence
 
@@ -88,6 +89,31 @@ class StraightThroughCodewords(torch.autograd.Function):
             )
             grad_codebooks = summed.to(codebooks.dtype)
         return grad_soft, None, grad_codebooks
+
+
+@dataclasses.dataclass
+class SmoothedChoice:
+    """What the smoothing chose for one batch (:meth:`SmoothedVectorQuantizer._choose`).
+
+    ``selection`` is the (N, G, M) vector that multiplies the codebook; on the
+    straight-through path (``gumbel_hard``, ``ste`` in training) it stays None and
+    ``hard_index`` (N, G) with ``soft`` (the softmax of the smoothed logits) make the
+    codeword. ``soft`` is also set where a node already holds that softmax, for the
+    tightness statistics. ``avg_probs`` is the batch-mean ``softmax(l)`` (G, M) and
+    ``prob_sums`` its sum over the valid rows; ``knn_loss`` is set when the KNN loss was
+    fused with the softmax."""
+
+    selection: Optional[Tensor] = None
+    hard_index: Optional[Tensor] = None
+    soft: Optional[Tensor] = None
+    smoothed_logits: Optional[Tensor] = None
+    avg_probs: Optional[Tensor] = None
+    prob_sums: Optional[Tensor] = None
+    knn_loss: Optional[Tensor] = None
+
+    def codes(self) -> Tensor:
+        """The hard code of every row and group, (N, G)."""
+        return self.hard_index if self.hard_index is not None else self.selection.argmax(-1)
 
 
 class CodebookIndexing:
@@ -284,117 +310,138 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
     def _quantize_logits(
         self, logits: Tensor, bsz: int, tsz: int, mask: Optional[Tensor], produce_targets: bool
     ) -> Dict[str, Any]:
-        """:meth:`forward` from the logits ``(B*T, G, M)`` on: the same values with and
-        without an enclosing ``torch.autocast``."""
-        result: Dict[str, Any] = {"num_vars": self.num_vars * self.groups}
+        """:meth:`forward` from the logits ``(B*T, G, M)`` on, in named steps: the hard
+        codes' counts, the smoothing's choice (:meth:`_choose`), the losses, the statistics
+        for the logs and the quantized vectors. The same values with and without an
+        enclosing ``torch.autocast``. Nothing here reads a value back to the host (no
+        .item(), nonzero() or boolean indexing): the mask enters as weights and every size
+        comes from the shapes."""
         flat_mask = None if mask is None else mask.reshape(-1)
         logits32 = logits.float()
-
-        # Nothing below reads a value back to the host (no .item(), nonzero() or boolean
-        # indexing): the mask enters as weights and every size comes from the shapes.
         with torch.no_grad():
             counts = count_codes(logits.argmax(-1), self.num_vars, valid=flat_mask, check=False)
-            num_counted = counts[0].sum()  # valid rows, a 0-d tensor
-            result["code_perplexity"] = entropy_perplexity(counts.float() / num_counted.clamp_min(1))
+        num_counted = counts[0].sum()  # valid rows, a 0-d tensor
+        choice = self._choose(logits32, flat_mask, num_counted)
+        result: Dict[str, Any] = {
+            "num_vars": self.num_vars * self.groups,
+            "code_perplexity": entropy_perplexity(counts.float() / num_counted.clamp_min(1)),
+            "temp": self.curr_temp,
+            **self._losses(choice, logits32, flat_mask, num_counted),
+        }
+        result["usage_sums"] = self._usage_sums(choice, counts, logits32, flat_mask)
+        if produce_targets:
+            result["targets"] = choice.codes().view(bsz, tsz, self.groups).detach()
+        result["x"] = self._quantized(choice, bsz, tsz)
+        return result
 
+    def _choose(self, logits32: Tensor, flat_mask: Optional[Tensor], num_counted: Tensor) -> "SmoothedChoice":
+        """The smoothing's choice for every row and group, and the batch-mean ``softmax(l)``.
+
+        Fused autograd nodes keep the step from holding N x G x M tensors of its own: the
+        KNN loss on the smoothing's own soft vectors computes softmax and loss in one node
+        (``SoftmaxWithSelectedDistance``; ``knn_loss`` is then set here); the diversity
+        loss with a noise-free smoothing computes ``softmax(l / tau)`` and the batch mean
+        in one node (``TemperedSoftmaxWithMeanProbs``); ``gumbel_hard`` and ``ste`` in
+        training keep the hard index and the soft vector (``StraightThroughCodewords``
+        makes the codeword), not the straight-through selection."""
         tau = self.curr_temp
-        result["temp"] = tau
         train_diversity = self.regularizer == "diversity" and torch.is_grad_enabled()
-        # KNN regulariser on the smoothing's own soft vectors: softmax and loss in one
-        # autograd node (SoftmaxWithSelectedDistance), so the regulariser keeps no
-        # N x G x M tensor of its own. Same values as smooth() + knn_vertex_loss().
-        fused_knn = self.training and self.regularizer == "knn" and self.knn_input == "smoothed"
-        # Diversity loss with a noise-free smoothing: softmax(l / tau) and the batch-mean
-        # softmax(l) in one node that keeps only the former (TemperedSoftmaxWithMeanProbs).
         fused_diversity = self.training and train_diversity and self.smoothing in ("softmax", "ste")
-
-        # The batch-mean probabilities, before the smoothing's tensors exist: with
-        # gradient for the diversity loss (unless its fused node below computes them), else
-        # as a log-only statistic summed over blocks of rows without gradient.
+        straight = self.training and self.smoothing in ("gumbel_hard", "ste")
+        choice = SmoothedChoice()
+        # The batch-mean probabilities, before the smoothing's tensors exist: with gradient
+        # for the diversity loss (unless its fused node computes them), else a log-only
+        # statistic summed over blocks of rows without gradient.
         if not train_diversity:
             with torch.no_grad():
-                prob_sums = masked_prob_sums(logits32.detach(), flat_mask)
-            avg_probs = prob_sums / num_counted.clamp_min(1)
+                choice.prob_sums = masked_prob_sums(logits32.detach(), flat_mask)
+            choice.avg_probs = choice.prob_sums / num_counted.clamp_min(1)
         elif not fused_diversity:
-            avg_probs = masked_mean_probs(logits32, flat_mask)
+            choice.avg_probs = masked_mean_probs(logits32, flat_mask)
 
-        # gumbel_hard / ste in training: the codeword of the hard choice with the gradient
-        # of the soft vector (StraightThroughCodewords), without forming the N x G x M
-        # straight-through selection
-        straight = self.training and self.smoothing in ("gumbel_hard", "ste")
-        soft = None  # softmax of the smoothed logits, where a node already holds it
-        smoothed_logits = selection = hard_index = None
-        if fused_knn:
-            smoothed_logits = smoothed_logits_of(logits32, self.smoothing, tau)
-            soft, result["knn_loss"] = self.knn.with_softmax(smoothed_logits, flat_mask)
+        if self.training and self.regularizer == "knn" and self.knn_input == "smoothed":
+            choice.smoothed_logits = smoothed_logits_of(logits32, self.smoothing, tau)
+            choice.soft, choice.knn_loss = self.knn.with_softmax(choice.smoothed_logits, flat_mask)
         elif fused_diversity:
-            soft, avg_probs = tempered_softmax_and_mean_probs(logits32, tau, flat_mask)
+            choice.soft, choice.avg_probs = tempered_softmax_and_mean_probs(logits32, tau, flat_mask)
         elif straight:
-            smoothed_logits = smoothed_logits_of(logits32, self.smoothing, tau)
-            soft = F.softmax(smoothed_logits, dim=-1)
+            choice.smoothed_logits = smoothed_logits_of(logits32, self.smoothing, tau)
+            choice.soft = F.softmax(choice.smoothed_logits, dim=-1)
         else:
-            selection, smoothed_logits = smooth(logits32, self.smoothing, tau, self.training)
+            choice.selection, choice.smoothed_logits = smooth(logits32, self.smoothing, tau, self.training)
             if self.training and self.smoothing in ("softmax", "gumbel"):
-                soft = selection  # the soft vector itself multiplies the codebook
+                choice.soft = choice.selection  # the soft vector itself multiplies the codebook
         if straight:
-            hard_index = (smoothed_logits if self.smoothing == "gumbel_hard" else logits32).argmax(-1)
-        elif selection is None:
-            selection = select_codes(soft, smoothed_logits, logits32, self.smoothing)
-
+            choice.hard_index = (choice.smoothed_logits if self.smoothing == "gumbel_hard" else logits32).argmax(-1)
+        elif choice.selection is None:
+            choice.selection = select_codes(choice.soft, choice.smoothed_logits, logits32, self.smoothing)
         if train_diversity:
-            prob_sums = avg_probs.detach() * num_counted
-        # the diversity loss, with gradient only when it trains (avg_probs is detached
-        # otherwise); 0 without a valid row, like the KNN loss (no sync on the mask)
-        result["prob_perplexity"], result["diversity_loss"] = perplexity_and_diversity(
-            avg_probs, num_counted if flat_mask is not None or logits.shape[0] == 0 else None
+            choice.prob_sums = choice.avg_probs.detach() * num_counted
+        return choice
+
+    def _knn_input(self, choice: "SmoothedChoice", logits32: Tensor) -> Tensor:
+        """The logits whose softmax the KNN loss (and the tightness) measures."""
+        if self.knn_input == "smoothed" and choice.smoothed_logits is not None:
+            return choice.smoothed_logits
+        return logits32 / self.curr_temp  # also the smoothed logits of softmax and ste
+
+    def _losses(
+        self, choice: "SmoothedChoice", logits32: Tensor, flat_mask: Optional[Tensor], num_counted: Tensor
+    ) -> Dict[str, Any]:
+        """``prob_perplexity`` and ``diversity_loss`` (with gradient only when it trains:
+        ``avg_probs`` is detached otherwise; 0 without a valid row, like the KNN loss, with
+        no sync on the mask), and ``knn_loss`` with ``knn_rows``, the rows its neighbour
+        search chose from (every worker's with ``knn_global``), and ``knn_rows_per_vertex``,
+        rows / (K * M), below 1 when K * M exceeds them."""
+        losses: Dict[str, Any] = {}
+        losses["prob_perplexity"], losses["diversity_loss"] = perplexity_and_diversity(
+            choice.avg_probs, num_counted if flat_mask is not None or logits32.shape[0] == 0 else None
         )
-
-        def knn_input() -> Tensor:
-            if self.knn_input == "smoothed" and smoothed_logits is not None:
-                return smoothed_logits
-            return logits32 / tau  # also the smoothed logits of softmax and ste
-
-        if self.regularizer == "knn":
-            if not fused_knn:
-                result["knn_loss"] = self.knn(knn_input(), flat_mask)
-        elif self.track_knn_loss:
+        knn_loss = choice.knn_loss
+        if self.regularizer == "knn" and knn_loss is None:
+            knn_loss = self.knn(self._knn_input(choice, logits32), flat_mask)
+        elif self.regularizer != "knn" and self.track_knn_loss:
             with torch.no_grad():
-                result["knn_loss"] = self.knn(knn_input(), flat_mask)
-        if "knn_loss" in result:
-            # the rows the neighbour search chose from (every worker's with knn_global),
-            # and per vertex: rows / (K * M), below 1 when K * M exceeds them
-            result["knn_rows"] = self.knn.searched_rows
-            result["knn_rows_per_vertex"] = self.knn.searched_rows / float(self.knn.k * self.num_vars)
-        with torch.no_grad():
-            # tightness of the KNN input: from a softmax some node already holds when it
-            # is that input, else over blocks of rows (no N x G x M copy)
-            if soft is not None and (self.knn_input == "smoothed" or self.smoothing in ("softmax", "ste")):
-                max_prob_sums, vertex_l2_sums = tightness_sums(soft.detach(), flat_mask)
-            else:
-                max_prob_sums, vertex_l2_sums = tightness_sums_of_logits(knn_input().detach(), flat_mask)
-        result["usage_sums"] = CodeUsage(
+                knn_loss = self.knn(self._knn_input(choice, logits32), flat_mask)
+        if knn_loss is not None:
+            losses["knn_loss"] = knn_loss
+            losses["knn_rows"] = self.knn.searched_rows
+            losses["knn_rows_per_vertex"] = self.knn.searched_rows / float(self.knn.k * self.num_vars)
+        return losses
+
+    @torch.no_grad()
+    def _usage_sums(
+        self, choice: "SmoothedChoice", counts: Tensor, logits32: Tensor, flat_mask: Optional[Tensor]
+    ) -> CodeUsage:
+        """The batch's summable statistics for the logs. The tightness of the KNN input
+        comes from a softmax some node already holds when it is that input, else over
+        blocks of rows (no N x G x M copy)."""
+        if choice.soft is not None and (self.knn_input == "smoothed" or self.smoothing in ("softmax", "ste")):
+            max_prob_sums, vertex_l2_sums = tightness_sums(choice.soft.detach(), flat_mask)
+        else:
+            max_prob_sums, vertex_l2_sums = tightness_sums_of_logits(
+                self._knn_input(choice, logits32).detach(), flat_mask
+            )
+        return CodeUsage(
             counts=counts,
-            prob_sums=prob_sums.detach().double(),
+            prob_sums=choice.prob_sums.detach().double(),
             max_prob_sums=max_prob_sums,
             vertex_l2_sums=vertex_l2_sums,
         )
 
-        if produce_targets:
-            chosen = hard_index if hard_index is not None else selection.argmax(-1)
-            result["targets"] = chosen.view(bsz, tsz, self.groups).detach()
-
+    def _quantized(self, choice: "SmoothedChoice", bsz: int, tsz: int) -> Tensor:
+        """The output: per group the codeword of the hard choice with the soft vector's
+        gradient (straight-through), else ``p^T C``."""
         codebooks = self._codebooks()
-        if hard_index is not None:
-            quantized = StraightThroughCodewords.apply(soft, hard_index, codebooks)
+        if choice.hard_index is not None:
+            quantized = StraightThroughCodewords.apply(choice.soft, choice.hard_index, codebooks)
         else:
-            # (G, BT, M) @ (G, M, d) -> (G, BT, d): the quantized vector p^T C per group,
-            # summed in the selection's dtype (at least float32) for every codebook dtype
+            # (G, BT, M) @ (G, M, d) -> (G, BT, d), summed in the selection's dtype (at
+            # least float32) for every codebook dtype
+            selection = choice.selection
             quantized = torch.bmm(selection.transpose(0, 1), codebooks.to(selection.dtype)).to(codebooks.dtype)
         quantized = quantized.transpose(0, 1).reshape(bsz, tsz, self.groups * codebooks.shape[-1])
-        if not self.time_first:
-            quantized = quantized.transpose(1, 2)
-        result["x"] = quantized
-        return result
+        return quantized if self.time_first else quantized.transpose(1, 2)
 
     def forward_idx(self, x: Tensor):
         res = self.forward(x, produce_targets=True)
