@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast test-cluster demo install clean
+.PHONY: test test-fast test-cluster lint demo install clean
 
 install: $(STAMP)
 
@@ -17,11 +17,17 @@ $(STAMP): setup.py
 	bash scripts/remove_broken_torchaudio.sh $(PY)
 	touch $(STAMP)
 
-test: $(STAMP)
+# ruff (settings in ruff.toml): the linter and the formatter's check, before the tests.
+# `$(VENV)/bin/ruff format .` formats the tree.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
 # Skips the end-to-end tests marked slow.
-test-fast: $(STAMP)
+test-fast: lint
 	$(PY) -m pytest -q -m "not slow" tests
 
 # The SLURM and multi-node tests against a throwaway one-node SLURM on this host

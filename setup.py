@@ -1,4 +1,5 @@
 """fairseq-knnvq: KNN-to-simplex-vertex regularised smoothed vector quantization for fairseq."""
+
 from setuptools import find_packages, setup
 
 setup(
@@ -38,8 +39,18 @@ setup(
         # knnvq-infer --lm: CTC beam search with a KenLM model (flashlight-text has KenLM built in;
         # checked with flashlight-text 0.0.7).
         "lm": ["flashlight-text>=0.0.7"],
-        "dev": ["pytest", "pytest-timeout", "matplotlib", "transformers>=4.40", "safetensors", "tensorboard", "flashlight-text>=0.0.7",
-                "hydra-submitit-launcher>=1.2"],
+        "dev": [
+            "pytest",
+            "pytest-timeout",
+            "matplotlib",
+            "transformers>=4.40",
+            "safetensors",
+            "tensorboard",
+            "flashlight-text>=0.0.7",
+            "hydra-submitit-launcher>=1.2",
+            # pinned: `make test` checks the formatting, which must not move between releases
+            "ruff==0.16.9",
+        ],
         # SLURM launches through configs/run_config/slurm_*.yaml (hydra's submitit launcher) and
         # knnvq-study --launcher slurm (submitit; checked with hydra-submitit-launcher 1.2.0, submitit 1.5.4).
         "slurm": ["hydra-submitit-launcher>=1.2"],

@@ -11,6 +11,7 @@ The model is loaded once (as ``knnvq-infer`` loads it) and decodes the subset
 times and the median wall time counts. Writes
 ``benchmarks/results/decoding.json`` (``--output`` to change).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--subset", default="test")
     parser.add_argument("--batch-sizes", default="1,4,16", help="utterances per batch, comma-separated")
-    parser.add_argument("--max-tokens", type=int, default=infer_ctc.DEFAULT_MAX_TOKENS,
-                        help="also decode with this many samples per batch (knnvq-infer's default); 0: skip")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=infer_ctc.DEFAULT_MAX_TOKENS,
+        help="also decode with this many samples per batch (knnvq-infer's default); 0: skip",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1, help="untimed decodes of the subset first")
     parser.add_argument("--device", default="cpu")
@@ -63,17 +68,25 @@ def main() -> None:
             started = time.perf_counter()
             hypotheses[name] = decode_subset(model, task, args.subset, batching, args.device, False)
             seconds.append(time.perf_counter() - started)
-        results[name] = {"median_seconds": round(statistics.median(seconds), 3), "seconds": [round(s, 3) for s in seconds]}
+        results[name] = {
+            "median_seconds": round(statistics.median(seconds), 3),
+            "seconds": [round(s, 3) for s in seconds],
+        }
         print(f"{name}: {results[name]['median_seconds']:.2f} s", flush=True)
     baseline = next(iter(results))
     for name, result in results.items():
         result["speed_up"] = round(results[baseline]["median_seconds"] / result["median_seconds"], 2)
         result["same_hypotheses_as_" + baseline] = hypotheses[name] == hypotheses[baseline]
     record = {
-        "checkpoint": str(args.checkpoint.resolve()), "subset": args.subset,
-        "utterances": len(hypotheses[baseline]), "device": args.device,
-        "torch_threads": torch.get_num_threads(), "repeats": args.repeats, "warmup": args.warmup,
-        "command": " ".join(sys.argv), "results": results,
+        "checkpoint": str(args.checkpoint.resolve()),
+        "subset": args.subset,
+        "utterances": len(hypotheses[baseline]),
+        "device": args.device,
+        "torch_threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "command": " ".join(sys.argv),
+        "results": results,
     }
     atomic_write_text(args.output, json.dumps(record, indent=2) + "\n")
     print(json.dumps(record["results"], indent=2))

@@ -28,6 +28,7 @@ Targets: quantizer / bare smoothing <= 1.15 with KNN-CE and without a regularise
 <= 1.3 with the diversity loss; KNN-CE / no regulariser <= 1.25 (bare and quantizer).
 Writes ``benchmarks/results/memory[_quick].json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,9 +71,19 @@ def methods(quick: bool) -> List[str]:
 def image_case(method: str, quick: bool) -> Dict[str, Any]:
     batch = 1 if quick else 2
     return h.case(
-        method, n=batch * 32 * 32, dim=256, groups=1, entries=16384, vq_dim=256,
-        downsample_factor=8, image_size=256, batch=batch, smoothing="gumbel",
-        channels=128, max_channels=512, num_res_blocks=2,
+        method,
+        n=batch * 32 * 32,
+        dim=256,
+        groups=1,
+        entries=16384,
+        vq_dim=256,
+        downsample_factor=8,
+        image_size=256,
+        batch=batch,
+        smoothing="gumbel",
+        channels=128,
+        max_channels=512,
+        num_res_blocks=2,
     )
 
 
@@ -91,40 +102,58 @@ def run_rows(cases: Dict[str, Dict[str, Any]], logits_bytes: int) -> Dict[str, A
         rows[method]["ratio"] = None if base is None else peak / base
         rows[method]["ratio_against"] = base_name if base is not None else None
         ratio = "" if base is None else f"{peak / base:.3f}"
-        print(f"  {method:<36s} {h.fmt_bytes(peak):>11s} {peak / logits_bytes:>7.2f} {ratio:>7s}  "
-              f"{base_name if base is not None else ''}")
+        print(
+            f"  {method:<36s} {h.fmt_bytes(peak):>11s} {peak / logits_bytes:>7.2f} {ratio:>7s}  "
+            f"{base_name if base is not None else ''}"
+        )
         sys.stdout.flush()
     return rows
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="N = 2048, image step at batch 1, no separate-node variant")
+    parser.add_argument(
+        "--quick", action="store_true", help="N = 2048, image step at batch 1, no separate-node variant"
+    )
     parser.add_argument("--no-image", action="store_true", help="skip the image-autoencoder step")
-    parser.add_argument("--smoothing", default="softmax", choices=["softmax", "gumbel", "gumbel_hard", "ste"],
-                        help="smoothing of the quantizer cases (the bare smoothing stays softmax, the least "
-                             "any smoothed quantizer computes)")
+    parser.add_argument(
+        "--smoothing",
+        default="softmax",
+        choices=["softmax", "gumbel", "gumbel_hard", "ste"],
+        help="smoothing of the quantizer cases (the bare smoothing stays softmax, the least "
+        "any smoothed quantizer computes)",
+    )
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/memory[_quick].json)")
     args = parser.parse_args(argv)
     out = args.out or os.path.join(h.HERE, "results", "memory_quick.json" if args.quick else "memory.json")
 
     info = h.machine()
-    print(f"CPU: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']}, "
-          f"{info['torch_threads']} threads, load {info['load_average_1min_at_start']}")
+    print(
+        f"CPU: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']}, "
+        f"{info['torch_threads']} threads, load {info['load_average_1min_at_start']}"
+    )
     calibration = h.calibrate()
-    print(f"peak memory calibration: a {h.fmt_bytes(calibration['nominal_bytes'])} tensor measured as "
-          f"{h.fmt_bytes(calibration['peak_bytes'])}")
+    print(
+        f"peak memory calibration: a {h.fmt_bytes(calibration['nominal_bytes'])} tensor measured as "
+        f"{h.fmt_bytes(calibration['peak_bytes'])}"
+    )
     start = time.time()
     results, targets = [], []
     for shape in shapes(args.quick):
         label = f"G=1 M={shape['entries']} N={shape['n']}" + (
-            f", quantizer smoothing {args.smoothing}" if args.smoothing != "softmax" else "")
+            f", quantizer smoothing {args.smoothing}" if args.smoothing != "softmax" else ""
+        )
         logits_bytes = 4 * shape["n"] * shape["entries"]
         print(f"\n{label} (one N x M float32 tensor: {h.fmt_bytes(logits_bytes)})")
         cases = {
-            m: h.case(m, dim=256, groups=1, vq_dim=64,
-                      smoothing=args.smoothing if m.startswith("ours_") else "softmax", **shape)
+            m: h.case(
+                m,
+                dim=256,
+                groups=1,
+                vq_dim=64,
+                smoothing=args.smoothing if m.startswith("ours_") else "softmax",
+                **shape,
+            )
             for m in methods(args.quick)
         }
         rows = run_rows(cases, logits_bytes)
@@ -136,20 +165,31 @@ def main(argv=None) -> int:
     if not args.no_image:
         cases = {m: image_case(m, args.quick) for m in image_methods(args.quick)}
         c = cases["image_bare"]
-        label = (f"vq_image_autoencoder f8 M=16384, batch {c['batch']} x {c['image_size']} px "
-                 f"(N={c['n']} positions)")
+        label = f"vq_image_autoencoder f8 M=16384, batch {c['batch']} x {c['image_size']} px (N={c['n']} positions)"
         logits_bytes = 4 * c["n"] * c["entries"]
         print(f"\n{label} (one N x M float32 tensor: {h.fmt_bytes(logits_bytes)})")
         rows = run_rows(cases, logits_bytes)
-        results.append({"label": label, "shape": {k: v for k, v in c.items() if k != "method"},
-                        "logits_bytes": logits_bytes, "methods": rows})
+        results.append(
+            {
+                "label": label,
+                "shape": {k: v for k, v in c.items() if k != "method"},
+                "logits_bytes": logits_bytes,
+                "methods": rows,
+            }
+        )
 
     h.print_targets(targets)
-    h.write_json(out, {
-        "command": "python benchmarks/bench_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": info, "memory_calibration": calibration, "wall_seconds": time.time() - start,
-        "results": results, "targets": targets,
-    })
+    h.write_json(
+        out,
+        {
+            "command": "python benchmarks/bench_memory.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": info,
+            "memory_calibration": calibration,
+            "wall_seconds": time.time() - start,
+            "results": results,
+            "targets": targets,
+        },
+    )
     print(f"\nwrote {os.path.relpath(out, h.REPO)}")
     return 0 if all(t["met"] is not False for t in targets) else 1
 

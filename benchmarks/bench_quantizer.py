@@ -30,6 +30,7 @@ fresh process per case.
 Prints a table and the targets, and writes JSON with every measurement and ratio to
 ``benchmarks/results/quantizer[_cuda][_quick].json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,18 +52,43 @@ def shape_groups(quick: bool) -> List[Dict[str, Any]]:
     """Each group is timed together (interleaved); ``memory`` lists the methods whose
     peak memory is measured."""
     groups = []
-    for n in ([2048, 8192] if quick else [2048, 8192, 32768]):
-        groups.append(dict(label=f"wav2vec2 base N={n}", shape=dict(n=n, **WAV2VEC),
-                           methods=QUANTIZERS, memory=["fairseq_diversity", "ours_none", "ours_knn_ce"]))
-    image = [(1024, 4096)] if quick else [(1024, 4096), (1024, 16384), (16384, 4096), (16384, 16384), (65536, 4096), (65536, 16384)]
+    for n in [2048, 8192] if quick else [2048, 8192, 32768]:
+        groups.append(
+            dict(
+                label=f"wav2vec2 base N={n}",
+                shape=dict(n=n, **WAV2VEC),
+                methods=QUANTIZERS,
+                memory=["fairseq_diversity", "ours_none", "ours_knn_ce"],
+            )
+        )
+    image = (
+        [(1024, 4096)]
+        if quick
+        else [(1024, 4096), (1024, 16384), (16384, 4096), (16384, 16384), (65536, 4096), (65536, 16384)]
+    )
     for m, n in image:
-        groups.append(dict(label=f"image G=1 M={m} N={n}", shape=dict(n=n, dim=256, groups=1, entries=m, vq_dim=64),
-                           methods=["fairseq_diversity", "ours_none", "ours_knn_ce", "ours_knn_l2"],
-                           memory=["fairseq_diversity", "ours_none", "ours_knn_ce"] if m == 1024 else []))
-    naive = [(320, 2, 8192), (1024, 1, 4096)] if quick else [(320, 2, 8192), (1024, 1, 4096), (1024, 1, 16384), (16384, 1, 4096)]
+        groups.append(
+            dict(
+                label=f"image G=1 M={m} N={n}",
+                shape=dict(n=n, dim=256, groups=1, entries=m, vq_dim=64),
+                methods=["fairseq_diversity", "ours_none", "ours_knn_ce", "ours_knn_l2"],
+                memory=["fairseq_diversity", "ours_none", "ours_knn_ce"] if m == 1024 else [],
+            )
+        )
+    naive = (
+        [(320, 2, 8192), (1024, 1, 4096)]
+        if quick
+        else [(320, 2, 8192), (1024, 1, 4096), (1024, 1, 16384), (16384, 1, 4096)]
+    )
     for m, g, n in naive:
-        groups.append(dict(label=f"regulariser alone G={g} M={m} N={n}", shape=dict(n=n, dim=0, groups=g, entries=m, vq_dim=g),
-                           methods=REGULARIZERS, memory=[]))
+        groups.append(
+            dict(
+                label=f"regulariser alone G={g} M={m} N={n}",
+                shape=dict(n=n, dim=0, groups=g, entries=m, vq_dim=g),
+                methods=REGULARIZERS,
+                memory=[],
+            )
+        )
     return groups
 
 
@@ -114,8 +140,10 @@ def print_group(res: Dict[str, Any]) -> None:
     rows = res["methods"]
     base = rows.get("fairseq_diversity", {})
     print(f"\n{res['label']}")
-    print(f"  {'method':<22s} {'wall med':>10s} {'wall min':>10s} {'CPU med':>10s} {'peak mem':>11s}"
-          f" {'CPU/fairseq':>12s} {'wall/fairseq':>13s} {'mem/fairseq':>12s}")
+    print(
+        f"  {'method':<22s} {'wall med':>10s} {'wall min':>10s} {'CPU med':>10s} {'peak mem':>11s}"
+        f" {'CPU/fairseq':>12s} {'wall/fairseq':>13s} {'mem/fairseq':>12s}"
+    )
     for m, r in rows.items():
         if r["skipped"]:
             print(f"  {m:<22s} skipped: {r['skipped']}")
@@ -137,15 +165,21 @@ def derived(results: List[Dict[str, Any]]) -> Dict[str, Any]:
         get = lambda m, key: rows.get(m, {}).get(key)  # noqa: E731
         if "fairseq_diversity" in rows:
             out["vs_fairseq"][label] = {
-                m: {**{basis: ratio(get(m, key), get("fairseq_diversity", key)) for basis, key in times.items()},
-                    "peak_memory": ratio(get(m, "peak_bytes"), get("fairseq_diversity", "peak_bytes"))}
-                for m in rows if m.startswith("ours")
+                m: {
+                    **{basis: ratio(get(m, key), get("fairseq_diversity", key)) for basis, key in times.items()},
+                    "peak_memory": ratio(get(m, "peak_bytes"), get("fairseq_diversity", "peak_bytes")),
+                }
+                for m in rows
+                if m.startswith("ours")
             }
         if "ours_none" in rows:
             out["knn_overhead"][label] = {
-                m: {basis: None if (r := ratio(get(m, key), get("ours_none", key))) is None else r - 1.0
-                    for basis, key in times.items()}
-                for m in ("ours_knn_ce", "ours_knn_l2") if m in rows
+                m: {
+                    basis: None if (r := ratio(get(m, key), get("ours_none", key))) is None else r - 1.0
+                    for basis, key in times.items()
+                }
+                for m in ("ours_knn_ce", "ours_knn_l2")
+                if m in rows
             }
         if "naive_cdist_l2" in rows:
             out["naive_over_ours"][label] = {
@@ -161,41 +195,76 @@ def targets(d: Dict[str, Any], basis: str) -> List[Dict[str, Any]]:
     key = "wav2vec2 base N=8192"
     vs = d["vs_fairseq"].get(key, {}).get("ours_knn_ce", {})
     naive = [
-        r["regularizer_knn_ce"][basis] for label, r in d["naive_over_ours"].items()
+        r["regularizer_knn_ce"][basis]
+        for label, r in d["naive_over_ours"].items()
         if int(label.split(" M=")[1].split()[0]) >= 1024 and r["regularizer_knn_ce"][basis] is not None
     ]
     return [
-        h.check(f"time ({basis}): ours KNN-CE / fairseq Gumbel+diversity (D=512 G=2 M=320 N=8192)",
-                vs.get(basis), "<=", 0.25),
+        h.check(
+            f"time ({basis}): ours KNN-CE / fairseq Gumbel+diversity (D=512 G=2 M=320 N=8192)",
+            vs.get(basis),
+            "<=",
+            0.25,
+        ),
         h.check("peak memory: ours KNN-CE / fairseq Gumbel+diversity (same shape)", vs.get("peak_memory"), "<=", 0.25),
-        h.check(f"time ({basis}): KNN-CE term, extra over ours without regulariser (same shape)",
-                d["knn_overhead"].get(key, {}).get("ours_knn_ce", {}).get(basis), "<=", 0.15),
-        h.check(f"time ({basis}): naive cdist(eye(M), P) / ours KNN-CE, smallest over M >= 1024",
-                min(naive) if naive else None, ">=", 10.0),
+        h.check(
+            f"time ({basis}): KNN-CE term, extra over ours without regulariser (same shape)",
+            d["knn_overhead"].get(key, {}).get("ours_knn_ce", {}).get(basis),
+            "<=",
+            0.15,
+        ),
+        h.check(
+            f"time ({basis}): naive cdist(eye(M), P) / ours KNN-CE, smallest over M >= 1024",
+            min(naive) if naive else None,
+            ">=",
+            10.0,
+        ),
     ]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="only the shapes the targets name (and N=2048), 7 rounds")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed rounds per group (default 9, quick 7; 3 for steps of 2**26 logits and more)")
-    parser.add_argument("--time-basis", choices=["cpu", "wall"], default="cpu",
-                        help="which medians the targets compare (default cpu: this process's CPU time, "
-                        "which leaves out the time other processes held the cores)")
-    parser.add_argument("--max-tensor-gib", type=float, default=3.0,
-                        help="skip a case whose largest single tensor is bigger than this (default 3)")
-    parser.add_argument("--naive-max-entries", type=int, default=1024,
-                        help="largest M for the naive cdist form, which costs O(N * M^2) (default 1024)")
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed rounds per group (default 9, quick 7; 3 for steps of 2**26 logits and more)",
+    )
+    parser.add_argument(
+        "--time-basis",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="which medians the targets compare (default cpu: this process's CPU time, "
+        "which leaves out the time other processes held the cores)",
+    )
+    parser.add_argument(
+        "--max-tensor-gib",
+        type=float,
+        default=3.0,
+        help="skip a case whose largest single tensor is bigger than this (default 3)",
+    )
+    parser.add_argument(
+        "--naive-max-entries",
+        type=int,
+        default=1024,
+        help="largest M for the naive cdist form, which costs O(N * M^2) (default 1024)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory subprocesses")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads for the timings (default 1: on a shared machine, "
-                        "a thread descheduled inside a parallel region stalls the others and swamps "
-                        "the differences measured; 0: torch's default, all cores)")
-    parser.add_argument("--device", default="cpu",
-                        help="cpu (default) or cuda[:N]; on a GPU the targets compare wall-clock medians")
-    parser.add_argument("--out", default=None,
-                        help="JSON path (default benchmarks/results/quantizer[_cuda][_quick].json)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads for the timings (default 1: on a shared machine, "
+        "a thread descheduled inside a parallel region stalls the others and swamps "
+        "the differences measured; 0: torch's default, all cores)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda[:N]; on a GPU the targets compare wall-clock medians"
+    )
+    parser.add_argument(
+        "--out", default=None, help="JSON path (default benchmarks/results/quantizer[_cuda][_quick].json)"
+    )
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 7 if args.quick else 9
@@ -216,13 +285,17 @@ def main(argv=None) -> int:
     if cuda:
         info["gpu"] = torch.cuda.get_device_name()
         print(f"GPU: {info['gpu']}")
-    print(f"CPU: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} "
-          f"({info['torch_threads']} threads), fairseq {info['fairseq']}, load {info['load_average_1min_at_start']}")
+    print(
+        f"CPU: {info['cpu']}, {info['logical_cpus']} logical CPUs, torch {info['torch']} "
+        f"({info['torch_threads']} threads), fairseq {info['fairseq']}, load {info['load_average_1min_at_start']}"
+    )
     # the calibration checks the resident-set method, which the GPU runs do not use
     calibration = None if args.no_memory or cuda else h.calibrate()
     if calibration:
-        print(f"peak memory calibration: a {h.fmt_bytes(calibration['nominal_bytes'])} tensor measured as "
-              f"{h.fmt_bytes(calibration['peak_bytes'])}")
+        print(
+            f"peak memory calibration: a {h.fmt_bytes(calibration['nominal_bytes'])} tensor measured as "
+            f"{h.fmt_bytes(calibration['peak_bytes'])}"
+        )
     start = time.time()
     results = []
     for group in shape_groups(args.quick):
@@ -233,14 +306,27 @@ def main(argv=None) -> int:
     t = targets(d, args.time_basis)
     h.print_targets(t)
     other = "wall" if args.time_basis == "cpu" else "cpu"
-    print(f"  (the same on {other} time: " + ", ".join(
-        "-" if x["value"] is None else f"{x['value']:.3f}" for x in targets(d, other) if other in x["target"]) + ")")
-    h.write_json(out, {
-        "command": "python benchmarks/bench_quantizer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": info, "repeats": args.repeats, "memory_calibration": calibration,
-        "wall_seconds": time.time() - start, "time_basis": args.time_basis, "results": results,
-        "ratios": d, "targets": t,
-    })
+    print(
+        f"  (the same on {other} time: "
+        + ", ".join(
+            "-" if x["value"] is None else f"{x['value']:.3f}" for x in targets(d, other) if other in x["target"]
+        )
+        + ")"
+    )
+    h.write_json(
+        out,
+        {
+            "command": "python benchmarks/bench_quantizer.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": info,
+            "repeats": args.repeats,
+            "memory_calibration": calibration,
+            "wall_seconds": time.time() - start,
+            "time_basis": args.time_basis,
+            "results": results,
+            "ratios": d,
+            "targets": t,
+        },
+    )
     print(f"\nwrote {os.path.relpath(out, h.REPO)}")
     return 0 if all(x["met"] is not False for x in t) else 1
 

@@ -29,6 +29,7 @@ into half-precision features, which raises in ``index_put``).
 Prints a table with the ratios plugin / stock and writes
 ``benchmarks/results/step[_cuda].json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,7 +60,9 @@ def _yaml_sections(path: str):
     own = OmegaConf.load(path)
     names = own.pop("defaults", ["_self_"])
     folder = os.path.dirname(path)
-    cfg = OmegaConf.merge(*(own if name == "_self_" else OmegaConf.load(os.path.join(folder, f"{name}.yaml")) for name in names))
+    cfg = OmegaConf.merge(
+        *(own if name == "_self_" else OmegaConf.load(os.path.join(folder, f"{name}.yaml")) for name in names)
+    )
     return cfg.model, cfg.criterion
 
 
@@ -87,8 +90,11 @@ def build(variant: str, device: str):
         model_cfg, crit_cfg = _yaml_sections(PLUGIN_YAML)
         model = Wav2Vec2KnnVqModel(merge_with_parent(Wav2Vec2KnnVqConfig(), model_cfg))
         criterion = Wav2vecKnnVqCriterion(
-            None, infonce=crit_cfg.infonce, loss_weights=list(crit_cfg.loss_weights),
-            log_keys=list(crit_cfg.log_keys), knn_weight=crit_cfg.knn_weight,
+            None,
+            infonce=crit_cfg.infonce,
+            loss_weights=list(crit_cfg.loss_weights),
+            log_keys=list(crit_cfg.log_keys),
+            knn_weight=crit_cfg.knn_weight,
         )
         if model.cfg.regularizer != "knn" or model.cfg.knn_distance != "ce":
             raise RuntimeError(f"{PLUGIN_YAML} is expected to be the KNN-CE variant")
@@ -159,9 +165,22 @@ def measure_peak_here(variant: str, args) -> Dict[str, Any]:
 
 def measure_peak(variant: str, args) -> Dict[str, Any]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
-    command = [sys.executable, os.path.abspath(__file__), "--peak-of", variant, "--device", args.device,
-               "--batch", str(args.batch), "--seconds", str(args.seconds), "--threads", str(args.threads),
-               "--precision", args.precision]
+    command = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--peak-of",
+        variant,
+        "--device",
+        args.device,
+        "--batch",
+        str(args.batch),
+        "--seconds",
+        str(args.seconds),
+        "--threads",
+        str(args.threads),
+        "--precision",
+        args.precision,
+    ]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
         raise RuntimeError(f"peak memory run of {variant} failed:\n{proc.stderr[-3000:]}")
@@ -182,8 +201,13 @@ def time_steps(args) -> Dict[str, Dict[str, Any]]:
             wall[variant].append(time.perf_counter() - start)
             cpu[variant].append(time.process_time() - start_cpu)
     return {
-        v: {"median_s": statistics.median(wall[v]), "times_s": wall[v],
-            "cpu_median_s": statistics.median(cpu[v]), "cpu_times_s": cpu[v], "warmup_loss": losses[v]}
+        v: {
+            "median_s": statistics.median(wall[v]),
+            "times_s": wall[v],
+            "cpu_median_s": statistics.median(cpu[v]),
+            "cpu_times_s": cpu[v],
+            "warmup_loss": losses[v],
+        }
         for v in VARIANTS
     }
 
@@ -194,11 +218,18 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="utterances per batch (default 2)")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of audio per utterance (default 10)")
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (default 3)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads on CPU (default 1, as the other benchmarks; 0: all cores)")
-    parser.add_argument("--precision", choices=sorted(DTYPES), default="fp32",
-                        help="dtype of the model and the audio, as fairseq's common.fp16 / common.bf16 "
-                        "(default fp32)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads on CPU (default 1, as the other benchmarks; 0: all cores)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=sorted(DTYPES),
+        default="fp32",
+        help="dtype of the model and the audio, as fairseq's common.fp16 / common.bf16 (default fp32)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak memory subprocesses")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/step[_cuda].json)")
     parser.add_argument("--peak-of", choices=VARIANTS, default=None, help=argparse.SUPPRESS)
@@ -222,9 +253,13 @@ def main(argv=None) -> int:
     info = h.machine()
     if args.device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
-    print(f"{info.get('gpu', info['cpu'])}; torch {info['torch']} ({info['torch_threads']} CPU threads), "
-          f"fairseq {info['fairseq']}, load {info['load_average_1min_at_start']}")
-    print(f"one BASE step: {args.batch} x {args.seconds:g} s of audio, device {args.device}, precision {args.precision}")
+    print(
+        f"{info.get('gpu', info['cpu'])}; torch {info['torch']} ({info['torch_threads']} CPU threads), "
+        f"fairseq {info['fairseq']}, load {info['load_average_1min_at_start']}"
+    )
+    print(
+        f"one BASE step: {args.batch} x {args.seconds:g} s of audio, device {args.device}, precision {args.precision}"
+    )
     start = time.time()
     timing = time_steps(args)
     memory = {} if args.no_memory else {v: measure_peak(v, args) for v in VARIANTS}
@@ -235,20 +270,36 @@ def main(argv=None) -> int:
     }
     print(f"\n  {'variant':<8s} {'wall med':>10s} {'CPU med':>10s} {'peak mem':>11s}")
     for v in VARIANTS:
-        print(f"  {v:<8s} {h.fmt_s(timing[v]['median_s']):>10s} {h.fmt_s(timing[v]['cpu_median_s']):>10s}"
-              f" {h.fmt_bytes(memory.get(v, {}).get('peak_bytes')):>11s}")
-    print("  plugin / stock: wall {wall:.3f}, CPU {cpu:.3f}, peak memory {mem}".format(
-        wall=ratios["wall"], cpu=ratios["cpu"],
-        mem="-" if ratios["peak_memory"] is None else f"{ratios['peak_memory']:.3f}"))
+        print(
+            f"  {v:<8s} {h.fmt_s(timing[v]['median_s']):>10s} {h.fmt_s(timing[v]['cpu_median_s']):>10s}"
+            f" {h.fmt_bytes(memory.get(v, {}).get('peak_bytes')):>11s}"
+        )
+    print(
+        "  plugin / stock: wall {wall:.3f}, CPU {cpu:.3f}, peak memory {mem}".format(
+            wall=ratios["wall"],
+            cpu=ratios["cpu"],
+            mem="-" if ratios["peak_memory"] is None else f"{ratios['peak_memory']:.3f}",
+        )
+    )
     out = args.out or os.path.join(
         h.HERE, "results", "step_cuda.json" if args.device.startswith("cuda") else "step.json"
     )
-    h.write_json(out, {
-        "command": "python benchmarks/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": info, "batch": args.batch, "seconds": args.seconds, "repeats": args.repeats,
-        "device": args.device, "precision": args.precision, "wall_seconds": time.time() - start,
-        "timing": timing, "memory": memory, "ratios_plugin_over_stock": ratios,
-    })
+    h.write_json(
+        out,
+        {
+            "command": "python benchmarks/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": info,
+            "batch": args.batch,
+            "seconds": args.seconds,
+            "repeats": args.repeats,
+            "device": args.device,
+            "precision": args.precision,
+            "wall_seconds": time.time() - start,
+            "timing": timing,
+            "memory": memory,
+            "ratios_plugin_over_stock": ratios,
+        },
+    )
     print(f"\nwrote {os.path.relpath(out, h.REPO)}")
     return 0
 

@@ -18,6 +18,7 @@ f16 / M=1024 (in one piece) and f8 / M=16384 (one chunk of 64 MiB of scores). Ch
 the values of ``torch.topk`` (and the same indices: random scores have no ties), prints
 a table and writes JSON to ``benchmarks/results/topk_layout[_cuda].json``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -100,7 +101,7 @@ def main(argv: List[str] = None) -> int:
     for r in rows:
         dims = f"{r['n']} x {r['groups']} x {r['columns']}"
         times = " ".join(f"{h.fmt_s(r['results'][n]['median_s']):>18s}" for n in names)
-        equal = all(r["results"][l]["values_equal"] and r["results"][l]["indices_equal"] for l in TOPK_LAYOUTS)
+        equal = all(r["results"][x]["values_equal"] and r["results"][x]["indices_equal"] for x in TOPK_LAYOUTS)
         ok = ok and equal
         print(f"{r['label']:34s} {dims:>18s} {times}  {equal}")
     h.write_json(out, {"device": args.device, "machine": h.machine(), "shapes": rows, "all_equal": ok})

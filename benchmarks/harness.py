@@ -18,6 +18,7 @@ runs with ``MALLOC_MMAP_THRESHOLD_`` fixed at 64 KiB, so every tensor of 64 KiB 
 is its own mapping and returns to the system when freed. A calibration case (a
 256 MiB tensor filled and freed) checks the method on every run.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,9 +65,18 @@ def largest_tensor_bytes(c: Dict[str, Any]) -> int:
 
 def _ours(c: Dict[str, Any], regularizer: str, distance: str = "ce") -> SmoothedVectorQuantizer:
     return SmoothedVectorQuantizer(
-        c["dim"], c["entries"], TEMP, c["groups"], False, c["vq_dim"], True,
-        smoothing=c.get("smoothing", "gumbel_hard"), regularizer=regularizer,
-        knn_k=c.get("k", 8), knn_distance=distance, knn_chunk_size=c.get("chunk_size"),
+        c["dim"],
+        c["entries"],
+        TEMP,
+        c["groups"],
+        False,
+        c["vq_dim"],
+        True,
+        smoothing=c.get("smoothing", "gumbel_hard"),
+        regularizer=regularizer,
+        knn_k=c.get("k", 8),
+        knn_distance=distance,
+        knn_chunk_size=c.get("chunk_size"),
         track_knn_loss=False,
     )
 
@@ -147,8 +157,13 @@ def build_step(c: Dict[str, Any], seed: int = 0) -> Callable[[], float]:
         from fairseq.modules import GumbelVectorQuantizer
 
         quantizer = GumbelVectorQuantizer(
-            dim=dim, num_vars=entries, temp=TEMP, groups=groups, combine_groups=False,
-            vq_dim=vq_dim, time_first=True,
+            dim=dim,
+            num_vars=entries,
+            temp=TEMP,
+            groups=groups,
+            combine_groups=False,
+            vq_dim=vq_dim,
+            time_first=True,
         )
         key = None
     else:
@@ -209,13 +224,20 @@ def build_image_step(c: Dict[str, Any], seed: int = 0) -> Callable[[], float]:
 
     torch.manual_seed(seed)
     method = c["method"]
-    regularizer = "none" if method == "image_bare" else method[len("image_ours_"):].replace("knn_ce", "knn")
+    regularizer = "none" if method == "image_bare" else method[len("image_ours_") :].replace("knn_ce", "knn")
     cfg = VQImageAutoencoderConfig(
-        channels=c.get("channels", 128), max_channels=c.get("max_channels", 512),
-        num_res_blocks=c.get("num_res_blocks", 2), code_dim=c["dim"],
-        downsample_factor=c["downsample_factor"], latent_vars=c["entries"],
-        quantizer="smoothed", smoothing=c.get("smoothing", "gumbel"), regularizer=regularizer,
-        knn_distance="ce", knn_k=c.get("k", 8), knn_global=False,
+        channels=c.get("channels", 128),
+        max_channels=c.get("max_channels", 512),
+        num_res_blocks=c.get("num_res_blocks", 2),
+        code_dim=c["dim"],
+        downsample_factor=c["downsample_factor"],
+        latent_vars=c["entries"],
+        quantizer="smoothed",
+        smoothing=c.get("smoothing", "gumbel"),
+        regularizer=regularizer,
+        knn_distance="ce",
+        knn_k=c.get("k", 8),
+        knn_global=False,
     )
     model = VQImageAutoencoder(cfg)
     model.quantizer.track_knn_loss = False  # only the training losses, as in bench_memory
@@ -258,8 +280,11 @@ def time_interleaved(steps: Dict[str, Callable[[], float]], repeats: int) -> Dic
             cpu[name].append(time.process_time() - start_cpu)
     return {
         name: {
-            "median_s": statistics.median(wall[name]), "min_s": min(wall[name]), "times_s": wall[name],
-            "cpu_median_s": statistics.median(cpu[name]), "cpu_times_s": cpu[name],
+            "median_s": statistics.median(wall[name]),
+            "min_s": min(wall[name]),
+            "times_s": wall[name],
+            "cpu_median_s": statistics.median(cpu[name]),
+            "cpu_times_s": cpu[name],
         }
         for name in steps
     }
@@ -276,6 +301,7 @@ def _status_kib(field: str) -> int:
 def measure_peak_here(c: Dict[str, Any]) -> Dict[str, Any]:
     """Run in the subprocess: peak resident bytes of one forward + backward of ``c``."""
     if c["method"] == "calibration":
+
         def step() -> float:
             t = torch.empty(int(c["bytes"]) // 4).fill_(1.0)
             return float(t[0])
@@ -308,7 +334,10 @@ def measure_peak(c: Dict[str, Any], timeout: float = 900.0) -> Dict[str, Any]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "harness.py"), "peak", json.dumps(c)],
-        capture_output=True, text=True, env=env, timeout=timeout,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
     )
     if proc.returncode != 0:
         raise RuntimeError(f"peak memory run of {c} failed:\n{proc.stderr[-3000:]}")

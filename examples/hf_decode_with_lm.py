@@ -11,6 +11,7 @@ delimiter. pyctcdecode runs its own beam search (no lexicon; the words of ``--un
 guide it), with its own defaults (alpha 0.5, beta 1.5), so its WER is not that of
 ``knnvq-infer --lm``'s flashlight search.
 """
+
 import argparse
 from pathlib import Path
 
@@ -33,10 +34,15 @@ def main() -> None:
     processor = Wav2Vec2Processor.from_pretrained(args.folder)
     model = Wav2Vec2ForCTC.from_pretrained(args.folder).eval()
     vocabulary = processor.tokenizer.get_vocab()
-    labels = [{"<pad>": "", "|": " "}.get(token, token) for token, _ in sorted(vocabulary.items(), key=lambda kv: kv[1])]
+    labels = [
+        {"<pad>": "", "|": " "}.get(token, token) for token, _ in sorted(vocabulary.items(), key=lambda kv: kv[1])
+    ]
     unigrams = sorted(set(args.unigrams.read_text().split())) if args.unigrams else None
-    with_lm = Wav2Vec2ProcessorWithLM(feature_extractor=processor.feature_extractor, tokenizer=processor.tokenizer,
-                                      decoder=build_ctcdecoder(labels, kenlm_model_path=str(args.lm), unigrams=unigrams))
+    with_lm = Wav2Vec2ProcessorWithLM(
+        feature_extractor=processor.feature_extractor,
+        tokenizer=processor.tokenizer,
+        decoder=build_ctcdecoder(labels, kenlm_model_path=str(args.lm), unigrams=unigrams),
+    )
 
     lines = (args.data / f"{args.subset}.tsv").read_text().splitlines()
     root, files = Path(lines[0]), [line.split("\t")[0] for line in lines[1:]]
@@ -46,8 +52,10 @@ def main() -> None:
         audio, rate = soundfile.read(root / file, dtype="float32")
         with torch.no_grad():
             logits = model(processor(audio, sampling_rate=rate, return_tensors="pt").input_values).logits
-        hypotheses = {"greedy": processor.batch_decode(logits.argmax(-1))[0],
-                      "lm": with_lm.batch_decode(logits.numpy()).text[0]}
+        hypotheses = {
+            "greedy": processor.batch_decode(logits.argmax(-1))[0],
+            "lm": with_lm.batch_decode(logits.numpy()).text[0],
+        }
         for kind, hypothesis in hypotheses.items():
             errors[kind] += editdistance.eval(reference.split(), hypothesis.split())
     words = sum(len(r.split()) for r in references)

@@ -12,6 +12,7 @@ minibatches.
 
     python examples/simplex_toy.py --out toy_out        # table + toy_out/simplex_toy.png
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,9 +42,9 @@ def variants(num_points: int, batch_size: int, k: int) -> List[Variant]:
     return [
         Variant("(a) none", None, batch_size),
         Variant("(b) diversity", diversity_loss, batch_size),
-        Variant(f"(c) KNN-L2, K={k}", lambda l: knn_vertex_loss(l, k=k, distance="l2"), batch_size),
-        Variant(f"(d) KNN-CE, K={k}", lambda l: knn_vertex_loss(l, k=k, distance="ce"), batch_size),
-        Variant(f"KNN-CE, K={k}, full batch", lambda l: knn_vertex_loss(l, k=k, distance="ce"), num_points),
+        Variant(f"(c) KNN-L2, K={k}", lambda logits: knn_vertex_loss(logits, k=k, distance="l2"), batch_size),
+        Variant(f"(d) KNN-CE, K={k}", lambda logits: knn_vertex_loss(logits, k=k, distance="ce"), batch_size),
+        Variant(f"KNN-CE, K={k}, full batch", lambda logits: knn_vertex_loss(logits, k=k, distance="ce"), num_points),
     ]
 
 

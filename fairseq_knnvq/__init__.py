@@ -6,6 +6,7 @@ fairseq imports it after importing itself and then auto-imports ``models/`` and
 imports fairseq, so the fairseq parts are registered only when fairseq is already
 loaded (or when :func:`register_with_fairseq` is called).
 """
+
 import os
 import sys
 

@@ -18,6 +18,7 @@ into a message that names the blocked global and says that the file may be malic
 (never the advice to turn the check off); a file that is neither a zip archive nor a
 pickle is called what it is: not a checkpoint.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -86,8 +87,10 @@ def describe_load_error(path: str, error: BaseException, what: str = "") -> str:
     if kind == "empty":
         return f"{name} is empty (0 bytes): not a checkpoint (an interrupted copy or download?)"
     if kind == "truncated zip":
-        return (f"{name} is truncated or damaged (its zip directory cannot be read: an interrupted "
-                f"copy, a full disk or a partial download)")
+        return (
+            f"{name} is truncated or damaged (its zip directory cannot be read: an interrupted "
+            f"copy, a full disk or a partial download)"
+        )
     if kind == "other":
         return f"{name} is not a checkpoint: neither a PyTorch zip archive nor a pickle"
     found = blocked_globals(error) if isinstance(error, pickle.UnpicklingError) else []
@@ -131,4 +134,3 @@ def damage_message(path: str) -> Optional[str]:
     except (zipfile.BadZipFile, OSError, EOFError) as error:
         return f"{path} is damaged ({error})"
     return None if bad is None else f"{path} is damaged: its part {bad} fails its CRC check (a disk or copy error)"
-

@@ -20,6 +20,7 @@ Every command that reads a checkpoint (``knnvq-report codes``, ``knnvq-infer``,
 quantizer) keeping the quantizer's whole output, so the counts are those of the model's
 own quantizer in evaluation mode (hard argmax codes).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -64,7 +65,9 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
         detail = f"{type(error).__name__}: {error}"
         raise CheckpointError(describe_load_error(str(path), error), detail) from None
     if not isinstance(state, dict) or state.get("cfg") is None or "model" not in state:
-        raise CheckpointError(f"{path} has no 'cfg' and 'model' entries: not a checkpoint written by fairseq's training")
+        raise CheckpointError(
+            f"{path} has no 'cfg' and 'model' entries: not a checkpoint written by fairseq's training"
+        )
     return state
 
 

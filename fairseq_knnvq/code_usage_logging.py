@@ -11,6 +11,7 @@ sums, never averaged from per-batch values.
 The codebook shape is carried in the key (``_code_usage_2x320``), because fairseq sums
 every value of a logging output.
 """
+
 from __future__ import annotations
 
 import logging
@@ -61,13 +62,16 @@ def few_rows_message(rows: float, k: int, entries: int, knn_global: bool, world:
     elif world == 1:
         fixes.append("more workers (model.knn_global is on, but this run has one worker)")
     if k > 1:
-        fixes.append(f"a smaller model.knn_k (K <= {max(1, int(rows // entries))} gives at least one row per vertex here)")
+        fixes.append(
+            f"a smaller model.knn_k (K <= {max(1, int(rows // entries))} gives at least one row per vertex here)"
+        )
     fixes.append("a larger batch (dataset.max_tokens, or more workers with knn_global)")
     return (
         f"KNN rows per vertex {per_vertex:.2f} < 1: each KNN search chooses from {rows:.0f} rows "
         f"({where}) while a group asks for K * M = {k} * {entries} = {k * entries} neighbours, so "
         "rows are shared between vertices and pulled towards several at once. In this regime our "
-        "speech study found no gain over the diversity loss (docs/study.md). Fixes: " + "; ".join(fixes)
+        "speech study found no gain over the diversity loss (docs/study.md). Fixes: "
+        + "; ".join(fixes)
         + ". The logs show knn_rows and knn_rows_per_vertex in every record."
     )
 
@@ -84,7 +88,11 @@ class FewKnnRowsCheck:
         if self.done or not model.training or "knn_rows" not in net_output:
             return
         cfg = getattr(model, "cfg", None)
-        if cfg is None or str(getattr(cfg, "regularizer", "")) != "knn" or str(getattr(cfg, "quantizer", "smoothed")) == "vqvae":
+        if (
+            cfg is None
+            or str(getattr(cfg, "regularizer", "")) != "knn"
+            or str(getattr(cfg, "quantizer", "smoothed")) == "vqvae"
+        ):
             return
         self.done = True
         import torch.distributed as dist

@@ -15,6 +15,7 @@ the trainer's (unwrapped) model is told whether it is a dummy, through the model
 sample, so the flag is current for the forward call that follows (training and
 validation alike); models without the method are not touched.
 """
+
 from __future__ import annotations
 
 import functools
@@ -75,4 +76,3 @@ class MarksDummyBatches:
         """The mark for this forward call; the next call is a real batch unless marked."""
         is_dummy, self._next_batch_is_dummy = self._next_batch_is_dummy, False
         return is_dummy
-

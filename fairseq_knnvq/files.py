@@ -10,6 +10,7 @@ The temporary file (or folder) is created as ``open()`` (or ``mkdir``) creates o
 mode ``0o666`` (``0o777``) less the process's umask, so the result has the usual
 permissions, not the private ``0o600`` of ``tempfile.mkstemp``.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -15,6 +15,7 @@ host when it was taken by the same SLURM job (a requeued job starts again, possi
 another node). A lock from another host and another job cannot be checked from here:
 the error names it and says to delete it if that process no longer runs.
 """
+
 from __future__ import annotations
 
 import atexit

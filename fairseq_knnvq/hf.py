@@ -28,6 +28,7 @@ encoder input, ...) are refused with their names.
 ``transformers`` is imported only here (``pip install 'fairseq-knnvq[hf]'``); the rest
 of the plugin does not need it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -110,7 +111,9 @@ def parse_conv_layers(spec: str) -> List[Tuple[int, int, int]]:
         layers = evaluate(ast.parse(spec, mode="eval"))
         parsed = [(int(dim), int(kernel), int(stride)) for dim, kernel, stride in layers]
     except (SyntaxError, ValueError, TypeError) as error:
-        raise ExportError(f"model.conv_feature_layers={spec!r} is not a list of (dim, kernel, stride) tuples: {error}") from None
+        raise ExportError(
+            f"model.conv_feature_layers={spec!r} is not a list of (dim, kernel, stride) tuples: {error}"
+        ) from None
     if not parsed:
         raise ExportError("model.conv_feature_layers is empty")
     return parsed
@@ -253,7 +256,10 @@ def map_state_dict(
     hf_keys = list(hf_state)
     pos_conv = "wav2vec2.encoder.pos_conv_embed.conv"
     weight_g, weight_v = _weight_norm_names(hf_keys, pos_conv)
-    rules = [(re.compile(re.escape(encoder_prefix) + pattern + "$"), "wav2vec2." + target) for pattern, target in ENCODER_RULES]
+    rules = [
+        (re.compile(re.escape(encoder_prefix) + pattern + "$"), "wav2vec2." + target)
+        for pattern, target in ENCODER_RULES
+    ]
     rules += [(re.compile(pattern + "$"), target) for pattern, target in head_rules]
 
     mapped: Dict[str, torch.Tensor] = {}
@@ -262,7 +268,11 @@ def map_state_dict(
         for pattern, target in rules:
             match = pattern.match(name)
             if match:
-                hf_name = match.expand(target).replace(f"{pos_conv}.WEIGHT_G", weight_g).replace(f"{pos_conv}.WEIGHT_V", weight_v)
+                hf_name = (
+                    match.expand(target)
+                    .replace(f"{pos_conv}.WEIGHT_G", weight_g)
+                    .replace(f"{pos_conv}.WEIGHT_V", weight_v)
+                )
                 break
         else:
             unmapped.append(name)
@@ -400,7 +410,9 @@ VERIFY_TOLERANCE = 1e-4
 VERIFY_SECONDS = 1.0
 
 
-def verify_export(checkpoint: Path, state: Mapping[str, Any], kind: str, folder: Path, dictionary: Any = None) -> Dict[str, float]:
+def verify_export(
+    checkpoint: Path, state: Mapping[str, Any], kind: str, folder: Path, dictionary: Any = None
+) -> Dict[str, float]:
     """Runs the fairseq model and the transformers model read back from ``folder`` on the
     same audio (a fixed pseudo-random second at the task's sample rate) and returns the
     largest absolute differences: CNN features, transformer output, quantized vectors
@@ -474,10 +486,19 @@ def export_checkpoint(
         w2v, task_cfg, finetuning = cfg.model.w2v_args.model, cfg.task, cfg.model
     rename_old_model_fields(w2v)  # a checkpoint saved with the 0.1.0 field names
     problems = unsupported_settings(w2v, pretraining=kind == "pretraining")
-    if finetuning is not None and float(finetuning.get("blank_weight", 0.0) or 0.0) != 0.0 and finetuning.get("blank_mode", "add") != "add":
-        problems.append(f"model.blank_mode={finetuning.get('blank_mode')!r} with a blank_weight (only 'add' folds into the output layer)")
+    if (
+        finetuning is not None
+        and float(finetuning.get("blank_weight", 0.0) or 0.0) != 0.0
+        and finetuning.get("blank_mode", "add") != "add"
+    ):
+        problems.append(
+            f"model.blank_mode={finetuning.get('blank_mode')!r} with a blank_weight "
+            "(only 'add' folds into the output layer)"
+        )
     if problems:
-        raise ExportError(f"checkpoint {checkpoint} uses settings transformers' Wav2Vec2 cannot represent: " + "; ".join(problems))
+        raise ExportError(
+            f"checkpoint {checkpoint} uses settings transformers' Wav2Vec2 cannot represent: " + "; ".join(problems)
+        )
     config_kwargs = hf_config_kwargs(w2v, finetuning)
     notes: List[str] = []
 

@@ -12,6 +12,7 @@ rank, world size and the rendezvous address still come from SLURM through fairse
 (``SLURM_PROCID``, ``SLURM_NTASKS``, ``scontrol show hostnames``). With CUDA it does
 nothing.
 """
+
 import logging
 import os
 from typing import Any
@@ -31,6 +32,8 @@ class SlurmTaskOnCpu(Callback):
         if os.environ["SLURM_LOCALID"] != "0":
             logger.info(
                 "no CUDA: SLURM task %s (SLURM_LOCALID=%s) runs on CPU; SLURM_LOCALID=0 so that "
-                "fairseq does not select a GPU", os.environ.get("SLURM_PROCID"), os.environ["SLURM_LOCALID"],
+                "fairseq does not select a GPU",
+                os.environ.get("SLURM_PROCID"),
+                os.environ["SLURM_LOCALID"],
             )
             os.environ["SLURM_LOCALID"] = "0"

@@ -16,6 +16,7 @@ Used by ``knnvq-train`` (:mod:`fairseq_knnvq.cli.train`), ``knnvq-study``
 ``CompactHydraException`` without a traceback), ``knnvq-train`` prints it as
 ``knnvq-train: error: ...``. Nothing here imports fairseq.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -59,6 +60,7 @@ def did_you_mean(name: str, candidates: Collection[str], prefix: str = "") -> st
 
 # -- config names ------------------------------------------------------------------------
 
+
 def variant_configs(config_dir: Path) -> List[str]:
     """The config names of a folder, without the ``<scale>_recipe.yaml`` files (shared
     settings that the variants include, not configs to run)."""
@@ -70,8 +72,10 @@ def check_config_name(config_dir: Path, config_name: str, option: str = "--confi
     listing the folder's configs and the closest names."""
     config_dir = Path(config_dir).expanduser()
     if not config_dir.is_dir():
-        raise PreflightError(f"--config-dir {config_dir} is not a folder; pass the folder of the configs, "
-                             "e.g. configs/pretraining, configs/finetuning or configs/image")
+        raise PreflightError(
+            f"--config-dir {config_dir} is not a folder; pass the folder of the configs, "
+            "e.g. configs/pretraining, configs/finetuning or configs/image"
+        )
     name = config_name[: -len(".yaml")] if config_name.endswith(".yaml") else config_name
     if (config_dir / f"{name}.yaml").is_file():
         return
@@ -83,6 +87,7 @@ def check_config_name(config_dir: Path, config_name: str, option: str = "--confi
 
 
 # -- override keys -----------------------------------------------------------------------
+
 
 def override_key(override: str) -> Optional[str]:
     """The dotted key that ``KEY=VALUE`` sets or adds (``+``/``++`` stripped); None for a
@@ -116,19 +121,21 @@ def unknown_override_keys(
         if len(parts) < 2:
             continue  # a config group choice (+run_config=slurm_2) or a group's own _name: hydra's
         if section not in fields:
-            messages.append(f"{override}: the config has no section {section!r}"
-                            f"{did_you_mean(section, fields)}")
+            messages.append(f"{override}: the config has no section {section!r}{did_you_mean(section, fields)}")
             continue
         names = fields[section]
         if len(parts) < 2 or names is None or parts[1] in names:
             continue
         owner = f" ({classes[section]})" if section in classes else ""
-        messages.append(f"{override}: {section}{owner} has no field {parts[1]!r}"
-                        f"{did_you_mean(parts[1], names, prefix=section + '.')}")
+        messages.append(
+            f"{override}: {section}{owner} has no field {parts[1]!r}"
+            f"{did_you_mean(parts[1], names, prefix=section + '.')}"
+        )
     return messages
 
 
 # -- data splits -------------------------------------------------------------------------
+
 
 def manifest_splits(data: Path) -> List[str]:
     """The audio splits of a manifest folder: the stems of its ``*.tsv`` files."""
@@ -141,20 +148,28 @@ def missing_manifest_split(data: Path, split: str, option: str) -> Optional[str]
     the split (``dataset.valid_subset``)."""
     data = Path(data)
     if not data.is_dir():
-        return (f"task.data {data} is not a folder; point task.data at the folder of the manifests "
-                "(knnvq-manifest or knnvq-prepare-librispeech write one)")
+        return (
+            f"task.data {data} is not a folder; point task.data at the folder of the manifests "
+            "(knnvq-manifest or knnvq-prepare-librispeech write one)"
+        )
     if (data / f"{split}{MANIFEST_SUFFIX}").is_file():
         return None
     found = manifest_splits(data)
     if not found:
-        return (f"task.data {data} holds no manifest (*.tsv); write them with knnvq-manifest or "
-                "knnvq-prepare-librispeech")
+        return (
+            f"task.data {data} holds no manifest (*.tsv); write them with knnvq-manifest or knnvq-prepare-librispeech"
+        )
     likely = [s for s in found if any(word in s for word in LIKELY_SPLIT_WORDS[option.split(".")[-1]])]
     choice = likely[0] if len(likely) == 1 else (found[0] if len(found) == 1 else None)
-    fix = (f"Add {option}={choice} to the command" if choice is not None
-           else f"Set {option} to one of them ({option}=NAME)")
-    return (f"{option}={split}, but task.data {data} has no {split}{MANIFEST_SUFFIX}; its splits: "
-            f"{', '.join(found)}. {fix}, or write {split}{MANIFEST_SUFFIX} there")
+    fix = (
+        f"Add {option}={choice} to the command"
+        if choice is not None
+        else f"Set {option} to one of them ({option}=NAME)"
+    )
+    return (
+        f"{option}={split}, but task.data {data} has no {split}{MANIFEST_SUFFIX}; its splits: "
+        f"{', '.join(found)}. {fix}, or write {split}{MANIFEST_SUFFIX} there"
+    )
 
 
 def check_manifest_splits(data: Path, splits: Mapping[str, Sequence[str]]) -> None:

@@ -9,6 +9,7 @@ registers it (before the model is built), ``knnvq-train`` before it imports fair
 hydra's warnings go too; stock ``fairseq-hydra-train`` prints hydra's before it imports
 the plugin). ``tests/e2e/test_quiet_logs.py`` checks a tiny run's console.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,23 +19,47 @@ from typing import Tuple
 
 # (category, message regex, why no action is needed)
 HARMLESS_WARNINGS: Tuple[Tuple[type, str, str], ...] = (
-    (Warning, r"\s*The version_base parameter is not specified",
-     "fairseq's @hydra.main has no version_base; hydra keeps the 1.1 behaviour fairseq needs"),
-    (UserWarning, r"\s*'[^']*' is validated against ConfigStore schema with the same name",
-     "fairseq (and knnvq-train) validate the primary config against FairseqConfig this way; hydra 1.3 supports it"),
-    (UserWarning, r"In '[^']*': Usage of deprecated keyword in package header '# @package _group_'",
-     "fairseq's own configs (and configs/finetuning) start with this header; hydra 1.3 still reads it"),
-    (UserWarning, r"Future Hydra versions will no longer change working directory",
-     "fairseq writes into hydra.run.dir by changing into it, as hydra 1.3 still does"),
-    (FutureWarning, r"`torch\.nn\.utils\.weight_norm` is deprecated",
-     "fairseq's positional convolution uses the old weight_norm; it still works, and checkpoints keep its names"),
-    (FutureWarning, r"`torch\.cuda\.amp\.autocast\(args\.\.\.\)` is deprecated",
-     "fairseq's train_step enters torch.cuda.amp.autocast (disabled unless --amp); same behaviour"),
-    (UserWarning, r"Using a non-tuple sequence for multidimensional indexing is deprecated",
-     "fairseq's RawAudioDataset.crop_to_max_size indexes with a list of slices; the installed torch still "
-     "reads it as a tuple (tests/e2e/test_quiet_logs.py checks that it crops the same)"),
-    (UserWarning, r"'pin_memory' argument is set as true but no accelerator is found",
-     "fairseq always asks for pinned memory; on a machine without a GPU there is nothing to pin"),
+    (
+        Warning,
+        r"\s*The version_base parameter is not specified",
+        "fairseq's @hydra.main has no version_base; hydra keeps the 1.1 behaviour fairseq needs",
+    ),
+    (
+        UserWarning,
+        r"\s*'[^']*' is validated against ConfigStore schema with the same name",
+        "fairseq (and knnvq-train) validate the primary config against FairseqConfig this way; hydra 1.3 supports it",
+    ),
+    (
+        UserWarning,
+        r"In '[^']*': Usage of deprecated keyword in package header '# @package _group_'",
+        "fairseq's own configs (and configs/finetuning) start with this header; hydra 1.3 still reads it",
+    ),
+    (
+        UserWarning,
+        r"Future Hydra versions will no longer change working directory",
+        "fairseq writes into hydra.run.dir by changing into it, as hydra 1.3 still does",
+    ),
+    (
+        FutureWarning,
+        r"`torch\.nn\.utils\.weight_norm` is deprecated",
+        "fairseq's positional convolution uses the old weight_norm; it still works, and checkpoints keep its names",
+    ),
+    (
+        FutureWarning,
+        r"`torch\.cuda\.amp\.autocast\(args\.\.\.\)` is deprecated",
+        "fairseq's train_step enters torch.cuda.amp.autocast (disabled unless --amp); same behaviour",
+    ),
+    (
+        UserWarning,
+        r"Using a non-tuple sequence for multidimensional indexing is deprecated",
+        "fairseq's RawAudioDataset.crop_to_max_size indexes with a list of slices; the installed torch still "
+        "reads it as a tuple (tests/e2e/test_quiet_logs.py checks that it crops the same)",
+    ),
+    (
+        UserWarning,
+        r"'pin_memory' argument is set as true but no accelerator is found",
+        "fairseq always asks for pinned memory; on a machine without a GPU there is nothing to pin",
+    ),
 )
 
 # Loggers of fairseq modules that log a notice at import, which matters only for a task

@@ -13,6 +13,7 @@ each.
 Every file is written through :mod:`fairseq_knnvq.files`, so an interrupted report never
 leaves a half-written PNG or table behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,9 +49,25 @@ DEFAULT_METRICS: Dict[str, str] = {
     "uer": "UER (%)",
 }
 # Bookkeeping keys that are never plotted.
-_NOT_METRICS = {"epoch", "update", "num_updates", "wall", "wps", "ups", "wpb", "bsz", "ntokens",
-                "nsentences", "sample_size", "train_wall", "gb_free", "clip", "gnorm", "lr",
-                "loss_scale"}
+_NOT_METRICS = {
+    "epoch",
+    "update",
+    "num_updates",
+    "wall",
+    "wps",
+    "ups",
+    "wpb",
+    "bsz",
+    "ntokens",
+    "nsentences",
+    "sample_size",
+    "train_wall",
+    "gb_free",
+    "clip",
+    "gnorm",
+    "lr",
+    "loss_scale",
+}
 # hydra: "[2026-01-01 10:00:00,000][train_inner][INFO] - {...}"
 _HYDRA_PREFIX = re.compile(r"\]\[([^\[\]]+)\]\[[A-Z]+\] - $")
 # fairseq-train: "2026-01-01 10:00:00 | INFO | train_inner | {...}"
@@ -113,7 +130,7 @@ def _logger_name(prefix: str) -> Optional[str]:
 
 def _strip_prefix(record: Mapping[str, object], tag: str) -> Dict[str, object]:
     head = tag + "_"
-    return {(k[len(head):] if k.startswith(head) else k): v for k, v in record.items()}
+    return {(k[len(head) :] if k.startswith(head) else k): v for k, v in record.items()}
 
 
 def parse_log_line(line: str) -> Optional[Tuple[str, Dict[str, float]]]:
@@ -273,8 +290,16 @@ def plot_metric(runs: Sequence[RunLog], metric: str, path: Path) -> bool:
             for j, (subset, records) in enumerate(run.valid.items()):
                 xs, ys = _series(records, metric)
                 if xs:
-                    ax.plot(xs, ys, color=color, linestyle=("--", ":", "-.")[j % 3], marker="o",
-                            markersize=4, linewidth=1.2, label=f"{run.name} ({subset})")
+                    ax.plot(
+                        xs,
+                        ys,
+                        color=color,
+                        linestyle=("--", ":", "-.")[j % 3],
+                        marker="o",
+                        markersize=4,
+                        linewidth=1.2,
+                        label=f"{run.name} ({subset})",
+                    )
                     drawn = True
         if drawn:
             ax.set_xlabel("update")
@@ -319,8 +344,7 @@ def markdown_table(runs: Sequence[RunLog], metrics: Sequence[str]) -> str:
     finals = final_values(runs, metrics)
     lines = ["# Final values", ""]
     lines += [f"- `{run.name}`: {run.path}" for run in runs]
-    for kind, title in (("train", "Last training record (`train_inner`)"),
-                        ("valid", "Last validation record")):
+    for kind, title in (("train", "Last training record (`train_inner`)"), ("valid", "Last validation record")):
         if not any(kind in finals[run.name] for run in runs):
             continue
         rows = [m for m in ["num_updates", *metrics] if any(m in finals[r.name].get(kind, {}) for r in runs)]
@@ -337,9 +361,7 @@ def markdown_table(runs: Sequence[RunLog], metrics: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_curves_report(
-    runs: Sequence[RunLog], out: Path, metrics: Optional[Sequence[str]] = None
-) -> Dict[str, Path]:
+def write_curves_report(runs: Sequence[RunLog], out: Path, metrics: Optional[Sequence[str]] = None) -> Dict[str, Path]:
     """Writes ``<metric>.png`` for every metric some run logged, ``final_values.md`` and
     ``final_values.json`` under ``out``; returns the written files by name."""
     names = [run.name for run in runs]
@@ -373,7 +395,9 @@ def load_pretrained(checkpoint: Path):
     try:
         model, cfg, _task = load_model(checkpoint)
     except CheckpointError as e:
-        raise ReportError(f"cannot load {checkpoint} as a fairseq checkpoint: {e.detail}" if e.detail else str(e)) from e
+        raise ReportError(
+            f"cannot load {checkpoint} as a fairseq checkpoint: {e.detail}" if e.detail else str(e)
+        ) from e
     if getattr(model, "quantizer", None) is None or not hasattr(model, "feature_extractor"):
         raise ReportError(
             f"{checkpoint} has no quantizer: pass a wav2vec 2.0 pretraining checkpoint "
@@ -434,8 +458,7 @@ def plot_code_counts(counts, path: Path, title: str) -> None:
             row = counts[g]
             stats = codebook_stats(row.reshape(1, -1))
             ax.bar(range(entries), sorted(row.tolist(), reverse=True), width=1.0, color=f"C{g}")
-            ax.axhline(float(row.sum()) / entries, color="k", linestyle="--", linewidth=0.8,
-                       label="uniform use")
+            ax.axhline(float(row.sum()) / entries, color="k", linestyle="--", linewidth=0.8, label="uniform use")
             ax.set_title(
                 f"group {g}: {int(stats['used_entries'])}/{entries} entries used, "
                 f"code perplexity {stats['code_perplexity']:.1f}",
@@ -451,8 +474,9 @@ def plot_code_counts(counts, path: Path, title: str) -> None:
         plt.close(fig)
 
 
-def write_code_report(checkpoint: Path, manifest: Path, out: Path, name: Optional[str] = None,
-                      max_files: Optional[int] = None) -> Dict[str, object]:
+def write_code_report(
+    checkpoint: Path, manifest: Path, out: Path, name: Optional[str] = None, max_files: Optional[int] = None
+) -> Dict[str, object]:
     """Writes ``<name>_code_counts.png`` and ``<name>_code_counts.json`` under ``out``;
     returns the JSON content (counts and :func:`codebook_stats`)."""
     from .quantization import codebook_stats
@@ -486,7 +510,8 @@ def write_code_report(checkpoint: Path, manifest: Path, out: Path, name: Optiona
         "counts": usage.counts.tolist(),
     }
     out = Path(out)
-    plot_code_counts(usage.counts, out / f"{name}_code_counts.png",
-                     f"{name}: codes of {frames} frames ({Path(manifest).name})")
+    plot_code_counts(
+        usage.counts, out / f"{name}_code_counts.png", f"{name}: codes of {frames} frames ({Path(manifest).name})"
+    )
     atomic_write_text(out / f"{name}_code_counts.json", json.dumps(report, indent=2) + "\n")
     return report

@@ -21,6 +21,7 @@ Outputs, all written at the end (each file at once):
 The final validation record is the last one fairseq logged for the validation subset
 (``dataset.valid_subset``): the plugin's metrics there are pooled over the whole subset.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -50,10 +51,25 @@ from .verdict import COLLAPSED, FULL_USE, TIGHT, verdict  # noqa: F401 (the stud
 # Metrics reported by default, per task: usage, hard and soft perplexity side by side,
 # tightness, and the task's own measure.
 DEFAULT_METRICS = {
-    "speech": ("code_usage", "used_codes", "used_codes_ceiling", "pooled_code_perplexity",
-               "pooled_prob_perplexity", "tightness_max_prob", "accuracy", "loss"),
-    "image": ("code_usage", "used_codes", "used_codes_ceiling", "pooled_code_perplexity",
-              "pooled_prob_perplexity", "tightness_max_prob", "psnr"),
+    "speech": (
+        "code_usage",
+        "used_codes",
+        "used_codes_ceiling",
+        "pooled_code_perplexity",
+        "pooled_prob_perplexity",
+        "tightness_max_prob",
+        "accuracy",
+        "loss",
+    ),
+    "image": (
+        "code_usage",
+        "used_codes",
+        "used_codes_ceiling",
+        "pooled_code_perplexity",
+        "pooled_prob_perplexity",
+        "tightness_max_prob",
+        "psnr",
+    ),
 }
 RESULT_FILE = "result.json"
 # The image task, whose data folder holds a folder (or a file list) per split.
@@ -63,12 +79,12 @@ MARKER = ".knnvq-study"
 STUDY_LOCK = "study.lock"
 
 
-
 class StudyError(Exception):
     """Something the user has to fix; the message says what and how."""
 
 
 # -- the grid --------------------------------------------------------------------------
+
 
 def split_values(text: str) -> List[str]:
     """``"1,4,[2.0,0.5,0.995]"`` -> ``["1", "4", "[2.0,0.5,0.995]"]``: commas inside
@@ -148,6 +164,7 @@ def expand(configs: Sequence[str], grid: Sequence[Tuple[str, List[str]]], seeds:
 
 # -- running ---------------------------------------------------------------------------
 
+
 def fairseq_hydra_train() -> str:
     """The fairseq-hydra-train of this Python environment (else the one on PATH)."""
     local = Path(sys.executable).parent / "fairseq-hydra-train"
@@ -163,9 +180,15 @@ def train_command(config_dir: Path, config_name: str, run_dir: Path, overrides: 
     import fairseq_knnvq
 
     return [
-        fairseq_hydra_train(), "--config-dir", str(config_dir), "--config-name", config_name,
-        f"hydra.run.dir={run_dir}", f"checkpoint.save_dir={run_dir / 'checkpoints'}",
-        f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}", *overrides,
+        fairseq_hydra_train(),
+        "--config-dir",
+        str(config_dir),
+        "--config-name",
+        config_name,
+        f"hydra.run.dir={run_dir}",
+        f"checkpoint.save_dir={run_dir / 'checkpoints'}",
+        f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}",
+        *overrides,
     ]
 
 
@@ -195,7 +218,6 @@ class Progress:
                 if proc.poll() is None:
                     proc.kill()
 
-
     def forward_signal(self, signum: int) -> None:
         """Passes SIGTERM / SIGUSR1 on to the running trainings, which finish their update,
         save ``checkpoint_last.pt`` and exit; no further run starts. A second signal
@@ -210,12 +232,16 @@ class Progress:
             running = [proc for proc in self.processes if proc.poll() is None]
         for proc in running:
             proc.send_signal(signum)
-        self(f"{self.stopping}: passed on to {len(running)} running training(s); they save and stop, "
-             f"no new run starts")
+        self(f"{self.stopping}: passed on to {len(running)} running training(s); they save and stop, no new run starts")
 
 
-def run_training(cmd: Sequence[str], run_dir: Path, progress: Progress, threads: int = 1,
-                 on_record: Optional[Callable[[str, Dict[str, float]], None]] = None) -> int:
+def run_training(
+    cmd: Sequence[str],
+    run_dir: Path,
+    progress: Progress,
+    threads: int = 1,
+    on_record: Optional[Callable[[str, Dict[str, float]], None]] = None,
+) -> int:
     """Runs one training command in ``run_dir`` (created), its output into
     ``run_dir/console.log``; ``on_record(kind, values)`` sees every JSON log record.
     Returns the exit code."""
@@ -223,8 +249,9 @@ def run_training(cmd: Sequence[str], run_dir: Path, progress: Progress, threads:
     (run_dir / "command.txt").write_text(" ".join(cmd) + "\n", encoding="utf-8")
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(run_dir / "console.log", "a", encoding="utf-8") as log:  # a resumed run adds to it
-        proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=env, cwd=run_dir)
+        proc = subprocess.Popen(
+            list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=run_dir
+        )
         with progress.lock:
             progress.processes.add(proc)
         try:
@@ -260,7 +287,7 @@ class Study:
     grid: List[Tuple[str, List[str]]]
     seeds: List[int]
     out: Path
-    fixed: List[str]           # overrides for every run (task.data=..., ...)
+    fixed: List[str]  # overrides for every run (task.data=..., ...)
     metrics: Sequence[str]
     jobs: int = 1
     threads: int = 1
@@ -294,15 +321,18 @@ class Study:
             self.out.mkdir(parents=True, exist_ok=True)
             if not os.access(self.out, os.W_OK):
                 raise PermissionError(errno.EACCES, "Permission denied")
-            self.out_lock = FolderLock(self.out, STUDY_LOCK, "running knnvq-study into this --out",
-                                       "Wait for it to end, or pass another --out")
+            self.out_lock = FolderLock(
+                self.out, STUDY_LOCK, "running knnvq-study into this --out", "Wait for it to end, or pass another --out"
+            )
             self.out_lock.acquire()
             (self.out / MARKER).write_text("made by knnvq-study; a rerun skips the finished points\n")
         except FolderInUseError as error:
             raise StudyError(str(error)) from None
         except OSError as error:
-            raise StudyError(f"--out {self.out} cannot be written ({error.strerror or error}): pass a folder "
-                             "you can write to, or fix its permissions") from None
+            raise StudyError(
+                f"--out {self.out} cannot be written ({error.strerror or error}): pass a folder "
+                "you can write to, or fix its permissions"
+            ) from None
         fairseq_hydra_train()
 
     def release(self) -> None:
@@ -316,11 +346,18 @@ class Study:
         hydra does not know stops the study here (with the nearest valid names), not after
         hours; then checks that the data folder holds every split the composed config
         reads (:meth:`check_data`)."""
+
         def compose(config: str) -> Tuple[str, subprocess.CompletedProcess]:
             point = Point(config, tuple((k, v[0]) for k, v in self.grid), self.seeds[0])
             cmd = self.command(point) + ["--cfg", "job"]
-            return config, subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                          cwd=self.out, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            return config, subprocess.run(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                cwd=self.out,
+                env=dict(os.environ, OMP_NUM_THREADS="1"),
+            )
 
         progress(f"checking that {len(self.configs)} config(s) compose with the grid's overrides")
         overrides = self.fixed + [k + "=" + v[0] for k, v in self.grid]
@@ -328,8 +365,11 @@ class Study:
             for config, result in pool.map(compose, self.configs):
                 if result.returncode != 0:
                     message = (result.stdout + result.stderr).strip().splitlines()
-                    raise StudyError(f"config {config} does not compose with {' '.join(overrides)}:\n"
-                                     + "\n".join(message[-8:]) + self.nearest_fields(config, overrides))
+                    raise StudyError(
+                        f"config {config} does not compose with {' '.join(overrides)}:\n"
+                        + "\n".join(message[-8:])
+                        + self.nearest_fields(config, overrides)
+                    )
                 self.check_data(config, result.stdout)
 
     def nearest_fields(self, config: str, overrides: Sequence[str]) -> str:
@@ -391,7 +431,9 @@ class Study:
         if progress.stopping:
             raise StudyError(f"[{index}/{total}] {point.label}: not started ({progress.stopping} received)")
         command_file = run_dir / "command.txt"
-        if run_dir.exists() and not (command_file.is_file() and command_file.read_text(encoding="utf-8") == " ".join(cmd) + "\n"):
+        if run_dir.exists() and not (
+            command_file.is_file() and command_file.read_text(encoding="utf-8") == " ".join(cmd) + "\n"
+        ):
             shutil.rmtree(run_dir)  # a run of another command: start again
         # A run of the same command (stopped by a signal, or failed) resumes from its
         # checkpoint_last.pt: fairseq's resume.
@@ -405,12 +447,18 @@ class Study:
         run = report.read_run(log, name=point.config)
         final = run.last_valid()
         if not final:
-            raise StudyError(f"{tag}: the log {log} has no validation record (check dataset.valid_subset "
-                             "and that validation runs, e.g. at the end of training)")
+            raise StudyError(
+                f"{tag}: the log {log} has no validation record (check dataset.valid_subset "
+                "and that validation runs, e.g. at the end of training)"
+            )
         result = {
-            "config": point.config, "grid": dict(point.grid), "seed": point.seed,
-            "valid_subset": run.default_valid_subset(), "metrics": final,
-            "wall_seconds": round(time.monotonic() - started, 1), "command": cmd,
+            "config": point.config,
+            "grid": dict(point.grid),
+            "seed": point.seed,
+            "valid_subset": run.default_valid_subset(),
+            "metrics": final,
+            "wall_seconds": round(time.monotonic() - started, 1),
+            "command": cmd,
         }
         atomic_write_text(run_dir / RESULT_FILE, json.dumps(result, indent=2) + "\n")
         shown = "  ".join(f"{m} {report.format_value(final[m])}" for m in self.metrics if m in final)
@@ -429,8 +477,10 @@ class Study:
                 results[point] = done
             else:
                 todo.append(point)
-        progress(f"{len(points)} runs: {len(points) - len(todo)} already finished, {len(todo)} to train, "
-                 f"{self.jobs} at a time, {self.threads} torch thread(s) each")
+        progress(
+            f"{len(points)} runs: {len(points) - len(todo)} already finished, {len(todo)} to train, "
+            f"{self.jobs} at a time, {self.threads} torch thread(s) each"
+        )
         failures: List[str] = []
         with concurrent.futures.ThreadPoolExecutor(max_workers=self.jobs) as pool:
             futures = {pool.submit(self.run_point, p, i + 1, len(todo), progress): p for i, p in enumerate(todo)}
@@ -450,6 +500,7 @@ class Study:
 
 
 # -- summaries -------------------------------------------------------------------------
+
 
 def _cell(value) -> str:
     if isinstance(value, float):
@@ -475,8 +526,12 @@ def aggregate(results: Sequence[dict], grid_keys: Sequence[str], metrics: Sequen
     rows = []
     for key, members in groups.items():
         members = sorted(members, key=lambda m: m["seed"])
-        row = {"config": key[0], "grid": dict(zip(grid_keys, key[1:])), "seeds": [m["seed"] for m in members],
-               "verdicts": [verdict(m["metrics"]) for m in members]}
+        row = {
+            "config": key[0],
+            "grid": dict(zip(grid_keys, key[1:])),
+            "seeds": [m["seed"] for m in members],
+            "verdicts": [verdict(m["metrics"]) for m in members],
+        }
         for metric in metrics:
             values = [m["metrics"][metric] for m in members if metric in m["metrics"]]
             row[metric] = {
@@ -491,7 +546,13 @@ def aggregate(results: Sequence[dict], grid_keys: Sequence[str], metrics: Sequen
 def _format_mean_sd(metric: str, stats: dict) -> str:
     if not stats["n"]:
         return "-"
-    digits = 1 if metric in ("used_codes",) else 3 if "usage" in metric or "tightness" in metric or metric == "accuracy" else 2
+    digits = (
+        1
+        if metric in ("used_codes",)
+        else 3
+        if "usage" in metric or "tightness" in metric or metric == "accuracy"
+        else 2
+    )
     text = f"{stats['mean']:.{digits}f}"
     if stats["n"] > 1:
         text += f" ± {stats['sd']:.{digits}f}"
@@ -520,8 +581,10 @@ def markdown_summary(rows: Sequence[dict], grid_keys: Sequence[str], metrics: Se
     whose codebook collapsed."""
     judged = "code_usage" in metrics
     header = ["config", *grid_keys, "seeds", *metrics] + (["verdict (per seed)"] if judged else [])
-    lines = ["| " + " | ".join(header) + " |",
-             "|---|" + "---|" * len(grid_keys) + "---:|" * (len(metrics) + 1) + ("---|" if judged else "")]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|---|" + "---|" * len(grid_keys) + "---:|" * (len(metrics) + 1) + ("---|" if judged else ""),
+    ]
     for row in rows:
         cells = [row["config"], *(str(row["grid"][k]) for k in grid_keys), str(len(row["seeds"]))]
         cells += [_format_mean_sd(m, row[m]) for m in metrics]
@@ -552,8 +615,15 @@ def write_config_plots(rows: Sequence[dict], metrics: Sequence[str], folder: Pat
         fig, ax = plt.subplots(figsize=(max(4.0, 1.2 * len(rows) + 2), 4.0))
         try:
             for i, row in shown:
-                ax.errorbar([i], [row[metric]["mean"]], yerr=[row[metric]["sd"]], marker="o", capsize=4,
-                            color=f"C{i % 10}", linestyle="none")
+                ax.errorbar(
+                    [i],
+                    [row[metric]["mean"]],
+                    yerr=[row[metric]["sd"]],
+                    marker="o",
+                    capsize=4,
+                    color=f"C{i % 10}",
+                    linestyle="none",
+                )
             ax.set_xticks(range(len(rows)))
             ax.set_xticklabels(labels, fontsize=8)
             ax.set_xlim(-0.5, len(rows) - 0.5)
@@ -601,8 +671,15 @@ def write_plots(rows: Sequence[dict], grid_keys: Sequence[str], metrics: Sequenc
                     if not xs:
                         continue
                     label = line_key[0] + "".join(f", {k.split('.')[-1]}={v}" for k, v in zip(others, line_key[1:]))
-                    ax.errorbar(xs, [m[metric]["mean"] for m in members], yerr=[m[metric]["sd"] for m in members],
-                                marker="o", capsize=3, color=f"C{i % 10}", label=label)
+                    ax.errorbar(
+                        xs,
+                        [m[metric]["mean"] for m in members],
+                        yerr=[m[metric]["sd"] for m in members],
+                        marker="o",
+                        capsize=3,
+                        color=f"C{i % 10}",
+                        label=label,
+                    )
                     drawn = True
                 if not drawn:
                     continue
@@ -628,20 +705,37 @@ def write_plots(rows: Sequence[dict], grid_keys: Sequence[str], metrics: Sequenc
     return written
 
 
-def write_summaries(results: Sequence[dict], grid_keys: Sequence[str], metrics: Sequence[str], out: Path,
-                    written: Optional[List[Path]] = None) -> str:
+def write_summaries(
+    results: Sequence[dict],
+    grid_keys: Sequence[str],
+    metrics: Sequence[str],
+    out: Path,
+    written: Optional[List[Path]] = None,
+) -> str:
     """runs.csv, summary.csv, summary.md and plots/; returns the Markdown table. The
     paths of the files written are appended to ``written`` when given."""
     runs_rows = [["config", *grid_keys, "seed", *metrics]]
     for r in results:
-        runs_rows.append([r["config"], *(r["grid"].get(k, "") for k in grid_keys), r["seed"],
-                          *(r["metrics"].get(m, "") for m in metrics)])
+        runs_rows.append(
+            [
+                r["config"],
+                *(r["grid"].get(k, "") for k in grid_keys),
+                r["seed"],
+                *(r["metrics"].get(m, "") for m in metrics),
+            ]
+        )
     atomic_write_text(out / "runs.csv", _csv(runs_rows))
     rows = aggregate(results, grid_keys, metrics)
     summary_rows = [["config", *grid_keys, "seeds", *(f"{m}_{s}" for m in metrics for s in ("mean", "sd"))]]
     for row in rows:
-        summary_rows.append([row["config"], *(row["grid"][k] for k in grid_keys), len(row["seeds"]),
-                             *(row[m][s] for m in metrics for s in ("mean", "sd"))])
+        summary_rows.append(
+            [
+                row["config"],
+                *(row["grid"][k] for k in grid_keys),
+                len(row["seeds"]),
+                *(row[m][s] for m in metrics for s in ("mean", "sd")),
+            ]
+        )
     atomic_write_text(out / "summary.csv", _csv(summary_rows))
     table = markdown_summary(rows, grid_keys, metrics)
     atomic_write_text(out / "summary.md", table)

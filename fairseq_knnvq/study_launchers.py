@@ -14,6 +14,7 @@ study reports it as it reports a failed local run. submitit's own files go to
 ``run_dir/slurm/``. A study stopped by Ctrl-C cancels its jobs; SIGTERM / SIGUSR1 are
 passed on to the jobs (``scancel --signal``), whose trainings save and stop.
 """
+
 from __future__ import annotations
 
 import os
@@ -69,8 +70,12 @@ class _JobHandle:
     def send_signal(self, signum: int) -> None:
         import signal
 
-        subprocess.run(["scancel", f"--signal={signal.Signals(signum).name[3:]}", "--full", str(self.job.job_id)],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+        subprocess.run(
+            ["scancel", f"--signal={signal.Signals(signum).name[3:]}", "--full", str(self.job.job_id)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            check=False,
+        )
 
 
 class SlurmLauncher:
@@ -96,10 +101,13 @@ class SlurmLauncher:
         except ImportError:
             raise LauncherError("--launcher slurm needs submitit: pip install 'fairseq-knnvq[slurm]'") from None
         if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
-            raise LauncherError("--launcher slurm: no sbatch/sinfo on PATH; run knnvq-study on a SLURM login "
-                                "node (or use --launcher local)")
-        result = subprocess.run(["sinfo", "-h", "-o", "%P"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, timeout=60)
+            raise LauncherError(
+                "--launcher slurm: no sbatch/sinfo on PATH; run knnvq-study on a SLURM login "
+                "node (or use --launcher local)"
+            )
+        result = subprocess.run(
+            ["sinfo", "-h", "-o", "%P"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60
+        )
         if result.returncode != 0:
             raise LauncherError(f"--launcher slurm: sinfo failed, SLURM does not answer: {result.stderr.strip()}")
         partitions = [p.rstrip("*") for p in result.stdout.split()]
@@ -110,8 +118,14 @@ class SlurmLauncher:
         import submitit
 
         executor = submitit.AutoExecutor(folder=run_dir / SLURM_FOLDER, cluster="slurm")
-        parameters = dict(name=name, timeout_min=self.time_limit, nodes=1, tasks_per_node=1,
-                          cpus_per_task=threads, gpus_per_node=self.gpus)
+        parameters = dict(
+            name=name,
+            timeout_min=self.time_limit,
+            nodes=1,
+            tasks_per_node=1,
+            cpus_per_task=threads,
+            gpus_per_node=self.gpus,
+        )
         if self.partition is not None:
             parameters["slurm_partition"] = self.partition
         if self.mem_gb is not None:

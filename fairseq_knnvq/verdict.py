@@ -11,6 +11,7 @@ The thresholds: full use from FULL_USE of the ceiling, collapsed below COLLAPSED
 partial use in between; loose when the smoothed vectors put on average less than TIGHT
 on their largest entry (``tightness_max_prob``).
 """
+
 from __future__ import annotations
 
 from typing import Mapping, Optional
@@ -35,7 +36,9 @@ def verdict(metrics: Mapping[str, float]) -> str:
         share = used / ceiling
         if share < FULL_USE:
             word = "collapsed" if share < COLLAPSED else "partial use"
-            problems.append(f"{word}: {used:.0f} of {usage_total(usage, used)} codes (expected {ceiling:.0f} under uniform use)")
+            problems.append(
+                f"{word}: {used:.0f} of {usage_total(usage, used)} codes (expected {ceiling:.0f} under uniform use)"
+            )
     elif usage < FULL_USE:
         total = usage_total(usage, used)
         word = "collapsed" if usage < COLLAPSED else "partial use"

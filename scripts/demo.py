@@ -37,6 +37,7 @@ The summary files are written last, each at once. A second run into the same fol
 starts afresh. ``--quick`` trains a few updates only (checks the pipeline; its numbers
 mean nothing).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -121,11 +122,16 @@ def quiet(log_file: Path):
     old_level = root.level
     handler = logging.FileHandler(log_file, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s | %(levelname)s | %(name)s | %(message)s"))
-    console_handlers = [h for h in root.handlers if isinstance(h, logging.StreamHandler)
-                        and not isinstance(h, logging.FileHandler)]
+    console_handlers = [
+        h for h in root.handlers if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
     old_handler_levels = [h.level for h in console_handlers]
-    with open(log_file, "a", encoding="utf-8") as stream, contextlib.redirect_stdout(stream), \
-            contextlib.redirect_stderr(stream), warnings.catch_warnings():
+    with (
+        open(log_file, "a", encoding="utf-8") as stream,
+        contextlib.redirect_stdout(stream),
+        contextlib.redirect_stderr(stream),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("always")  # shown, but in the log file (stderr is redirected)
         root.addHandler(handler)
         root.setLevel(logging.INFO)
@@ -148,9 +154,7 @@ def fresh_output_folder(out: Path) -> None:
             raise DemoError(f"--out {out} is a file: pass a folder")
         if any(out.iterdir()):
             if not (out / MARKER).is_file():
-                raise DemoError(
-                    f"--out {out} is not empty and was not made by the demo: pass a new or empty folder"
-                )
+                raise DemoError(f"--out {out} is not empty and was not made by the demo: pass a new or empty folder")
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     if not os.access(out, os.W_OK):
@@ -176,8 +180,16 @@ def run_all(jobs: Sequence[tuple], workers: int, progress: study.Progress) -> Li
             raise
 
 
-def finetune(name: str, pretrained: Path, data_dir: Path, out: Path, config_dir: Path,
-             updates: Optional[int], progress: study.Progress, threads: int) -> None:
+def finetune(
+    name: str,
+    pretrained: Path,
+    data_dir: Path,
+    out: Path,
+    config_dir: Path,
+    updates: Optional[int],
+    progress: study.Progress,
+    threads: int,
+) -> None:
     """CTC fine-tuning of one pretrained model (a subprocess: safe from several threads)."""
     run_dir = out / "finetune" / name
     overrides = [f"task.data={data_dir}", f"model.w2v_path={pretrained}"]
@@ -187,8 +199,10 @@ def finetune(name: str, pretrained: Path, data_dir: Path, out: Path, config_dir:
     progress(f"finetune {name}: fairseq-hydra-train --config-name {FINETUNE_CONFIG} (log {run_dir / 'console.log'})")
     code = study.run_training(cmd, run_dir, progress, threads)
     if code != 0:
-        raise DemoError(f"fine-tuning {name} failed (exit code {code}). Last lines of "
-                        f"{run_dir / 'console.log'}:\n{study.tail(run_dir / 'console.log')}")
+        raise DemoError(
+            f"fine-tuning {name} failed (exit code {code}). Last lines of "
+            f"{run_dir / 'console.log'}:\n{study.tail(run_dir / 'console.log')}"
+        )
 
 
 def decode(name: str, data_dir: Path, out: Path) -> Dict[str, object]:
@@ -198,8 +212,17 @@ def decode(name: str, data_dir: Path, out: Path) -> Dict[str, object]:
 
     decode_dir = out / "decode" / name
     checkpoint = out / "finetune" / name / "checkpoints" / "checkpoint_best.pt"
-    argv = [str(checkpoint), "--data", str(data_dir), "--subset", "test",
-            "--output-dir", str(decode_dir), "--cpu", "--no-progress"]
+    argv = [
+        str(checkpoint),
+        "--data",
+        str(data_dir),
+        "--subset",
+        "test",
+        "--output-dir",
+        str(decode_dir),
+        "--cpu",
+        "--no-progress",
+    ]
     try:
         with quiet(decode_dir / "infer.log"):
             infer_ctc.main(argv)
@@ -209,20 +232,27 @@ def decode(name: str, data_dir: Path, out: Path) -> Dict[str, object]:
     return json.loads((decode_dir / "wer.test.json").read_text(encoding="utf-8"))
 
 
-def summary_table(rows: Sequence[Dict[str, object]], task_metric: str, task_title: str,
-                  extra: Sequence[tuple] = ()) -> str:
-    columns = [("variant", "variant"), ("codes", "codes used"), ("ceiling", "expected under uniform use"),
-               ("code_perplexity", "code perplexity (hard)"),
-               ("prob_perplexity", "prob perplexity (soft)"), ("max_p", "mean max p"),
-               (task_metric, task_title), *extra, ("verdict", "verdict")]
+def summary_table(
+    rows: Sequence[Dict[str, object]], task_metric: str, task_title: str, extra: Sequence[tuple] = ()
+) -> str:
+    columns = [
+        ("variant", "variant"),
+        ("codes", "codes used"),
+        ("ceiling", "expected under uniform use"),
+        ("code_perplexity", "code perplexity (hard)"),
+        ("prob_perplexity", "prob perplexity (soft)"),
+        ("max_p", "mean max p"),
+        (task_metric, task_title),
+        *extra,
+        ("verdict", "verdict"),
+    ]
 
     def cell(key, value) -> str:
         if isinstance(value, float):
             return f"{value:.3f}" if key in ("max_p", "accuracy") else f"{value:.2f}"
         return str(value)
 
-    lines = ["| " + " | ".join(title for _, title in columns) + " |",
-             "|---|" + "---:|" * (len(columns) - 2) + "---|"]
+    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|---|" + "---:|" * (len(columns) - 2) + "---|"]
     for row in rows:
         lines.append("| " + " | ".join(cell(k, row.get(k, "-")) for k, _ in columns) + " |")
     return "\n".join(lines) + "\n"
@@ -236,8 +266,11 @@ def row_of(result: dict) -> Dict[str, object]:
         "codes": f"{m['used_codes']:.0f} / {total}",
         "ceiling": f"{m['used_codes_ceiling']:.0f}" if "used_codes_ceiling" in m else "-",
         "used_codes_ceiling": m.get("used_codes_ceiling"),
-        "used_codes": m["used_codes"], "num_codes": total, "code_usage": m["code_usage"],
-        "code_perplexity": m["pooled_code_perplexity"], "prob_perplexity": m["pooled_prob_perplexity"],
+        "used_codes": m["used_codes"],
+        "num_codes": total,
+        "code_usage": m["code_usage"],
+        "code_perplexity": m["pooled_code_perplexity"],
+        "prob_perplexity": m["pooled_prob_perplexity"],
         "max_p": m["tightness_max_prob"],
         **{k: m[k] for k in ("accuracy", "psnr") if k in m},
         "verdict": study.verdict(m),
@@ -277,16 +310,33 @@ def run_demo(args: argparse.Namespace) -> Dict[str, object]:
         prepare_speech(corpus, speech_data, progress)
         fixed = [f"task.data={speech_data}", *SPEECH_OVERRIDES]
         if speech_updates:
-            fixed += [f"optimization.max_update={speech_updates}", f"common.log_interval={max(1, speech_updates // 30)}"]
-        studies["speech"] = study.Study(config_dir / "pretraining", list(args.speech_variants), [], [SEED],
-                                        out / "speech", fixed, study.DEFAULT_METRICS["speech"])
+            fixed += [
+                f"optimization.max_update={speech_updates}",
+                f"common.log_interval={max(1, speech_updates // 30)}",
+            ]
+        studies["speech"] = study.Study(
+            config_dir / "pretraining",
+            list(args.speech_variants),
+            [],
+            [SEED],
+            out / "speech",
+            fixed,
+            study.DEFAULT_METRICS["speech"],
+        )
     if args.image_variants:
         prepare_images(image_data, progress)
         fixed = [f"task.data={image_data}", "dataset.validate_interval_updates=1000000"]
         if image_updates:
             fixed += [f"optimization.max_update={image_updates}", f"common.log_interval={max(1, image_updates // 30)}"]
-        studies["image"] = study.Study(config_dir / "image", list(args.image_variants), [], [SEED],
-                                       out / "image", fixed, study.DEFAULT_METRICS["image"])
+        studies["image"] = study.Study(
+            config_dir / "image",
+            list(args.image_variants),
+            [],
+            [SEED],
+            out / "image",
+            fixed,
+            study.DEFAULT_METRICS["image"],
+        )
 
     # Speech first (its checkpoints feed fine-tuning), then the images; one torch thread
     # per run and as many runs as cores.
@@ -297,12 +347,17 @@ def run_demo(args: argparse.Namespace) -> Dict[str, object]:
 
     decoded: Dict[str, dict] = {}
     if args.finetune:
+
         def pretrained(name: str) -> Path:
             return study.Point(name, (), SEED).folder(out / "speech") / "checkpoints" / "checkpoint_last.pt"
 
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(finetune, name, pretrained(name), speech_data, out, config_dir,
-                                   finetune_updates, progress, 1) for name in args.speech_variants]
+            futures = [
+                pool.submit(
+                    finetune, name, pretrained(name), speech_data, out, config_dir, finetune_updates, progress, 1
+                )
+                for name in args.speech_variants
+            ]
             try:
                 for future in futures:
                     future.result()
@@ -314,29 +369,45 @@ def run_demo(args: argparse.Namespace) -> Dict[str, object]:
         for name in args.speech_variants:
             progress(f"decode {name}: knnvq-infer --subset test")
             decoded[name] = result = decode(name, speech_data, out)
-            progress(f"  decode {name}: test WER {result['wer']:.2f}% ({result['num_word_errors']}/"
-                     f"{result['num_words']} words), CER {result['cer']:.2f}%")
+            progress(
+                f"  decode {name}: test WER {result['wer']:.2f}% ({result['num_word_errors']}/"
+                f"{result['num_words']} words), CER {result['cer']:.2f}%"
+            )
 
     report_dir = out / "report"
     progress(f"report: curves and code histograms -> {report_dir}")
     code_counts = {}
     with quiet(out / "logs" / "report.log"):
         for task, task_study in studies.items():
-            logs = [report.read_run(study.Point(name, (), SEED).folder(task_study.out) / "console.log", name=name)
-                    for name in task_study.configs]
+            logs = [
+                report.read_run(study.Point(name, (), SEED).folder(task_study.out) / "console.log", name=name)
+                for name in task_study.configs
+            ]
             report.write_curves_report(logs, report_dir / task)
         for name in args.speech_variants:
             checkpoint = study.Point(name, (), SEED).folder(out / "speech") / "checkpoints" / "checkpoint_last.pt"
-            code_counts[name] = report.write_code_report(checkpoint, speech_data / "test.tsv", report_dir / "speech",
-                                                         name=name)["stats"]
+            code_counts[name] = report.write_code_report(
+                checkpoint, speech_data / "test.tsv", report_dir / "speech", name=name
+            )["stats"]
 
-    tables, summary = [], {"quick": bool(args.quick), "speech_updates": speech_updates,
-                           "image_updates": image_updates, "finetune_updates": finetune_updates if args.finetune else None}
+    tables, summary = (
+        [],
+        {
+            "quick": bool(args.quick),
+            "speech_updates": speech_updates,
+            "image_updates": image_updates,
+            "finetune_updates": finetune_updates if args.finetune else None,
+        },
+    )
     if "image" in by_task:
         rows = [row_of(r) for r in by_task["image"]]
         summary["image"] = rows
-        tables.append(("Images: tiny autoencoder, generated structured images (validation split)",
-                       summary_table(rows, "psnr", "PSNR (dB)")))
+        tables.append(
+            (
+                "Images: tiny autoencoder, generated structured images (validation split)",
+                summary_table(rows, "psnr", "PSNR (dB)"),
+            )
+        )
     if "speech" in by_task:
         rows = [row_of(r) for r in by_task["speech"]]
         for row in rows:
@@ -346,8 +417,12 @@ def run_demo(args: argparse.Namespace) -> Dict[str, object]:
         summary["speech"] = rows
         summary["speech_test_code_counts"] = code_counts
         extra = (("test_wer", "test WER (%)"), ("test_cer", "test CER (%)")) if decoded else ()
-        tables.append(("Speech: tiny wav2vec 2.0, shipped tiny corpus (validation: its dev/ folder)",
-                       summary_table(rows, "accuracy", "contrastive accuracy", extra)))
+        tables.append(
+            (
+                "Speech: tiny wav2vec 2.0, shipped tiny corpus (validation: its dev/ folder)",
+                summary_table(rows, "accuracy", "contrastive accuracy", extra),
+            )
+        )
     elapsed = progress.elapsed()
     summary["wall_seconds"] = round(elapsed, 1)
     body = "".join(f"## {title}\n\n{table}\n" for title, table in tables)
@@ -359,7 +434,8 @@ def run_demo(args: argparse.Namespace) -> Dict[str, object]:
         f"shows fewer than all codes: the column 'expected under uniform use' is that number, M (1 - (1 - 1/M)^n) "
         f"per group for the n vectors counted. Verdict, against that expectation: full use from "
         f"{study.FULL_USE:.0%}, partial use from {study.COLLAPSED:.0%}, collapsed below; loose below a mean max p "
-        f"of {study.TIGHT}.\n\n" + body
+        f"of {study.TIGHT}.\n\n"
+        + body
         + f"{'Quick run (a smoke test: too few updates to mean anything). ' if args.quick else ''}"
         f"Wall time {elapsed / 60:.1f} min. Plots: report/.\n"
     )
@@ -382,26 +458,60 @@ def build_parser() -> argparse.ArgumentParser:
         description="No regulariser vs diversity loss vs KNN-CE on images and speech, side by side, on a CPU.",
     )
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default: demo_out)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"a few updates per run ({QUICK_UPDATES}): checks the pipeline, numbers mean nothing")
-    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS,
-                        help="LibriSpeech-layout corpus with train/, dev/, test/ (default: the shipped tiny corpus)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a few updates per run ({QUICK_UPDATES}): checks the pipeline, numbers mean nothing",
+    )
+    parser.add_argument(
+        "--corpus",
+        type=Path,
+        default=DEFAULT_CORPUS,
+        help="LibriSpeech-layout corpus with train/, dev/, test/ (default: the shipped tiny corpus)",
+    )
     parser.add_argument("--config-dir", type=Path, default=DEFAULT_CONFIGS, help="the repository's configs/ folder")
-    parser.add_argument("--speech-variants", type=_names, default=list(SPEECH_VARIANTS),
-                        help=f"pretraining configs (default {','.join(SPEECH_VARIANTS)}; '' for none)")
-    parser.add_argument("--image-variants", type=_names, default=list(IMAGE_VARIANTS),
-                        help=f"image configs (default {','.join(IMAGE_VARIANTS)}; '' for none)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                        help="training runs at the same time, one torch thread each (default: one per core)")
-    parser.add_argument("--speech-updates", type=int, default=None,
-                        help="optimization.max_update of speech pretraining (default: the config's)")
-    parser.add_argument("--image-updates", type=int, default=None,
-                        help=f"optimization.max_update of the image runs (default {IMAGE_UPDATES})")
-    parser.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=True,
-                        help="fine-tune each speech model with CTC and report its test WER (default; "
-                             "--no-finetune skips it)")
-    parser.add_argument("--finetune-updates", type=int, default=None,
-                        help="optimization.max_update of fine-tuning (default: the config's)")
+    parser.add_argument(
+        "--speech-variants",
+        type=_names,
+        default=list(SPEECH_VARIANTS),
+        help=f"pretraining configs (default {','.join(SPEECH_VARIANTS)}; '' for none)",
+    )
+    parser.add_argument(
+        "--image-variants",
+        type=_names,
+        default=list(IMAGE_VARIANTS),
+        help=f"image configs (default {','.join(IMAGE_VARIANTS)}; '' for none)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="training runs at the same time, one torch thread each (default: one per core)",
+    )
+    parser.add_argument(
+        "--speech-updates",
+        type=int,
+        default=None,
+        help="optimization.max_update of speech pretraining (default: the config's)",
+    )
+    parser.add_argument(
+        "--image-updates",
+        type=int,
+        default=None,
+        help=f"optimization.max_update of the image runs (default {IMAGE_UPDATES})",
+    )
+    parser.add_argument(
+        "--finetune",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fine-tune each speech model with CTC and report its test WER (default; --no-finetune skips it)",
+    )
+    parser.add_argument(
+        "--finetune-updates",
+        type=int,
+        default=None,
+        help="optimization.max_update of fine-tuning (default: the config's)",
+    )
     return parser
 
 

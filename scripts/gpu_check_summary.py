@@ -10,6 +10,7 @@ OUT), the failed tests by name with the first line of their message, the figures
 last RESULT line; writes the same text to ``OUT_DIR/summary.txt``. Exits 0 when every
 stage passed, 1 otherwise (2 when OUT_DIR holds no stage record).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -74,7 +75,9 @@ def figures(out: str) -> List[str]:
     if topk:
         for shape in topk["shapes"]:
             times = ", ".join(f"{name} {r['median_s'] * 1000:.3f} ms" for name, r in shape["results"].items())
-            lines.append(f"top-{shape['k']} {shape['label']} ({shape['n']} x {shape['groups']} x {shape['columns']}): {times}")
+            lines.append(
+                f"top-{shape['k']} {shape['label']} ({shape['n']} x {shape['groups']} x {shape['columns']}): {times}"
+            )
         lines.append(f"top-k layouts give torch.topk's values and indices: {topk['all_equal']}")
     q = load_json(out, "quantizer_cuda_quick.json")
     if q:
@@ -93,7 +96,8 @@ def figures(out: str) -> List[str]:
             lines.append(
                 f"BASE step {s['batch']} x {s['seconds']:g} s {kind}: stock {t['stock']['median_s'] * 1000:.1f} ms, "
                 f"plugin {t['plugin']['median_s'] * 1000:.1f} ms (x{r['wall']:.3f}); peak memory stock "
-                f"{m['stock']['peak_bytes'] / 2**20:.0f} MiB, plugin {m['plugin']['peak_bytes'] / 2**20:.0f} MiB (x{mem})"
+                f"{m['stock']['peak_bytes'] / 2**20:.0f} MiB, "
+                f"plugin {m['plugin']['peak_bytes'] / 2**20:.0f} MiB (x{mem})"
             )
     return lines
 
@@ -121,8 +125,10 @@ def summarise(out: str, total_seconds: Optional[int] = None) -> Tuple[str, int]:
         if stage["rc"] != 0:
             bad.append(f"{stage['name']}: {result}")
         if tests is not None:
-            result += (f" - {tests['tests']} tests: {tests['passed']} passed, {tests['failures']} failed, "
-                       f"{tests['errors']} errors, {tests['skipped']} skipped")
+            result += (
+                f" - {tests['tests']} tests: {tests['passed']} passed, {tests['failures']} failed, "
+                f"{tests['errors']} errors, {tests['skipped']} skipped"
+            )
             failed_tests += [f"{stage['name']}: {line}" for line in tests["failed"]]
         lines.append(f"{stage['name']:22s} {stage['cap']:>5d}s {stage['seconds']:>5d}s  {result}")
     if failed_tests:

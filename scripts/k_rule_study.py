@@ -16,6 +16,7 @@ mean and 95 % t-interval; per comparison planned in docs/study.md: the differenc
 The analysis is the one written in docs/study.md before the runs; this script does
 nothing else. Points are defined below, not chosen from results.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -41,8 +42,16 @@ from fairseq_knnvq.files import atomic_write_text  # noqa: E402
 from fairseq_knnvq.report import parse_log_line  # noqa: E402
 
 SUBSET = "dev"
-METRICS = ("used_codes", "used_codes_ceiling", "code_usage_of_ceiling", "pooled_code_perplexity",
-           "pooled_prob_perplexity", "tightness_max_prob", "accuracy", "loss_0")
+METRICS = (
+    "used_codes",
+    "used_codes_ceiling",
+    "code_usage_of_ceiling",
+    "pooled_code_perplexity",
+    "pooled_prob_perplexity",
+    "tightness_max_prob",
+    "accuracy",
+    "loss_0",
+)
 
 
 @dataclass(frozen=True)
@@ -117,19 +126,37 @@ def tool(name: str) -> str:
 
 
 def command(point: Point, seed: int, data: Path, run_dir: Path, max_update: int) -> List[str]:
-    train = [tool("fairseq-hydra-train"), "--config-dir", str(CONFIG_DIR), "--config-name", point.config,
-             f"task.data={data}", f"common.user_dir={ROOT / 'fairseq_knnvq'}", f"hydra.run.dir={run_dir}",
-             f"dataset.valid_subset={SUBSET}", "model.latent_vars=320", f"optimization.max_update={max_update}",
-             f"common.seed={seed}", "common.log_interval=25", "checkpoint.no_save=true", *point.overrides]
+    train = [
+        tool("fairseq-hydra-train"),
+        "--config-dir",
+        str(CONFIG_DIR),
+        "--config-name",
+        point.config,
+        f"task.data={data}",
+        f"common.user_dir={ROOT / 'fairseq_knnvq'}",
+        f"hydra.run.dir={run_dir}",
+        f"dataset.valid_subset={SUBSET}",
+        "model.latent_vars=320",
+        f"optimization.max_update={max_update}",
+        f"common.seed={seed}",
+        "common.log_interval=25",
+        "checkpoint.no_save=true",
+        *point.overrides,
+    ]
     if point.workers == 1:
         return train
-    return [tool("torchrun"), f"--nproc_per_node={point.workers}", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", *train,
-            f"distributed_training.distributed_world_size={point.workers}",
-            "distributed_training.distributed_backend=gloo",
-            "distributed_training.distributed_init_method=env://",
-            "distributed_training.distributed_no_spawn=true",
-            "distributed_training.distributed_rank=${oc.env:RANK}"]
+    return [
+        tool("torchrun"),
+        f"--nproc_per_node={point.workers}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        *train,
+        f"distributed_training.distributed_world_size={point.workers}",
+        "distributed_training.distributed_backend=gloo",
+        "distributed_training.distributed_init_method=env://",
+        "distributed_training.distributed_no_spawn=true",
+        "distributed_training.distributed_rank=${oc.env:RANK}",
+    ]
 
 
 def result_of(log_text: str) -> Dict[str, float]:
@@ -161,8 +188,13 @@ def run_one(point: Point, seed: int, data: Path, out: Path, max_update: int) -> 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     started = time.time()
     with open(run_dir / "console.log", "w", encoding="utf-8") as log:
-        code = subprocess.run(command(point, seed, data, run_dir, max_update), stdout=log,
-                              stderr=subprocess.STDOUT, env=env, cwd=str(run_dir)).returncode
+        code = subprocess.run(
+            command(point, seed, data, run_dir, max_update),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=str(run_dir),
+        ).returncode
     text = (run_dir / "console.log").read_text(encoding="utf-8", errors="replace")
     if code != 0:
         return point, seed, None, f"FAILED (exit {code}); see {run_dir / 'console.log'}"
@@ -173,6 +205,7 @@ def run_one(point: Point, seed: int, data: Path, out: Path, max_update: int) -> 
 
 
 # -- statistics -------------------------------------------------------------------------
+
 
 def mean_ci(values: Sequence[float]) -> Tuple[float, float, float]:
     """Mean and the half-width of its 95 % t-interval."""
@@ -197,7 +230,7 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Tuple[float, float, float, 
     diff = ma - mb
     if se2 == 0:
         return diff, diff, diff, (1.0 if diff == 0 else 0.0)
-    df = se2 ** 2 / ((va / len(a)) ** 2 / (len(a) - 1) + (vb / len(b)) ** 2 / (len(b) - 1))
+    df = se2**2 / ((va / len(a)) ** 2 / (len(a) - 1) + (vb / len(b)) ** 2 / (len(b) - 1))
     half = stats.t.ppf(0.975, df) * math.sqrt(se2)
     p = 2 * stats.t.sf(abs(diff) / math.sqrt(se2), df)
     return diff, diff - half, diff + half, p
@@ -216,8 +249,15 @@ def holm(pvalues: Sequence[float]) -> List[float]:
 def summarise(results: Dict[str, Dict[int, dict]]) -> str:
     out = io.StringIO()
     out.write("## Points (mean ± 95 % t-interval half-width over seeds)\n\n")
-    shown = ("used_codes", "used_codes_ceiling", "code_usage_of_ceiling", "pooled_code_perplexity",
-             "tightness_max_prob", "accuracy", "train_knn_rows_per_vertex")
+    shown = (
+        "used_codes",
+        "used_codes_ceiling",
+        "code_usage_of_ceiling",
+        "pooled_code_perplexity",
+        "tightness_max_prob",
+        "accuracy",
+        "train_knn_rows_per_vertex",
+    )
     out.write("| point | seeds | " + " | ".join(shown) + " |\n|---|---:|" + "---:|" * len(shown) + "\n")
     for point in POINTS:
         runs = results.get(point.name, {})
@@ -232,9 +272,11 @@ def summarise(results: Dict[str, Dict[int, dict]]) -> str:
             mean, _, half = mean_ci(values)
             cells.append(f"{mean:.3f} ± {half:.3f}" if mean < 10 else f"{mean:.1f} ± {half:.1f}")
         out.write(f"| {point.name} | {len(runs)} | " + " | ".join(cells) + " |\n")
-    for title, family in (("Primary comparisons (Holm-adjusted over the family)", PRIMARY),
-                          ("Addendum, one group (Holm-adjusted over its two)", ADDENDUM),
-                          ("Secondary comparisons (unadjusted, exploratory)", SECONDARY)):
+    for title, family in (
+        ("Primary comparisons (Holm-adjusted over the family)", PRIMARY),
+        ("Addendum, one group (Holm-adjusted over its two)", ADDENDUM),
+        ("Secondary comparisons (unadjusted, exploratory)", SECONDARY),
+    ):
         for metric in ("used_codes", "tightness_max_prob"):
             rows = []
             for label, a, b in family:
@@ -245,11 +287,15 @@ def summarise(results: Dict[str, Dict[int, dict]]) -> str:
             if not rows:
                 continue
             adjusted = holm([r[-1] for r in rows]) if family is not SECONDARY else [r[-1] for r in rows]
-            out.write(f"\n## {title}: {metric}\n\n| comparison | n | difference | 95 % interval | p | p (Holm) |\n"
-                      "|---|---:|---:|---|---:|---:|\n")
+            out.write(
+                f"\n## {title}: {metric}\n\n| comparison | n | difference | 95 % interval | p | p (Holm) |\n"
+                "|---|---:|---:|---|---:|---:|\n"
+            )
             for (label, na, nb, diff, low, high, p), padj in zip(rows, adjusted):
                 holm_cell = f"{padj:.3f}" if family is not SECONDARY else "-"
-                out.write(f"| {label} | {na}+{nb} | {diff:+.3f} | [{low:+.3f}, {high:+.3f}] | {p:.3f} | {holm_cell} |\n")
+                out.write(
+                    f"| {label} | {na}+{nb} | {diff:+.3f} | [{low:+.3f}, {high:+.3f}] | {p:.3f} | {holm_cell} |\n"
+                )
     return out.getvalue()
 
 
@@ -264,8 +310,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     for split in ("train", SUBSET):
         if not (args.data / f"{split}.tsv").is_file():
-            parser.error(f"{args.data} has no {split}.tsv: prepare it with knnvq-prepare-librispeech "
-                         f"--split train=train --split dev=dev")
+            parser.error(
+                f"{args.data} has no {split}.tsv: prepare it with knnvq-prepare-librispeech "
+                f"--split train=train --split dev=dev"
+            )
     seeds = [int(s) for s in args.seeds.split(",") if s]
     wanted = {p for p in args.points.split(",") if p}
     unknown = wanted - {p.name for p in POINTS}

@@ -19,6 +19,7 @@ standard deviation over the seeds.
 A script of the repository (it uses ``scripts/demo.py`` and ``configs/``), not of the
 installed package.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,16 @@ def run_name(config: str, seed: int, finetune_updates: Optional[int] = None) -> 
     return f"{config}_seed{seed}" + (f"_ft{finetune_updates}" if finetune_updates else "")
 
 
-def pretrain_and_finetune(config: str, seed: int, out: Path, data: Path, config_dir: Path,
-                          pretrain_updates: Optional[int], finetune_updates: Optional[int],
-                          progress: study.Progress) -> None:
+def pretrain_and_finetune(
+    config: str,
+    seed: int,
+    out: Path,
+    data: Path,
+    config_dir: Path,
+    pretrain_updates: Optional[int],
+    finetune_updates: Optional[int],
+    progress: study.Progress,
+) -> None:
     name = run_name(config, seed, finetune_updates)
     finetuned = out / "finetune" / name / "checkpoints" / "checkpoint_best.pt"
     if finetuned.is_file():
@@ -54,8 +62,9 @@ def pretrain_and_finetune(config: str, seed: int, out: Path, data: Path, config_
     fixed = [f"task.data={data}", *demo.SPEECH_OVERRIDES]
     if pretrain_updates:
         fixed.append(f"optimization.max_update={pretrain_updates}")
-    pretraining = study.Study(config_dir / "pretraining", [config], [], [seed], out / "speech", fixed,
-                              study.DEFAULT_METRICS["speech"])
+    pretraining = study.Study(
+        config_dir / "pretraining", [config], [], [seed], out / "speech", fixed, study.DEFAULT_METRICS["speech"]
+    )
     point = study.Point(config, (), seed)
     if pretraining.finished(point) is None:
         pretraining.run_point(point, 1, 1, progress)
@@ -73,14 +82,31 @@ def decode(name: str, data: Path, out: Path, extra: Sequence[str]) -> Dict[str, 
     if summary_path.is_file():
         return json.loads(summary_path.read_text(encoding="utf-8"))
     checkpoint = out / "finetune" / name / "checkpoints" / "checkpoint_best.pt"
-    infer_ctc.main([str(checkpoint), "--data", str(data), "--subset", "test", "--output-dir", str(decode_dir),
-                    "--cpu", "--no-progress", *extra])
+    infer_ctc.main(
+        [
+            str(checkpoint),
+            "--data",
+            str(data),
+            "--subset",
+            "test",
+            "--output-dir",
+            str(decode_dir),
+            "--cpu",
+            "--no-progress",
+            *extra,
+        ]
+    )
     return json.loads(summary_path.read_text(encoding="utf-8"))
 
 
 def mean_sd(values: List[float]) -> Dict[str, float]:
-    return {"mean": statistics.fmean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "min": min(values), "max": max(values), "n": len(values)}
+    return {
+        "mean": statistics.fmean(values),
+        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+    }
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -92,8 +118,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--pretrain-updates", type=int, default=None, help="default: the configs'")
     parser.add_argument("--finetune-updates", type=int, default=None, help="default: the config's")
     parser.add_argument("--train-only", action="store_true", help="train, do not decode")
-    parser.add_argument("--decode-only", action="store_true",
-                        help="decode the runs fine-tuned so far (the others are listed as not run)")
+    parser.add_argument(
+        "--decode-only",
+        action="store_true",
+        help="decode the runs fine-tuned so far (the others are listed as not run)",
+    )
     parser.add_argument("--lm-order", type=int, default=LM_ORDER, help="order of the word n-gram LM")
     args = parser.parse_args(argv)
     configs = [c for c in args.configs.split(",") if c]
@@ -105,8 +134,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         demo.prepare_speech(demo.DEFAULT_CORPUS, data, progress)
     if not args.decode_only:
         with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            futures = [pool.submit(pretrain_and_finetune, c, s, out, data, demo.DEFAULT_CONFIGS, args.pretrain_updates,
-                                   args.finetune_updates, progress) for s in seeds for c in configs]
+            futures = [
+                pool.submit(
+                    pretrain_and_finetune,
+                    c,
+                    s,
+                    out,
+                    data,
+                    demo.DEFAULT_CONFIGS,
+                    args.pretrain_updates,
+                    args.finetune_updates,
+                    progress,
+                )
+                for s in seeds
+                for c in configs
+            ]
             for future in futures:
                 future.result()
     if args.train_only:
@@ -129,27 +171,54 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             progress(f"decode {name}")
             greedy = decode(name, data, out, [])
             beam = decode(name, data, out, ["--lm", str(lm), "--lexicon-words", str(lexicon_words)])
-            runs.append({"config": config, "seed": seed, "greedy_wer": greedy["wer"], "lm_wer": beam["wer"],
-                         "greedy_errors": greedy["num_word_errors"], "lm_errors": beam["num_word_errors"],
-                         "num_words": greedy["num_words"], "lm_decoding": beam["decoding"]})
+            runs.append(
+                {
+                    "config": config,
+                    "seed": seed,
+                    "greedy_wer": greedy["wer"],
+                    "lm_wer": beam["wer"],
+                    "greedy_errors": greedy["num_word_errors"],
+                    "lm_errors": beam["num_word_errors"],
+                    "num_words": greedy["num_words"],
+                    "lm_decoding": beam["decoding"],
+                }
+            )
     configs = [c for c in configs if any(r["config"] == c for r in runs)]
-    per_config = {c: {kind: mean_sd([r[f"{kind}_wer"] for r in runs if r["config"] == c])
-                      for kind in ("greedy", "lm")} for c in configs}
-    lines = ["| pretraining criterion | " + " | ".join(f"seed {s}" for s in seeds)
-             + " | mean ± sd (greedy) | mean ± sd (LM) |",
-             "|---|" + "---|" * len(seeds) + "---|---|"]
+    per_config = {
+        c: {kind: mean_sd([r[f"{kind}_wer"] for r in runs if r["config"] == c]) for kind in ("greedy", "lm")}
+        for c in configs
+    }
+    lines = [
+        "| pretraining criterion | "
+        + " | ".join(f"seed {s}" for s in seeds)
+        + " | mean ± sd (greedy) | mean ± sd (LM) |",
+        "|---|" + "---|" * len(seeds) + "---|---|",
+    ]
     for c in configs:
-        cells = [next((f"{r['greedy_wer']:.2f} / {r['lm_wer']:.2f}" for r in runs
-                       if r["config"] == c and r["seed"] == s), "not run") for s in seeds]
+        cells = [
+            next(
+                (f"{r['greedy_wer']:.2f} / {r['lm_wer']:.2f}" for r in runs if r["config"] == c and r["seed"] == s),
+                "not run",
+            )
+            for s in seeds
+        ]
         g, l_ = per_config[c]["greedy"], per_config[c]["lm"]
-        lines.append(f"| `{c}` | " + " | ".join(cells)
-                     + f" | {g['mean']:.2f} ± {g['sd']:.2f} | {l_['mean']:.2f} ± {l_['sd']:.2f} |")
-    markdown = ("Test WER (%) of the tiny corpus, greedy / beam search with a "
-                f"{args.lm_order}-gram LM of the training transcripts, per pretraining seed "
-                "(sd: sample standard deviation over the seeds):\n\n" + "\n".join(lines) + "\n"
-                + (f"\nNot run: {', '.join(not_run)}.\n" if not_run else ""))
-    atomic_write_text(out / "summary.json", json.dumps({"runs": runs, "per_config": per_config, "not_run": not_run},
-                                                       indent=2) + "\n")
+        lines.append(
+            f"| `{c}` | "
+            + " | ".join(cells)
+            + f" | {g['mean']:.2f} ± {g['sd']:.2f} | {l_['mean']:.2f} ± {l_['sd']:.2f} |"
+        )
+    markdown = (
+        "Test WER (%) of the tiny corpus, greedy / beam search with a "
+        f"{args.lm_order}-gram LM of the training transcripts, per pretraining seed "
+        "(sd: sample standard deviation over the seeds):\n\n"
+        + "\n".join(lines)
+        + "\n"
+        + (f"\nNot run: {', '.join(not_run)}.\n" if not_run else "")
+    )
+    atomic_write_text(
+        out / "summary.json", json.dumps({"runs": runs, "per_config": per_config, "not_run": not_run}, indent=2) + "\n"
+    )
     atomic_write_text(out / "summary.md", markdown)
     print(markdown)
     return 0

@@ -1,6 +1,7 @@
 """Helpers of the cluster tests (tests/e2e/test_slurm_e2e.py, test_multinode_e2e.py; their
 fixtures are in tests/e2e/conftest.py): the tiny two-worker global-KNN pretraining run
 they all train, its torchrun command, and comparisons of logs and checkpoints."""
+
 import os
 import socket
 import subprocess
@@ -30,17 +31,20 @@ def free_port() -> int:
 def pretraining_overrides(data: Path) -> List[str]:
     """The tiny_knn_ce run of every cluster test: 2 workers (gloo), global KNN."""
     return [
-        f"task.data={data}", f"dataset.valid_subset={VALID}", "common.log_interval=1",
-        f"optimization.max_update={UPDATES}", f"checkpoint.save_interval_updates={SAVE_EVERY}",
-        "model.knn_global=true", "distributed_training.distributed_world_size=2",
+        f"task.data={data}",
+        f"dataset.valid_subset={VALID}",
+        "common.log_interval=1",
+        f"optimization.max_update={UPDATES}",
+        f"checkpoint.save_interval_updates={SAVE_EVERY}",
+        "model.knn_global=true",
+        "distributed_training.distributed_world_size=2",
         "distributed_training.distributed_backend=gloo",
     ]
 
 
 def computed(records: Sequence[Dict[str, object]], logger: str) -> List[Dict[str, object]]:
     """The records of one logger without the keys that measure time."""
-    return [{k: v for k, v in r.items() if not k.endswith(TIMING_KEYS)}
-            for r in records if r.get("_logger") == logger]
+    return [{k: v for k, v in r.items() if not k.endswith(TIMING_KEYS)} for r in records if r.get("_logger") == logger]
 
 
 def model_weights(checkpoint: Path) -> Dict[str, torch.Tensor]:
@@ -62,11 +66,19 @@ def torchrun_command(run_dir: Path, data: Path, nnodes: int, node_rank: int, npr
     import fairseq_knnvq
 
     return [
-        console_script("torchrun"), f"--nnodes={nnodes}", f"--node_rank={node_rank}", f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1", f"--master_port={port}",
+        console_script("torchrun"),
+        f"--nnodes={nnodes}",
+        f"--node_rank={node_rank}",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
         console_script("fairseq-hydra-train"),
-        "--config-dir", str(CONFIG_DIR / "pretraining"), "--config-name", "tiny_knn_ce",
-        f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}", f"hydra.run.dir={run_dir}",
+        "--config-dir",
+        str(CONFIG_DIR / "pretraining"),
+        "--config-name",
+        "tiny_knn_ce",
+        f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}",
+        f"hydra.run.dir={run_dir}",
         *pretraining_overrides(data),
         "distributed_training.distributed_init_method=env://",
         "distributed_training.distributed_no_spawn=true",
@@ -81,5 +93,11 @@ def finished(proc: subprocess.Popen, what: str, timeout: float = 300) -> str:
 
 
 def popen(command: Sequence[str], cwd: Path, env: Dict[str, str] = None) -> subprocess.Popen:
-    return subprocess.Popen(list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=str(cwd),
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.Popen(
+        list(command),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=str(cwd),
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )

@@ -1,4 +1,5 @@
 """Shared fixtures. Helpers for running fairseq's CLI live in ``fairseq_run.py``."""
+
 import pytest
 
 from fairseq_run import write_tiny_manifests

@@ -10,6 +10,7 @@
 imports, the same path fairseq will import) and ``hydra.run.dir``; a failed run raises
 with the end of fairseq's output, so the test report shows fairseq's own error.
 """
+
 import json
 import os
 import re

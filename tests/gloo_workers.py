@@ -1,5 +1,6 @@
 """Real ``torch.distributed`` on the CPU for tests: ``world`` processes in one gloo group,
 each computing its results, which the test process reads back."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Reference implementations shared by several test modules."""
+
 import torch
 
 

@@ -1,6 +1,7 @@
 """The tiny wav2vec 2.0 of the fairseq-layer tests: the stock and plugin models at one
 small size, a seeded batch with explicit masks, and brute-force references of the KNN
 loss of one quantizer call."""
+
 import torch
 
 import fairseq  # noqa: F401  (before the plugin, so that it registers its fairseq parts)
@@ -59,8 +60,17 @@ def batch(model, batch_size=3, seed=0, padded_samples=0):
     # seed/epoch/indices: fairseq's own per-utterance seeding of its mask generator (without
     # them it uses fresh OS entropy, and each test run would draw other masks)
     mask_indices = torch.from_numpy(
-        compute_mask_indices((batch_size, frames), frame_padding, 0.65, 5, min_masks=2, require_same_masks=True,
-                             seed=seed, epoch=0, indices=torch.arange(batch_size))
+        compute_mask_indices(
+            (batch_size, frames),
+            frame_padding,
+            0.65,
+            5,
+            min_masks=2,
+            require_same_masks=True,
+            seed=seed,
+            epoch=0,
+            indices=torch.arange(batch_size),
+        )
     )
     return source, padding_mask, mask_indices
 

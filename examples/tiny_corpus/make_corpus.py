@@ -26,6 +26,7 @@ Needs the Debian packages espeak-ng and sox (``apt-get install espeak-ng sox``)
 and nothing beyond the Python standard library. Output is deterministic for a given
 ``--seed`` and set of tool versions.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,12 +45,47 @@ from typing import Sequence
 # as TWO/TO or FOUR/FOR) and together cover all 26 letters plus the apostrophe,
 # which LibriSpeech transcripts also contain.
 WORDS: tuple[str, ...] = (
-    "YES", "NO", "UP", "DOWN", "LEFT", "RIGHT", "ON", "OFF", "STOP", "GO",
-    "ZERO", "ONE", "TWO", "THREE", "FIVE", "SIX", "SEVEN", "EIGHT", "NINE",
-    "RED", "GREEN", "BLUE", "BLACK", "WHITE",
-    "DOG", "CAT", "FISH", "BIRD", "HORSE", "BOX",
-    "BIG", "SMALL", "HOT", "COLD",
-    "QUICK", "JUMP", "VERY", "KING", "WATER", "HOUSE", "DON'T",
+    "YES",
+    "NO",
+    "UP",
+    "DOWN",
+    "LEFT",
+    "RIGHT",
+    "ON",
+    "OFF",
+    "STOP",
+    "GO",
+    "ZERO",
+    "ONE",
+    "TWO",
+    "THREE",
+    "FIVE",
+    "SIX",
+    "SEVEN",
+    "EIGHT",
+    "NINE",
+    "RED",
+    "GREEN",
+    "BLUE",
+    "BLACK",
+    "WHITE",
+    "DOG",
+    "CAT",
+    "FISH",
+    "BIRD",
+    "HORSE",
+    "BOX",
+    "BIG",
+    "SMALL",
+    "HOT",
+    "COLD",
+    "QUICK",
+    "JUMP",
+    "VERY",
+    "KING",
+    "WATER",
+    "HOUSE",
+    "DON'T",
 )
 
 
@@ -124,9 +160,7 @@ def check_tools() -> None:
         )
 
 
-def draw_sentences(
-    rng: random.Random, count: int, min_words: int, max_words: int, words: Sequence[str]
-) -> list[str]:
+def draw_sentences(rng: random.Random, count: int, min_words: int, max_words: int, words: Sequence[str]) -> list[str]:
     """Draw ``count`` distinct sentences of ``min_words``-``max_words`` words.
 
     Words inside one sentence may repeat; sentences never do, which is what lets the
@@ -188,10 +222,14 @@ def synthesise(utterance: Utterance, corpus_root: Path, trim_threshold: str) -> 
         subprocess.run(
             [
                 "espeak-ng",
-                "-v", utterance.voice.espeak_voice,
-                "-s", str(utterance.speed_wpm),
-                "-p", str(utterance.pitch),
-                "-w", str(raw_wav),
+                "-v",
+                utterance.voice.espeak_voice,
+                "-s",
+                str(utterance.speed_wpm),
+                "-p",
+                str(utterance.pitch),
+                "-w",
+                str(raw_wav),
                 utterance.text.lower(),
             ],
             check=True,
@@ -204,13 +242,30 @@ def synthesise(utterance: Utterance, corpus_root: Path, trim_threshold: str) -> 
         trim = ["silence", "1", "0.02", trim_threshold]
         subprocess.run(
             [
-                "sox", "-R", "-D", str(raw_wav),
-                "-r", "16000", "-c", "1", "-b", "16", "-C", "8", str(partial_path),
-                "vol", str(utterance.gain),
+                "sox",
+                "-R",
+                "-D",
+                str(raw_wav),
+                "-r",
+                "16000",
+                "-c",
+                "1",
+                "-b",
+                "16",
+                "-C",
+                "8",
+                str(partial_path),
+                "vol",
+                str(utterance.gain),
                 # Trim leading silence, then trailing (by trimming the reversed signal).
-                *trim, "reverse", *trim, "reverse",
+                *trim,
+                "reverse",
+                *trim,
+                "reverse",
                 # Keep a short pause at both ends, as in read speech.
-                "pad", "0.1", "0.1",
+                "pad",
+                "0.1",
+                "0.1",
             ],
             check=True,
             stdout=subprocess.DEVNULL,

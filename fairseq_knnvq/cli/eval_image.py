@@ -14,6 +14,7 @@ codebook usage and perplexities over the whole set, and rFID when
 ``model(uint8 images (B, 3, H, W), return_features=True)`` -> (B, 2048). Nothing is
 downloaded. The work is done by :mod:`fairseq_knnvq.evaluation.image`.
 """
+
 import argparse
 import json
 import logging
@@ -38,10 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=0, help="data-loader worker processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--image-size", type=int, default=None, help="crop side (default: the checkpoint's task.image_size)")
-    parser.add_argument("--resize-size", type=int, default=None, help="shorter side before the centre crop (default: the checkpoint's)")
     parser.add_argument(
-        "--inception-weights", default=None,
+        "--image-size", type=int, default=None, help="crop side (default: the checkpoint's task.image_size)"
+    )
+    parser.add_argument(
+        "--resize-size", type=int, default=None, help="shorter side before the centre crop (default: the checkpoint's)"
+    )
+    parser.add_argument(
+        "--inception-weights",
+        default=None,
         help="local TorchScript Inception-v3 (inception-2015-12-05.pt) for rFID; without it no rFID",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -57,15 +63,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     try:
         result = evaluate(
-            args.checkpoint, args.images, batch_size=args.batch_size, num_workers=args.num_workers,
-            device=args.device, image_size=args.image_size, resize_size=args.resize_size,
-            inception_weights=args.inception_weights, progress=not args.no_progress,
+            args.checkpoint,
+            args.images,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            device=args.device,
+            image_size=args.image_size,
+            resize_size=args.resize_size,
+            inception_weights=args.inception_weights,
+            progress=not args.no_progress,
         )
     except (FileNotFoundError, ValueError) as e:
         print(f"knnvq-eval-image: error: {e}", file=sys.stderr)
         return 2
     atomic_write_text(args.output, json.dumps(result, indent=2, sort_keys=True) + "\n")
-    summary = {k: result[k] for k in ("num_images", "mse", "psnr", "ssim", "code_usage", "code_perplexity", "rfid") if k in result}
+    summary = {
+        k: result[k]
+        for k in ("num_images", "mse", "psnr", "ssim", "code_usage", "code_perplexity", "rfid")
+        if k in result
+    }
     print(json.dumps(summary))
     return 0
 

@@ -13,6 +13,7 @@ normalisation from the fine-tuning task). Load them with ``from_pretrained(OUT_D
 or ``pipeline("automatic-speech-recognition", model=OUT_DIR)``. The mapping and its
 checks are in :mod:`fairseq_knnvq.hf`; needs ``pip install 'fairseq-knnvq[hf]'``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -95,7 +96,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     remove_interrupted_exports(args.out_dir)
     try:
         result = export_checkpoint(
-            args.checkpoint, args.out_dir, overwrite=args.overwrite, dictionary_path=args.dictionary, verify=not args.no_verify
+            args.checkpoint,
+            args.out_dir,
+            overwrite=args.overwrite,
+            dictionary_path=args.dictionary,
+            verify=not args.no_verify,
         )
     except ExportError as error:
         raise SystemExit(f"knnvq-export-hf: error: {error}") from None

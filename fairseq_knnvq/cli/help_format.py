@@ -2,6 +2,7 @@
 without the noise it adds, i.e. no ``(default: None)`` / ``(default: False)`` on options
 that have no default or are flags, and none after a help text that already says its
 default in words (``(default: every CPU)``)."""
+
 from __future__ import annotations
 
 import argparse

@@ -46,6 +46,7 @@ model's weights are inside the fine-tuned checkpoint, so it still decodes after 
 data or the pretrained checkpoint have moved. Every output file is written atomically
 (a temporary file, then a rename), the JSON summary last.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -126,7 +127,9 @@ def check_models_registered(state: dict[str, Any], path: Path, trained_labels: s
     needed.append(("task", cfg.task.get("_name"), TASK_REGISTRY.keys()))
     pretrained = cfg.model.get("w2v_args", None)
     if pretrained is not None:
-        needed.append(("pretrained model", pretrained.model.get("_name"), MODEL_REGISTRY.keys() | ARCH_MODEL_REGISTRY.keys()))
+        needed.append(
+            ("pretrained model", pretrained.model.get("_name"), MODEL_REGISTRY.keys() | ARCH_MODEL_REGISTRY.keys())
+        )
         needed.append(("pretrained task", pretrained.task.get("_name"), TASK_REGISTRY.keys()))
     missing = [f"{kind} '{name}'" for kind, name, registry in needed if name is not None and name not in registry]
     if missing:
@@ -209,8 +212,9 @@ def check_data(data_dir: Path, subset: str, labels: str, sample_rate: int, need_
             f"{len(manifest.entries)} audio files; both must come from the same preparation run"
         )
     audio_seconds = manifest.total_frames / sample_rate
-    return ReferenceData(manifest_path, label_path, label_lines, audio_seconds,
-                         tuple(entry.num_frames for entry in manifest.entries))
+    return ReferenceData(
+        manifest_path, label_path, label_lines, audio_seconds, tuple(entry.num_frames for entry in manifest.entries)
+    )
 
 
 def check_clip_lengths(reference: ReferenceData, min_samples: int, sample_rate: int) -> None:
@@ -281,8 +285,12 @@ def choose_batching(args: argparse.Namespace, dataset_cfg: Any) -> Batching:
 
 
 BEAM_OPTIONS = {  # option -> field of BeamSearchOptions
-    "--beam": "beam", "--beam-threshold": "beam_threshold", "--lm-weight": "lm_weight",
-    "--word-score": "word_score", "--sil-weight": "sil_weight", "--unk-weight": "unk_weight",
+    "--beam": "beam",
+    "--beam-threshold": "beam_threshold",
+    "--lm-weight": "lm_weight",
+    "--word-score": "word_score",
+    "--sil-weight": "sil_weight",
+    "--unk-weight": "unk_weight",
     "--beam-size-token": "beam_size_token",
 }
 
@@ -291,8 +299,11 @@ def choose_decoding(args: argparse.Namespace) -> BeamSearchOptions | None:
     """None for greedy decoding, else the beam search's options (fairseq's defaults for
     those not given). Checked before the model is loaded."""
     given = [option for option, field in BEAM_OPTIONS.items() if getattr(args, field) is not None]
-    given += [o for o, v in (("--lm", args.lm), ("--lexicon", args.lexicon), ("--lexicon-words", args.lexicon_words))
-              if v is not None]
+    given += [
+        o
+        for o, v in (("--lm", args.lm), ("--lexicon", args.lexicon), ("--lexicon-words", args.lexicon_words))
+        if v is not None
+    ]
     decoder = args.decoder or ("beam" if given else "greedy")
     if decoder == "greedy":
         beam_only = given
@@ -310,8 +321,9 @@ def choose_decoding(args: argparse.Namespace) -> BeamSearchOptions | None:
         import_flashlight("--lm" if args.lm is not None else "--decoder beam")
     except BeamSearchError as error:
         raise InferenceError(str(error)) from None
-    options = BeamSearchOptions(**{field: getattr(args, field) for field in BEAM_OPTIONS.values()
-                                   if getattr(args, field) is not None})
+    options = BeamSearchOptions(
+        **{field: getattr(args, field) for field in BEAM_OPTIONS.values() if getattr(args, field) is not None}
+    )
     if options.beam < 1 or (options.beam_size_token is not None and options.beam_size_token < 1):
         raise InferenceError("--beam and --beam-size-token must be at least 1")
     return options
@@ -342,9 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=DefaultsHelpFormatter,
     )
     parser.add_argument("checkpoint", type=Path, help="fine-tuned checkpoint (.pt) written by fairseq-hydra-train")
-    parser.add_argument("--data", type=Path, default=None, help="folder with SUBSET.tsv, SUBSET.LABELS and dict.LABELS.txt (default: the checkpoint's task.data)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="folder with SUBSET.tsv, SUBSET.LABELS and dict.LABELS.txt (default: the checkpoint's task.data)",
+    )
     parser.add_argument("--subset", required=True, help="manifest name to decode, e.g. dev_other or test_clean")
-    parser.add_argument("--labels", default=None, help="label extension, e.g. ltr or spm (default: the checkpoint's task.labels)")
+    parser.add_argument(
+        "--labels", default=None, help="label extension, e.g. ltr or spm (default: the checkpoint's task.labels)"
+    )
     parser.add_argument(
         "--post-process",
         default="auto",
@@ -358,20 +377,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="audio samples per batch (default, with --batch-size: the checkpoint's validation batching, "
         f"else {DEFAULT_MAX_TOKENS})",
     )
-    parser.add_argument("--batch-size", type=int, default=None, help="utterances per batch at most; 1 decodes without padding")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="utterances per batch at most; 1 decodes without padding"
+    )
     search = parser.add_argument_group(
-        "beam search", "CTC beam search with an n-gram LM (fairseq's kenlm decoder; needs flashlight-text: "
+        "beam search",
+        "CTC beam search with an n-gram LM (fairseq's kenlm decoder; needs flashlight-text: "
         "pip install 'fairseq-knnvq[lm]'). Defaults, from fairseq's decoder config: "
-        + ", ".join(f"--{field.replace('_', '-')} {value}" for field, value in BeamSearchOptions().as_record().items()
-                    if value is not None))
-    search.add_argument("--decoder", choices=("greedy", "beam"), default=None,
-                        help="default: beam when --lm, a lexicon or a beam option is given, else greedy")
-    search.add_argument("--lm", type=Path, default=None,
-                        help="KenLM language model, ARPA or binary: over words with a lexicon, over the model's "
-                        "units without one (knnvq-ngram-lm writes ARPA files from transcripts)")
-    search.add_argument("--lexicon", type=Path, default=None, help="lines 'WORD U1 U2 ... |': each word spelled in the model's units")
-    search.add_argument("--lexicon-words", type=Path, default=None,
-                        help="a word list or transcripts (e.g. train.wrd): every word spelled in letters with '|' at its end")
+        + ", ".join(
+            f"--{field.replace('_', '-')} {value}"
+            for field, value in BeamSearchOptions().as_record().items()
+            if value is not None
+        ),
+    )
+    search.add_argument(
+        "--decoder",
+        choices=("greedy", "beam"),
+        default=None,
+        help="default: beam when --lm, a lexicon or a beam option is given, else greedy",
+    )
+    search.add_argument(
+        "--lm",
+        type=Path,
+        default=None,
+        help="KenLM language model, ARPA or binary: over words with a lexicon, over the model's "
+        "units without one (knnvq-ngram-lm writes ARPA files from transcripts)",
+    )
+    search.add_argument(
+        "--lexicon", type=Path, default=None, help="lines 'WORD U1 U2 ... |': each word spelled in the model's units"
+    )
+    search.add_argument(
+        "--lexicon-words",
+        type=Path,
+        default=None,
+        help="a word list or transcripts (e.g. train.wrd): every word spelled in letters with '|' at its end",
+    )
     search.add_argument("--beam", type=int, default=None, help="hypotheses kept per frame")
     search.add_argument("--beam-threshold", type=float, default=None, help="drop hypotheses this far below the best")
     search.add_argument("--lm-weight", type=float, default=None, help="weight of the LM's log10 score")
@@ -379,8 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--sil-weight", type=float, default=None, help="added for every silence unit ('|')")
     search.add_argument("--unk-weight", type=float, default=None, help="added for a word out of the lexicon")
     search.add_argument("--beam-size-token", type=int, default=None, help="units tried per frame (default: all)")
-    parser.add_argument("--output-dir", type=Path, default=None, help="where the hypothesis, reference and WER files go (default: the checkpoint's folder)")
-    parser.add_argument("--user-dir", default=None, help="another fairseq plugin folder to import (fairseq-knnvq is always registered)")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where the hypothesis, reference and WER files go (default: the checkpoint's folder)",
+    )
+    parser.add_argument(
+        "--user-dir", default=None, help="another fairseq plugin folder to import (fairseq-knnvq is always registered)"
+    )
     parser.add_argument("--cpu", action="store_true", help="decode on the CPU even when a GPU is available")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -398,7 +445,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not checkpoint.is_file():
         raise InferenceError(f"checkpoint {checkpoint} does not exist (give the .pt file that fine-tuning wrote)")
     output_dir: Path = (args.output_dir or checkpoint.parent).resolve()
-    problem = output_folder_problem(output_dir, "--output-dir" if args.output_dir else "--output-dir (default: the checkpoint's folder)")
+    problem = output_folder_problem(
+        output_dir, "--output-dir" if args.output_dir else "--output-dir (default: the checkpoint's folder)"
+    )
     if problem:
         raise InferenceError(problem)
     beam_options = choose_decoding(args)
@@ -411,8 +460,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if data_dir is None:
         data_dir = Path(task_cfg.data)
     labels = task_cfg.labels
-    reference = check_data(data_dir, args.subset, labels, int(task_cfg.get("sample_rate", 16000)),
-                           need_dictionary=not checkpoint_has_dictionary(state))
+    reference = check_data(
+        data_dir,
+        args.subset,
+        labels,
+        int(task_cfg.get("sample_rate", 16000)),
+        need_dictionary=not checkpoint_has_dictionary(state),
+    )
 
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     started = time.perf_counter()
@@ -435,9 +489,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     batching = choose_batching(args, state["cfg"].get("dataset"))
     decoded = decode_subset(model, task, args.subset, batching, device, not args.no_progress, decoder)
     decode_seconds = time.perf_counter() - started
-    hypotheses = [" ".join(words) if words is not None
-                  else units_to_words(dictionary.string(torch.tensor(units, dtype=torch.long)), post_process)
-                  for units, words in decoded]
+    hypotheses = [
+        " ".join(words)
+        if words is not None
+        else units_to_words(dictionary.string(torch.tensor(units, dtype=torch.long)), post_process)
+        for units, words in decoded
+    ]
     references = [units_to_words(line, post_process) for line in reference.label_lines]
     wer = word_error_rate(references, hypotheses)
     cer = char_error_rate(references, hypotheses)
@@ -466,7 +523,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if beam_options is not None:
         summary["beam_search"] = {
             "lm": str(args.lm.resolve()) if args.lm is not None else None,
-            "lexicon": str((args.lexicon or args.lexicon_words).resolve()) if (args.lexicon or args.lexicon_words) else None,
+            "lexicon": str((args.lexicon or args.lexicon_words).resolve())
+            if (args.lexicon or args.lexicon_words)
+            else None,
             "lexicon_kind": "lexicon" if args.lexicon else ("words" if args.lexicon_words else None),
             "search": "lexicon" if decoder.lexicon is not None else "lexicon_free",
             **beam_options.as_record(),

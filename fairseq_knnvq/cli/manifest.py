@@ -27,6 +27,7 @@ the same seeded train/valid split, plus what that script leaves to the user:
 The work is done by :mod:`fairseq_knnvq.data.manifest`; the checks of ``--dest`` here are
 reused by ``knnvq-prepare-librispeech``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,7 +63,7 @@ def refuse_stale_manifests(dest: Path, new: Mapping[str, Manifest]) -> None:
             "this run would leave manifests of an earlier run that share audio with the new ones "
             "(training audio in another split):\n"
             + list_problems(problems)
-            + f"\nDelete them (with their .ltr/.wrd/.spm labels), or choose another --dest. "
+            + "\nDelete them (with their .ltr/.wrd/.spm labels), or choose another --dest. "
             "Nothing was written."
         )
 

@@ -11,6 +11,7 @@ LM for a lexicon-free search) and writes the interpolated absolute-discounting m
 :mod:`fairseq_knnvq.evaluation.ngram` atomically. For LibriSpeech, use the published
 4-gram or KenLM's ``lmplz`` (modified Kneser-Ney) instead: this tool is for small text.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,8 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> NGramModel:
     if args.order < 2:
-        raise ValueError(f"--order must be at least 2 (KenLM, and so knnvq-infer --lm, loads only bigram "
-                         f"models and up), got {args.order}")
+        raise ValueError(
+            f"--order must be at least 2 (KenLM, and so knnvq-infer --lm, loads only bigram "
+            f"models and up), got {args.order}"
+        )
     for path in args.transcripts:
         if not path.is_file():
             raise ValueError(f"transcript file {path} does not exist")

@@ -4,6 +4,7 @@ Every console script calls :func:`output_folder_problem` on its output folder fi
 that a folder it cannot write ends the command at once with a message naming the
 folder, not with a raw ``PermissionError`` after a decode or an evaluation of hours.
 """
+
 from __future__ import annotations
 
 import errno
@@ -23,9 +24,7 @@ def output_folder_problem(folder: Path, option: str) -> Optional[str]:
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        return (
-            f"{option} {folder}: {existing} is a file, not a folder; choose another {option}"
-        )
+        return f"{option} {folder}: {existing} is a file, not a folder; choose another {option}"
     try:
         with tempfile.TemporaryFile(dir=existing, prefix=".knnvq-write-check-"):
             pass

@@ -40,6 +40,7 @@ the training split stops the run too.
 The labels are made by :mod:`fairseq_knnvq.data.librispeech`, the manifests by
 :mod:`fairseq_knnvq.data.manifest`. Nothing here imports fairseq or torchaudio.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,13 @@ from pathlib import Path
 from typing import Sequence
 
 from fairseq_knnvq.cli.help_format import DefaultsHelpFormatter
-from fairseq_knnvq.cli.manifest import add_check_arguments, check_dest, describe, refuse_stale_manifests, resample_folder
+from fairseq_knnvq.cli.manifest import (
+    add_check_arguments,
+    check_dest,
+    describe,
+    refuse_stale_manifests,
+    resample_folder,
+)
 from fairseq_knnvq.data.librispeech import (
     LabelledSplit,
     PreparationError,
@@ -96,8 +103,10 @@ def validation_split_note(names: Sequence[str]) -> str | None:
         return None
     read = "; ".join(f"{split!r} by {configs}" for split, configs in CONFIG_VALIDATION_SPLITS.items())
     candidates = [name for name in names if name != "train"] or list(names)
-    return (f"note: no split is named as the shipped configs' validation split ({read}); train with "
-            f"dataset.valid_subset={candidates[0]}, or prepare with --split valid=DIR")
+    return (
+        f"note: no split is named as the shipped configs' validation split ({read}); train with "
+        f"dataset.valid_subset={candidates[0]}, or prepare with --split valid=DIR"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

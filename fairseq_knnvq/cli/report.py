@@ -16,6 +16,7 @@ A run is a log file or a hydra run folder (``hydra_train.log``). The work is don
 every file is written to a temporary name and renamed, so an interrupted report never
 leaves a half-written PNG or table behind.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,13 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     curves = sub.add_parser("curves", help="plots and a table of final values from fairseq JSON logs")
-    curves.add_argument("runs", nargs="+", type=Path,
-                        help="fairseq log files (common.log_format=json) or hydra run folders")
-    curves.add_argument("--name", action="append", default=None,
-                        help="label of a run, once per run in the same order (default: folder name)")
-    curves.add_argument("--metrics", default=None,
-                        help="comma-separated metrics to plot, e.g. loss_0,loss_1 (default: the "
-                             "code-usage metrics, losses, temperature, WER and PSNR that the logs contain)")
+    curves.add_argument(
+        "runs", nargs="+", type=Path, help="fairseq log files (common.log_format=json) or hydra run folders"
+    )
+    curves.add_argument(
+        "--name",
+        action="append",
+        default=None,
+        help="label of a run, once per run in the same order (default: folder name)",
+    )
+    curves.add_argument(
+        "--metrics",
+        default=None,
+        help="comma-separated metrics to plot, e.g. loss_0,loss_1 (default: the "
+        "code-usage metrics, losses, temperature, WER and PSNR that the logs contain)",
+    )
     curves.add_argument("--out", type=Path, required=True, help="folder for the PNGs and tables")
 
     codes = sub.add_parser("codes", help="histogram of code counts per group from a checkpoint")
@@ -58,7 +67,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise report.ReportError(problem)
         if args.command == "curves":
             if args.name is not None and len(args.name) != len(args.runs):
-                raise report.ReportError(f"got {len(args.runs)} runs but {len(args.name)} --name labels: pass one per run")
+                raise report.ReportError(
+                    f"got {len(args.runs)} runs but {len(args.name)} --name labels: pass one per run"
+                )
             names = args.name or [None] * len(args.runs)
             runs = [report.read_run(path, name) for path, name in zip(args.runs, names)]
             metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else None
@@ -74,8 +85,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 f"(usage {stats['usage']:.3f}), code perplexity {stats['code_perplexity']:.2f}"
             )
             for g, group in enumerate(codes["per_group"]):
-                print(f"  group {g}: {int(group['used_entries'])}/{codes['entries']} used, "
-                      f"code perplexity {group['code_perplexity']:.2f}")
+                print(
+                    f"  group {g}: {int(group['used_entries'])}/{codes['entries']} used, "
+                    f"code perplexity {group['code_perplexity']:.2f}"
+                )
             print(f"wrote {args.out / (codes['name'] + '_code_counts.png')}")
     except report.ReportError as e:
         print(f"knnvq-report: error: {e}", file=sys.stderr)

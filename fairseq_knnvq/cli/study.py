@@ -10,6 +10,7 @@ thread each by default); a rerun skips the finished points. The results are the 
 pooled validation metrics: ``runs.csv``, ``summary.csv``, ``summary.md`` and
 ``plots/<metric>_vs_<key>.png`` under ``--out``. See :mod:`fairseq_knnvq.study`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,44 +34,90 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="knnvq-study",
         description="Train pretraining configs over a grid of overrides and seeds with fairseq-hydra-train "
-                    "and tabulate and plot the final pooled validation metrics.",
+        "and tabulate and plot the final pooled validation metrics.",
     )
-    parser.add_argument("--task", choices=sorted(study.DEFAULT_METRICS), required=True,
-                        help="speech (wav2vec 2.0 configs) or image (image autoencoder configs): sets the "
-                             "default metrics")
-    parser.add_argument("--config-dir", type=Path, required=True,
-                        help="folder of the configs, e.g. configs/pretraining or configs/image")
-    parser.add_argument("--configs", required=True, type=lambda s: [c for c in s.split(",") if c],
-                        help="config names to compare, comma-separated (e.g. tiny_gumbel,tiny_knn_ce)")
-    parser.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
-                        help="a swept override (repeatable; the grid is their product). Commas inside "
-                             "brackets stay in the value: model.latent_temp=[2,0.5,0.995],[2,0.1,0.995]")
+    parser.add_argument(
+        "--task",
+        choices=sorted(study.DEFAULT_METRICS),
+        required=True,
+        help="speech (wav2vec 2.0 configs) or image (image autoencoder configs): sets the default metrics",
+    )
+    parser.add_argument(
+        "--config-dir",
+        type=Path,
+        required=True,
+        help="folder of the configs, e.g. configs/pretraining or configs/image",
+    )
+    parser.add_argument(
+        "--configs",
+        required=True,
+        type=lambda s: [c for c in s.split(",") if c],
+        help="config names to compare, comma-separated (e.g. tiny_gumbel,tiny_knn_ce)",
+    )
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2,...",
+        help="a swept override (repeatable; the grid is their product). Commas inside "
+        "brackets stay in the value: model.latent_temp=[2,0.5,0.995],[2,0.1,0.995]",
+    )
     parser.add_argument("--seeds", type=_int_list, default=[1, 2, 3], help="common.seed values (default 1,2,3)")
-    parser.add_argument("--data", type=Path, required=True,
-                        help="task.data: the manifest folder (speech) or the image folder (image)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a fixed override for every run (repeatable), e.g. optimization.max_update=300")
-    parser.add_argument("--metrics", type=lambda s: [m for m in s.split(",") if m], default=None,
-                        help="validation metrics to report (default for speech: "
-                             f"{','.join(study.DEFAULT_METRICS['speech'])}; image: "
-                             f"{','.join(study.DEFAULT_METRICS['image'])})")
-    parser.add_argument("--out", type=Path, required=True,
-                        help="output folder (new, or one an earlier knnvq-study made: finished runs are skipped)")
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
-                        help="runs at the same time (default: one per CPU core)")
+    parser.add_argument(
+        "--data", type=Path, required=True, help="task.data: the manifest folder (speech) or the image folder (image)"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a fixed override for every run (repeatable), e.g. optimization.max_update=300",
+    )
+    parser.add_argument(
+        "--metrics",
+        type=lambda s: [m for m in s.split(",") if m],
+        default=None,
+        help="validation metrics to report (default for speech: "
+        f"{','.join(study.DEFAULT_METRICS['speech'])}; image: "
+        f"{','.join(study.DEFAULT_METRICS['image'])})",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output folder (new, or one an earlier knnvq-study made: finished runs are skipped)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=os.cpu_count() or 1, help="runs at the same time (default: one per CPU core)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    parser.add_argument("--launcher", choices=study_launchers.LAUNCHERS, default="local",
-                        help="local: runs here, --jobs at a time; slurm: each point is a SLURM job submitted "
-                             "through submitit (--jobs of them queued at a time; needs 'fairseq-knnvq[slurm]')")
-    parser.add_argument("--partition", default=None, help="--launcher slurm: the partition (default: the "
-                                                          "cluster's default partition)")
-    parser.add_argument("--gpus-per-run", type=int, default=0,
-                        help="--launcher slurm: GPUs of each job (default 0); one task, fairseq starts one "
-                             "process per GPU (set distributed_training.distributed_world_size with --set)")
-    parser.add_argument("--time-limit", type=int, default=60, metavar="MINUTES",
-                        help="--launcher slurm: time limit of each job in minutes (default 60)")
-    parser.add_argument("--no-compose-check", action="store_true",
-                        help="skip composing each config before the first run")
+    parser.add_argument(
+        "--launcher",
+        choices=study_launchers.LAUNCHERS,
+        default="local",
+        help="local: runs here, --jobs at a time; slurm: each point is a SLURM job submitted "
+        "through submitit (--jobs of them queued at a time; needs 'fairseq-knnvq[slurm]')",
+    )
+    parser.add_argument(
+        "--partition", default=None, help="--launcher slurm: the partition (default: the cluster's default partition)"
+    )
+    parser.add_argument(
+        "--gpus-per-run",
+        type=int,
+        default=0,
+        help="--launcher slurm: GPUs of each job (default 0); one task, fairseq starts one "
+        "process per GPU (set distributed_training.distributed_world_size with --set)",
+    )
+    parser.add_argument(
+        "--time-limit",
+        type=int,
+        default=60,
+        metavar="MINUTES",
+        help="--launcher slurm: time limit of each job in minutes (default 60)",
+    )
+    parser.add_argument(
+        "--no-compose-check", action="store_true", help="skip composing each config before the first run"
+    )
     return parser
 
 
@@ -84,20 +131,32 @@ def make_study(args: argparse.Namespace) -> study.Study:
         fixed.append(f"{key}={value}")
     if not args.data.is_dir() or not any(args.data.iterdir()):
         what = "is empty" if args.data.is_dir() else "is not a folder" if args.data.exists() else "does not exist"
-        raise study.StudyError(f"--data {args.data} {what}: pass the manifest folder (speech; "
-                               "knnvq-prepare-librispeech writes one) or the image folder (image)")
+        raise study.StudyError(
+            f"--data {args.data} {what}: pass the manifest folder (speech; "
+            "knnvq-prepare-librispeech writes one) or the image folder (image)"
+        )
     fixed.insert(0, f"task.data={args.data.resolve()}")
     return study.Study(
-        config_dir=args.config_dir.resolve(), configs=args.configs, grid=grid, seeds=args.seeds,
-        out=args.out.resolve(), fixed=fixed, metrics=args.metrics or study.DEFAULT_METRICS[args.task],
-        jobs=args.jobs, threads=args.threads, launcher=make_launcher(args),
+        config_dir=args.config_dir.resolve(),
+        configs=args.configs,
+        grid=grid,
+        seeds=args.seeds,
+        out=args.out.resolve(),
+        fixed=fixed,
+        metrics=args.metrics or study.DEFAULT_METRICS[args.task],
+        jobs=args.jobs,
+        threads=args.threads,
+        launcher=make_launcher(args),
     )
 
 
 def make_launcher(args: argparse.Namespace) -> Optional[study_launchers.SlurmLauncher]:
     """None (runs here) or the SLURM launcher, checked: SLURM answers, the partition exists."""
-    slurm_only = [f"--{name.replace('_', '-')}" for name, default in
-                  (("partition", None), ("gpus_per_run", 0), ("time_limit", 60)) if getattr(args, name) != default]
+    slurm_only = [
+        f"--{name.replace('_', '-')}"
+        for name, default in (("partition", None), ("gpus_per_run", 0), ("time_limit", 60))
+        if getattr(args, name) != default
+    ]
     if args.launcher == "local":
         if slurm_only:
             raise study.StudyError(f"{', '.join(slurm_only)} only apply with --launcher slurm")
@@ -129,18 +188,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(table, flush=True)
             tables = [p.name for p in written if p.parent == runner.out]
             plots = [p.name for p in written if p.parent != runner.out]
-            progress(f"wrote {', '.join(tables)} in {runner.out}"
-                     + (f" and {len(plots)} plot(s) in {runner.out / 'plots'}: {', '.join(plots)}" if plots
-                        else "; no plot (no metric was logged)"))
+            progress(
+                f"wrote {', '.join(tables)} in {runner.out}"
+                + (
+                    f" and {len(plots)} plot(s) in {runner.out / 'plots'}: {', '.join(plots)}"
+                    if plots
+                    else "; no plot (no metric was logged)"
+                )
+            )
         if progress.stopping:
             from fairseq_knnvq.tasks.run_folder import PREEMPTED_EXIT_STATUS
 
-            print(f"knnvq-study: stopped by {progress.stopping}; the runs in progress saved their "
-                  "checkpoint_last.pt: rerun the same command to continue them", file=sys.stderr)
+            print(
+                f"knnvq-study: stopped by {progress.stopping}; the runs in progress saved their "
+                "checkpoint_last.pt: rerun the same command to continue them",
+                file=sys.stderr,
+            )
             return PREEMPTED_EXIT_STATUS
         if failures:
-            print(f"knnvq-study: {len(failures)} run(s) failed; rerun the same command to retry them "
-                  "(finished runs are skipped)", file=sys.stderr)
+            print(
+                f"knnvq-study: {len(failures)} run(s) failed; rerun the same command to retry them "
+                "(finished runs are skipped)",
+                file=sys.stderr,
+            )
             return 1
     except study.StudyError as e:
         print(f"knnvq-study: error: {e}", file=sys.stderr)

@@ -37,6 +37,7 @@ own ``hydra_main`` with every command-line argument passed through (``-m``, ``--
 ``fairseq-hydra-train ... common.user_dir=$(python -m fairseq_knnvq)`` keeps working
 unchanged; this is a convenience, not a fork.
 """
+
 from __future__ import annotations
 
 import sys
@@ -135,7 +136,9 @@ def read_primary(path: Optional[Path], _seen: Optional[set] = None) -> Tuple[Dic
     return names, in_defaults
 
 
-def rewrite_overrides(argv: Sequence[str], overrides: Sequence[str], names: Dict[str, Optional[str]], in_defaults: set) -> Tuple[List[str], Dict[str, Optional[str]]]:
+def rewrite_overrides(
+    argv: Sequence[str], overrides: Sequence[str], names: Dict[str, Optional[str]], in_defaults: set
+) -> Tuple[List[str], Dict[str, Optional[str]]]:
     """``GROUP=NAME`` becomes ``GROUP._name=NAME`` for the groups the primary config does
     not select in its defaults list; ``GROUP._name=NAME`` overrides are noted too. Returns
     the new argv and the name chosen for each group."""
@@ -200,8 +203,10 @@ def key_problems(overrides: Sequence[str], chosen: Dict[str, Optional[str]]) -> 
     from omegaconf import DictConfig
 
     schema, _, classes = build_schema(chosen)
-    fields = {section: (list(node.keys()) if isinstance(node, DictConfig) else None)
-              for section, node in ((s, schema.get(s)) for s in schema.keys())}
+    fields = {
+        section: (list(node.keys()) if isinstance(node, DictConfig) else None)
+        for section, node in ((s, schema.get(s)) for s in schema.keys())
+    }
     return unknown_override_keys(overrides, fields, classes)
 
 
@@ -225,8 +230,10 @@ def check_override_keys(overrides: Sequence[str], chosen: Dict[str, Optional[str
     ``ConfigKeyError`` after hydra made the run folder."""
     messages = key_problems(overrides, chosen)
     if messages:
-        raise LaunchError("; ".join(messages) + ". knnvq-train --config-dir DIR --config-name NAME --cfg job "
-                          "prints every field of the composed config")
+        raise LaunchError(
+            "; ".join(messages) + ". knnvq-train --config-dir DIR --config-name NAME --cfg job "
+            "prints every field of the composed config"
+        )
 
 
 def check_run_data(cfg) -> None:

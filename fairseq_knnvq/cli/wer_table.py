@@ -12,6 +12,7 @@ that ``knnvq-infer`` wrote into each decode folder (``LABEL=FOLDER``, or a folde
 its parent's name is the label) and writes ``<output>.md`` and ``<output>.csv``
 atomically; the Markdown table is also printed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,10 +49,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     except WerTableError as error:
         raise SystemExit(f"knnvq-wer-table: error: {error}") from None
     table = markdown(columns, rows)
-    write_files_atomically({
-        args.output.with_name(args.output.name + ".md"): table,
-        args.output.with_name(args.output.name + ".csv"): csv_text(columns, rows),
-    })
+    write_files_atomically(
+        {
+            args.output.with_name(args.output.name + ".md"): table,
+            args.output.with_name(args.output.name + ".csv"): csv_text(columns, rows),
+        }
+    )
     print(table, end="")
 
 

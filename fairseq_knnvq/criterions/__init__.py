@@ -1,5 +1,6 @@
 """Criterions; fairseq only auto-imports models/ and tasks/, so every module here is
 imported from this package (and this package from the plugin's ``__init__``)."""
+
 import importlib
 import pkgutil
 

@@ -56,15 +56,11 @@ class ImageVQReconstructionConfig(FairseqDataclass):
     reconstruction_loss: ChoiceEnum(["mse", "l1"]) = field(
         default="mse", metadata={"help": "pixel loss between image and reconstruction"}
     )
-    knn_weight: float = field(
-        default=0.1, metadata={"help": "lambda of the KNN-to-vertex loss"}
-    )
+    knn_weight: float = field(default=0.1, metadata={"help": "lambda of the KNN-to-vertex loss"})
     diversity_weight: float = field(
         default=0.1, metadata={"help": "weight of wav2vec 2.0's diversity (perplexity) loss"}
     )
-    vq_weight: float = field(
-        default=1.0, metadata={"help": "weight of the VQ-VAE codebook + beta*commitment loss"}
-    )
+    vq_weight: float = field(default=1.0, metadata={"help": "weight of the VQ-VAE codebook + beta*commitment loss"})
     grid_dir: Optional[str] = field(
         default=II("checkpoint.save_dir"),
         metadata={"help": "folder for the validation PNG grids; empty to write none"},
@@ -206,9 +202,7 @@ class ImageVQReconstructionCriterion(FairseqCriterion):
         if sample_size == 0:
             return
         metrics.log_scalar("loss", total("loss") / sample_size, sample_size, round=4)
-        metrics.log_scalar(
-            "reconstruction_loss", total("reconstruction_loss") / sample_size, sample_size, round=4
-        )
+        metrics.log_scalar("reconstruction_loss", total("reconstruction_loss") / sample_size, sample_size, round=4)
         for key in list(AUX_LOSSES) + list(LOGGED_EXTRAS):
             if any(key in log for log in logging_outputs):
                 metrics.log_scalar(key, total(key) / nsentences, nsentences, round=4)
@@ -216,7 +210,9 @@ class ImageVQReconstructionCriterion(FairseqCriterion):
         metrics.log_scalar_sum("_sq_err", total("_sq_err"))
         metrics.log_scalar_sum("_num_values", total("_num_values"))
         metrics.log_derived("mse", lambda m: round(m["_sq_err"].sum / max(1.0, m["_num_values"].sum), 6))
-        metrics.log_derived("psnr", lambda m: round(psnr_from_mse(m["_sq_err"].sum / max(1.0, m["_num_values"].sum)), 3))
+        metrics.log_derived(
+            "psnr", lambda m: round(psnr_from_mse(m["_sq_err"].sum / max(1.0, m["_num_values"].sum)), 3)
+        )
         unreadable = total("unreadable_images")
         if unreadable:
             metrics.log_scalar_sum("unreadable_images", unreadable, round=0)

@@ -108,9 +108,7 @@ class _NetOutputRecorder:
 
 @register_criterion("wav2vec_knnvq", dataclass=Wav2VecKnnVqCriterionConfig)
 class Wav2vecKnnVqCriterion(Wav2vecCriterion):
-    def __init__(
-        self, task, infonce=False, loss_weights=None, log_keys=None, knn_weight=0.1, knn_log_interval=1
-    ):
+    def __init__(self, task, infonce=False, loss_weights=None, log_keys=None, knn_weight=0.1, knn_log_interval=1):
         log_keys = [] if log_keys is None else list(log_keys)
         for key in ("logits", "target"):
             if key in log_keys:
@@ -127,8 +125,7 @@ class Wav2vecKnnVqCriterion(Wav2vecCriterion):
         )
         if int(knn_log_interval) < 1:
             raise RunConfigError(
-                f"criterion.knn_log_interval must be >= 1 (updates between logged KNN losses), "
-                f"got {knn_log_interval}"
+                f"criterion.knn_log_interval must be >= 1 (updates between logged KNN losses), got {knn_log_interval}"
             )
         self.knn_log_interval = int(knn_log_interval)
         self.check_knn_rows = FewKnnRowsCheck()

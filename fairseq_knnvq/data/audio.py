@@ -20,6 +20,7 @@ crops do not depend on the epoch, and the audio tasks give every validation pass
 fresh iterator at epoch 1 (:mod:`fairseq_knnvq.tasks.audio_resilient`), so every pass
 makes the same batches and crops them the same way.
 """
+
 from __future__ import annotations
 
 import os
@@ -160,8 +161,10 @@ class ReplaceUnreadableDataset(BaseWrapperDataset):
             return ""
         line = manifest_line(self.dataset, index)
         where = f"{self.manifest or 'the manifest'}" + (f" line {line}" if line is not None else "")
-        return (f"{where} says {expected} frames, the file has {found}: rewrite the manifest with "
-                f"knnvq-manifest / knnvq-prepare-librispeech")
+        return (
+            f"{where} says {expected} frames, the file has {found}: rewrite the manifest with "
+            f"knnvq-manifest / knnvq-prepare-librispeech"
+        )
 
     def collater(self, samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         unreadable = [entry for sample in samples for entry in sample.pop("unreadable", ())]

@@ -15,6 +15,7 @@ counts once). Either way the batch carries ``unreadable``: the files and the rea
 so that the main process can warn once per file and count them, also when the
 loading runs in data-loader worker processes (see :class:`UnreadableImageLog`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,7 +33,16 @@ from .unreadable import UnreadableFileLog
 logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (
-    ".jpeg", ".jpg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".tif", ".tiff", ".gif",
+    ".jpeg",
+    ".jpg",
+    ".png",
+    ".bmp",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".tif",
+    ".tiff",
+    ".gif",
 )
 # fairseq's valid subset is called "valid"; ImageNet calls its folder "val".
 SPLIT_ALIASES = {"valid": ("val",), "val": ("valid",)}
@@ -151,9 +161,7 @@ def load_image(path: str, resize_size: int) -> Image.Image:
     return im
 
 
-def crop_and_scale(
-    im: Image.Image, image_size: int, rng: Optional[np.random.Generator]
-) -> torch.Tensor:
+def crop_and_scale(im: Image.Image, image_size: int, rng: Optional[np.random.Generator]) -> torch.Tensor:
     """Crops a square (random offsets and a coin-flip mirror when ``rng`` is given, the
     centre otherwise) and returns a float tensor (3, S, S) in [-1, 1]."""
     width, height = im.size
@@ -312,7 +320,7 @@ def write_synthetic_image_folder(
             if kind == "shapes":
                 a, b = colour(), colour()
                 t = (xx * rng.uniform(-1, 1) + yy * rng.uniform(-1, 1)) % 1.0
-                pixels = (a[None, None] * (1 - t[..., None]) + b[None, None] * t[..., None])
+                pixels = a[None, None] * (1 - t[..., None]) + b[None, None] * t[..., None]
                 im = Image.fromarray(pixels.astype(np.uint8))
                 draw = ImageDraw.Draw(im)
                 for _ in range(int(rng.integers(1, 4))):
@@ -330,7 +338,7 @@ def write_synthetic_image_folder(
                 im = Image.fromarray(pixels.astype(np.uint8))
             else:
                 cell = int(rng.integers(4, 11))
-                t = (((np.arange(size)[:, None] // cell) + (np.arange(size)[None, :] // cell)) % 2)
+                t = ((np.arange(size)[:, None] // cell) + (np.arange(size)[None, :] // cell)) % 2
                 t = t.astype(np.float32)[..., None]
                 pixels = colour()[None, None] * t + colour()[None, None] * (1 - t)
                 im = Image.fromarray(pixels.astype(np.uint8))

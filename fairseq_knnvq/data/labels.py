@@ -7,6 +7,7 @@ references the model can never produce. Both the fine-tuning task
 decoding) check labels with :func:`find_unknown_units` and stop with
 :func:`describe_unknown_units`, which names the file, the lines and the units.
 """
+
 from __future__ import annotations
 
 import dataclasses

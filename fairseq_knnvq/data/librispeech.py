@@ -9,6 +9,7 @@ between words and at the end, exactly as fairseq's ``examples/wav2vec/libri_labe
 on the training transcripts (:func:`train_sentencepiece`); :func:`dictionary_text` is
 fairseq's ``Dictionary`` file of them. Nothing here imports fairseq.
 """
+
 from __future__ import annotations
 
 import collections

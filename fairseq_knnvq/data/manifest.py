@@ -15,6 +15,7 @@ files, or a converted copy with ``resample_dir``) and describes them as a
 ``knnvq-infer`` and ``knnvq-report codes`` read it (:func:`read_manifest`). Nothing
 here imports fairseq or torchaudio: audio I/O is ``soundfile``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -196,7 +197,9 @@ def _check_audio_file(path: Path) -> _AudioCheck:
             # decoding those to int16 would hide them.
             floating = audio.subtype in FLOAT_SUBTYPES
             decoded = 0
-            for block in audio.blocks(blocksize=DECODE_BLOCK_FRAMES, dtype="float32" if floating else "int16", always_2d=True):
+            for block in audio.blocks(
+                blocksize=DECODE_BLOCK_FRAMES, dtype="float32" if floating else "int16", always_2d=True
+            ):
                 if floating and not np.isfinite(block).all():
                     bad = decoded + int(np.argmin(np.isfinite(block).all(axis=1)))
                     return _AudioCheck(
@@ -224,9 +227,7 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def check_audio_files(
-    paths: Sequence[Path], workers: int | None = None, progress: bool = False
-) -> list[_AudioCheck]:
+def check_audio_files(paths: Sequence[Path], workers: int | None = None, progress: bool = False) -> list[_AudioCheck]:
     """:func:`_check_audio_file` for every path, in order, over ``workers`` threads
     (default: every CPU), with a progress bar on stderr when ``progress`` is set.
 
@@ -349,9 +350,7 @@ def build_manifest(
         )
 
     if not mismatched:
-        entries = tuple(
-            AudioEntry(c.path.relative_to(root).as_posix(), c.num_frames, c.path) for c in checks
-        )
+        entries = tuple(AudioEntry(c.path.relative_to(root).as_posix(), c.num_frames, c.path) for c in checks)
         return Manifest(root=root, entries=entries)
 
     assert resample_dir is not None
@@ -367,9 +366,7 @@ def build_manifest(
         else:
             _link_or_copy(check.path, target)
             num_frames = check.num_frames
-        converted_entries.append(
-            AudioEntry(target.relative_to(mirror_root).as_posix(), num_frames, check.path)
-        )
+        converted_entries.append(AudioEntry(target.relative_to(mirror_root).as_posix(), num_frames, check.path))
     print(
         f"converted {len(mismatched)} of {len(checks)} files to {sample_rate} Hz mono under {mirror_root}",
         file=sys.stderr,

@@ -6,6 +6,7 @@ Datasets that replace an unreadable file by the next readable one (images:
 run in data-loader worker processes, so the warning and the count happen where the
 batch arrives, in the task's ``train_step`` / ``valid_step``.
 """
+
 from __future__ import annotations
 
 import logging

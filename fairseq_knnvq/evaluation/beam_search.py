@@ -12,6 +12,7 @@ LM weight 2, word score -1 and silence weight 0 are also the values of the wav2v
 README's ``--w2l-decoder kenlm`` command. The silence token is ``|`` where the
 dictionary has it (else ``</s>``), the blank is the CTC blank, as there.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -112,8 +113,14 @@ def check_spellings(entries: Sequence[Tuple[str, List[str], int]], units: Mappin
 class CtcBeamSearch:
     """Beam search over one utterance's (T, V) log-probabilities at a time."""
 
-    def __init__(self, symbols: Sequence[str], blank: int, options: BeamSearchOptions,
-                 lm_path: Optional[Path], lexicon: Optional[Sequence[Tuple[str, List[str], int]]]) -> None:
+    def __init__(
+        self,
+        symbols: Sequence[str],
+        blank: int,
+        options: BeamSearchOptions,
+        lm_path: Optional[Path],
+        lexicon: Optional[Sequence[Tuple[str, List[str], int]]],
+    ) -> None:
         decoder, dictionary, self._kenlm = import_flashlight("--lm" if lm_path is not None else "beam search")
         self.options = options
         self.blank = blank
@@ -140,10 +147,24 @@ class CtcBeamSearch:
             trie.smear(decoder.SmearingMode.MAX)
             self.decoder = decoder.LexiconDecoder(
                 decoder.LexiconDecoderOptions(
-                    beam_size=options.beam, beam_size_token=beam_size_token, beam_threshold=options.beam_threshold,
-                    lm_weight=options.lm_weight, word_score=options.word_score, unk_score=options.unk_weight,
-                    sil_score=options.sil_weight, log_add=False, criterion_type=decoder.CriterionType.CTC),
-                trie, self.lm, self.silence, blank, word_dict.get_index("<unk>"), [], False)
+                    beam_size=options.beam,
+                    beam_size_token=beam_size_token,
+                    beam_threshold=options.beam_threshold,
+                    lm_weight=options.lm_weight,
+                    word_score=options.word_score,
+                    unk_score=options.unk_weight,
+                    sil_score=options.sil_weight,
+                    log_add=False,
+                    criterion_type=decoder.CriterionType.CTC,
+                ),
+                trie,
+                self.lm,
+                self.silence,
+                blank,
+                word_dict.get_index("<unk>"),
+                [],
+                False,
+            )
         else:
             unit_dict = dictionary.Dictionary()
             for symbol in symbols:
@@ -151,10 +172,19 @@ class CtcBeamSearch:
             self.lm = self._load_lm(lm_path, unit_dict) if lm_path is not None else decoder.ZeroLM()
             self.decoder = decoder.LexiconFreeDecoder(
                 decoder.LexiconFreeDecoderOptions(
-                    beam_size=options.beam, beam_size_token=beam_size_token, beam_threshold=options.beam_threshold,
-                    lm_weight=options.lm_weight, sil_score=options.sil_weight, log_add=False,
-                    criterion_type=decoder.CriterionType.CTC),
-                self.lm, self.silence, blank, [])
+                    beam_size=options.beam,
+                    beam_size_token=beam_size_token,
+                    beam_threshold=options.beam_threshold,
+                    lm_weight=options.lm_weight,
+                    sil_score=options.sil_weight,
+                    log_add=False,
+                    criterion_type=decoder.CriterionType.CTC,
+                ),
+                self.lm,
+                self.silence,
+                blank,
+                [],
+            )
 
     def _load_lm(self, lm_path: Optional[Path], vocabulary):
         if lm_path is None:

@@ -7,6 +7,7 @@ SSIM is the mean over images, the codebook statistics are pooled over the whole 
 from the quantizer's ``usage_sums``, and rFID is the Fréchet distance of the Inception
 features of originals and reconstructions (:mod:`.image_metrics`).
 """
+
 import logging
 import os
 from typing import Any, Dict, List, Optional, Sequence
@@ -87,7 +88,10 @@ def evaluate(
         paths, image_size=image_size, resize_size=resize_size, augment=False, on_unreadable="drop"
     )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
         collate_fn=dataset.collater,
     )
     sq_err, num_values, ssim_sum, num_images = 0.0, 0, 0.0, 0

@@ -15,6 +15,7 @@
 
 Nothing here imports fairseq; the fairseq criterion logs :func:`psnr_from_mse` too.
 """
+
 import math
 import os
 from typing import Optional, Tuple
@@ -143,5 +144,7 @@ class InceptionFeatures:
                 f"like inception-2015-12-05.pt"
             ) from e
         if not torch.is_tensor(feats) or feats.dim() != 2 or feats.shape[0] != images.shape[0]:
-            raise ValueError(f"the Inception module must return (B, D) features, got {getattr(feats, 'shape', type(feats))}")
+            raise ValueError(
+                f"the Inception module must return (B, D) features, got {getattr(feats, 'shape', type(feats))}"
+            )
         return feats

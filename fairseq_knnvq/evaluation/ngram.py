@@ -21,6 +21,7 @@ The ARPA file holds, for every n-gram ``h w`` seen (and every unigram of ``V``),
 KenLM's back-off rule ``P(w | h) = gamma(h) P(w | h')`` for an ``h w`` not in the file
 then gives exactly the interpolated probability above.
 """
+
 from __future__ import annotations
 
 import collections
@@ -52,7 +53,7 @@ class NGramModel:
             num_sentences += 1
             for n in range(1, order + 1):
                 for i in range(len(tokens) - n + 1):
-                    ngram = tuple(tokens[i:i + n])
+                    ngram = tuple(tokens[i : i + n])
                     if ngram != (BOS,):
                         self.counts[n][ngram] += 1
         if num_sentences == 0:
@@ -89,7 +90,7 @@ class NGramModel:
     def probability(self, word: str, history: Sequence[str]) -> float:
         """``P(word | history)``; the history is cut to ``order - 1`` tokens, words out
         of the vocabulary are ``<unk>``."""
-        history = tuple(history)[max(0, len(history) - (self.order - 1)):]
+        history = tuple(history)[max(0, len(history) - (self.order - 1)) :]
         if word not in self.vocabulary:
             word = UNK
         if word == BOS:

@@ -11,6 +11,7 @@ error rates, as ``knnvq-infer`` (:mod:`fairseq_knnvq.cli.infer_ctc`) uses them.
 
 fairseq is imported only by the functions that need it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -110,7 +111,7 @@ class _UnpaddedFirstBlock:
         import torch
         import torch.nn.functional as F
 
-        rows = [self.block(x[row:row + 1, :, :length]) for row, length in enumerate(self.lengths)]
+        rows = [self.block(x[row : row + 1, :, :length]) for row, length in enumerate(self.lengths)]
         width = max(r.shape[-1] for r in rows)
         return torch.cat([F.pad(r, (0, width - r.shape[-1])) for r in rows], dim=0)
 
@@ -121,8 +122,12 @@ def group_norm_feature_extractors(model) -> list:
     import torch
     from fairseq.models.wav2vec.wav2vec2 import ConvFeatureExtractionModel
 
-    return [m for m in model.modules() if isinstance(m, ConvFeatureExtractionModel)
-            and any(isinstance(n, torch.nn.GroupNorm) for n in m.conv_layers[0].modules())]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, ConvFeatureExtractionModel)
+        and any(isinstance(n, torch.nn.GroupNorm) for n in m.conv_layers[0].modules())
+    ]
 
 
 class padding_blind_features:
@@ -166,8 +171,7 @@ def task_blank(task) -> int:
     return dictionary.index(task.blank_symbol) if hasattr(task, "blank_symbol") else dictionary.bos()
 
 
-def decode_subset(model, task, subset: str, batching: Batching, device: str, progress: bool,
-                  decoder=None) -> list:
+def decode_subset(model, task, subset: str, batching: Batching, device: str, progress: bool, decoder=None) -> list:
     """``decoder.decode(log_probs)`` of every utterance of ``subset``, in manifest order
     (default: greedy CTC units). ``log_probs`` is the (T, V) float32 CPU tensor of the
     utterance's frames that fairseq's padding mask keeps, as fairseq's ``ctc`` criterion
@@ -198,7 +202,10 @@ def decode_subset(model, task, subset: str, batching: Batching, device: str, pro
         num_workers=0,
     ).next_epoch_itr(shuffle=False)
     results: list = [None] * len(dataset)
-    with torch.inference_mode(), tqdm.tqdm(total=len(dataset), unit="utt", desc=f"decoding {subset}", disable=not progress) as bar:
+    with (
+        torch.inference_mode(),
+        tqdm.tqdm(total=len(dataset), unit="utt", desc=f"decoding {subset}", disable=not progress) as bar,
+    ):
         for sample in iterator:
             if device != "cpu":
                 sample = utils.move_to_cuda(sample, device=torch.device(device))
@@ -208,7 +215,9 @@ def decode_subset(model, task, subset: str, batching: Batching, device: str, pro
                 lengths = (~audio_padding).sum(dim=1).tolist()
             with padding_blind_features(model, lengths):
                 net_output = model(**sample["net_input"])
-            log_probs = model.get_normalized_probs(net_output, log_probs=True).transpose(0, 1).float().cpu()  # (B, T, V)
+            log_probs = (
+                model.get_normalized_probs(net_output, log_probs=True).transpose(0, 1).float().cpu()
+            )  # (B, T, V)
             padding_mask = net_output.get("padding_mask")
             if padding_mask is not None:
                 padding_mask = padding_mask.cpu()
@@ -220,5 +229,7 @@ def decode_subset(model, task, subset: str, batching: Batching, device: str, pro
             bar.update(len(sample["id"]))
     not_decoded = [i for i, result in enumerate(results) if result is None]
     if not_decoded:
-        raise RuntimeError(f"{len(not_decoded)} utterances of {subset} were not decoded (first: line {not_decoded[0] + 2})")
+        raise RuntimeError(
+            f"{len(not_decoded)} utterances of {subset} were not decoded (first: line {not_decoded[0] + 2})"
+        )
     return results

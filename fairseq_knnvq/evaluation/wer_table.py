@@ -3,6 +3,7 @@ and language model ("none" for greedy decoding), one column per evaluation split
 (dev-clean, dev-other, test-clean, test-other first), WER in percent, from the
 ``wer.<subset>[.beam].json`` files that ``knnvq-infer`` writes (``knnvq-wer-table``).
 """
+
 from __future__ import annotations
 
 import csv
@@ -20,7 +21,7 @@ class WerTableError(Exception):
 
 
 def lm_label(summary: dict) -> str:
-    """"none" for greedy decoding, else the LM file's name ("beam, no LM" without one)."""
+    """ "none" for greedy decoding, else the LM file's name ("beam, no LM" without one)."""
     search = summary.get("beam_search")
     if summary.get("decoding") == "ctc_greedy" or search is None:
         return NO_LM
@@ -38,8 +39,9 @@ def read_decodings(folder: Path) -> List[Tuple[Path, dict]]:
         if isinstance(summary, dict) and {"subset", "wer", "decoding"} <= summary.keys():
             found.append((path, summary))
     if not found:
-        raise WerTableError(f"{folder} holds no knnvq-infer summary (wer.<subset>.json): decode into it with "
-                            "knnvq-infer --output-dir")
+        raise WerTableError(
+            f"{folder} holds no knnvq-infer summary (wer.<subset>.json): decode into it with knnvq-infer --output-dir"
+        )
     return found
 
 
@@ -52,8 +54,10 @@ def build_table(runs: Sequence[Tuple[str, Path]]) -> Tuple[List[str], List[Dict[
             key = (label, lm_label(summary))
             subset = summary["subset"]
             if subset in cells.setdefault(key, {}):
-                raise WerTableError(f"{cells[key][subset][1]} and {path} both decode {subset} of run {label} with LM "
-                                    f"{key[1]}: keep one (decode other LM settings into another --output-dir)")
+                raise WerTableError(
+                    f"{cells[key][subset][1]} and {path} both decode {subset} of run {label} with LM "
+                    f"{key[1]}: keep one (decode other LM settings into another --output-dir)"
+                )
             cells[key][subset] = (summary["wer"], path)
             splits.add(subset)
     columns = [s for s in PAPER_SPLITS if s in splits] + sorted(splits - set(PAPER_SPLITS))
@@ -67,8 +71,10 @@ def build_table(runs: Sequence[Tuple[str, Path]]) -> Tuple[List[str], List[Dict[
 
 
 def markdown(columns: Sequence[str], rows: Sequence[Dict[str, object]]) -> str:
-    lines = ["| run | LM | " + " | ".join(c.replace("_", "-") for c in columns) + " |",
-             "|---|---|" + "---:|" * len(columns)]
+    lines = [
+        "| run | LM | " + " | ".join(c.replace("_", "-") for c in columns) + " |",
+        "|---|---|" + "---:|" * len(columns),
+    ]
     for row in rows:
         cells = [f"{row[c]:.2f}" if c in row else "" for c in columns]
         lines.append(f"| {row['run']} | {row['lm']} | " + " | ".join(cells) + " |")

@@ -36,12 +36,12 @@ class SmoothedQuantizerConfig(FairseqDataclass):
     )
     regularizer: REGULARIZER_CHOICES = field(  # type: ignore[valid-type]
         default="knn",
-        metadata={"help": "regulariser of the code-selection vectors: knn (KNN-to-simplex-vertex "
-                  "loss), diversity (wav2vec 2.0's prob-perplexity loss) or none"},
+        metadata={
+            "help": "regulariser of the code-selection vectors: knn (KNN-to-simplex-vertex "
+            "loss), diversity (wav2vec 2.0's prob-perplexity loss) or none"
+        },
     )
-    knn_k: int = field(
-        default=8, metadata={"help": "K: smoothed vectors pulled towards each codebook vertex"}
-    )
+    knn_k: int = field(default=8, metadata={"help": "K: smoothed vectors pulled towards each codebook vertex"})
     knn_distance: KNN_DISTANCE_CHOICES = field(  # type: ignore[valid-type]
         default="ce",
         metadata={"help": "distance to a vertex: ce (-log p_m) or l2 (||e_m - p||^2)"},

@@ -46,13 +46,9 @@ class VQImageAutoencoderConfig(SmoothedQuantizerConfig):
         default=8,
         metadata={"help": "f: the latent grid is (H/f, W/f); one of 4, 8, 16"},
     )
-    channels: int = field(
-        default=128, metadata={"help": "channels at full resolution; doubled per downsampling"}
-    )
+    channels: int = field(default=128, metadata={"help": "channels at full resolution; doubled per downsampling"})
     max_channels: int = field(default=512, metadata={"help": "cap on the doubled channels"})
-    num_res_blocks: int = field(
-        default=2, metadata={"help": "residual blocks per resolution (encoder and decoder)"}
-    )
+    num_res_blocks: int = field(default=2, metadata={"help": "residual blocks per resolution (encoder and decoder)"})
     code_dim: int = field(
         default=256,
         metadata={"help": "channels of the latent grid and dimension of a codeword (all groups)"},
@@ -63,8 +59,9 @@ class VQImageAutoencoderConfig(SmoothedQuantizerConfig):
     )
     quantizer: ChoiceEnum(QUANTIZERS) = field(
         default="smoothed",
-        metadata={"help": "vqvae: nearest codeword with straight-through gradients; "
-                  "smoothed: smoothed VQ with a regulariser"},
+        metadata={
+            "help": "vqvae: nearest codeword with straight-through gradients; smoothed: smoothed VQ with a regulariser"
+        },
     )
     smoothing: SMOOTHING_CHOICES = shared_field("smoothing", "gumbel")  # type: ignore[valid-type]
     latent_temp: Tuple[float, float, float] = field(
@@ -74,9 +71,7 @@ class VQImageAutoencoderConfig(SmoothedQuantizerConfig):
     commitment_beta: float = field(
         default=0.25, metadata={"help": "vqvae: weight of the commitment term inside vq_loss"}
     )
-    rotation_trick: bool = field(
-        default=False, metadata={"help": "vqvae: rotation trick instead of the plain STE"}
-    )
+    rotation_trick: bool = field(default=False, metadata={"help": "vqvae: rotation trick instead of the plain STE"})
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -93,8 +88,12 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.body = nn.Sequential(
-            group_norm(in_channels), nn.SiLU(), nn.Conv2d(in_channels, out_channels, 3, padding=1),
-            group_norm(out_channels), nn.SiLU(), nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            group_norm(in_channels),
+            nn.SiLU(),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1),
+            group_norm(out_channels),
+            nn.SiLU(),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
         )
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv2d(in_channels, out_channels, 1)
 
@@ -156,8 +155,7 @@ class VQImageAutoencoder(dummy_batches.MarksDummyBatches, BaseFairseqModel):
             )
         if cfg.code_dim % cfg.latent_groups:
             raise ValueError(
-                f"model.code_dim ({cfg.code_dim}) must be divisible by model.latent_groups "
-                f"({cfg.latent_groups})"
+                f"model.code_dim ({cfg.code_dim}) must be divisible by model.latent_groups ({cfg.latent_groups})"
             )
         self.cfg = cfg
         self.downsample_factor = cfg.downsample_factor

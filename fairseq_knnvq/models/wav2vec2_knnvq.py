@@ -73,7 +73,9 @@ def check_quantizer_options(cfg: Wav2Vec2KnnVqConfig) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, int) or value < least:
             wanted = "a positive integer" if least == 1 else f"an integer of at least {least}"
-            raise RunConfigError(f"model.{name} must be {wanted} ({meaning}), got {value!r}; e.g. model.{name}={example}")
+            raise RunConfigError(
+                f"model.{name} must be {wanted} ({meaning}), got {value!r}; e.g. model.{name}={example}"
+            )
 
     positive("knn_k", "K, the smoothed vectors pulled towards each codebook vertex", "8")
     # One entry per group is no code choice at all (every frame gets the same code).
@@ -84,7 +86,10 @@ def check_quantizer_options(cfg: Wav2Vec2KnnVqConfig) -> None:
     try:
         start, end, decay = (float(t) for t in temp)
     except (TypeError, ValueError):
-        raise RunConfigError(f"model.latent_temp must be (start, end, decay), got {cfg.latent_temp!r}; e.g. model.latent_temp='[2.0,0.5,0.999995]'") from None
+        raise RunConfigError(
+            f"model.latent_temp must be (start, end, decay), got {cfg.latent_temp!r}; "
+            "e.g. model.latent_temp='[2.0,0.5,0.999995]'"
+        ) from None
     if not (start > 0 and end > 0 and 0 < decay <= 1):
         raise RunConfigError(
             f"model.latent_temp (start, end, decay) needs start > 0, end > 0 and 0 < decay <= 1, got "
@@ -138,7 +143,11 @@ class Wav2Vec2KnnVqModel(dummy_batches.MarksDummyBatches, Wav2Vec2Model):
         if self._mask_calls[0] != torch_seed:
             self._mask_calls = [torch_seed, 0]
         self._mask_calls[1] += 1
-        rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
+        rank = (
+            torch.distributed.get_rank()
+            if torch.distributed.is_available() and torch.distributed.is_initialized()
+            else 0
+        )
         return hash((torch_seed, rank, self._mask_calls[1])) & 0x7FFFFFFF
 
     def apply_mask(self, x, padding_mask, mask_indices=None, mask_channel_indices=None):
@@ -155,18 +164,35 @@ class Wav2Vec2KnnVqModel(dummy_batches.MarksDummyBatches, Wav2Vec2Model):
         if self.mask_prob > 0 and mask_indices is None:
             mask_indices = torch.from_numpy(
                 compute_mask_indices(
-                    (B, T), padding_mask, self.mask_prob, self.mask_length, self.mask_selection,
-                    self.mask_other, min_masks=2, no_overlap=self.no_mask_overlap,
-                    min_space=self.mask_min_space, require_same_masks=self.cfg.require_same_masks,
-                    mask_dropout=self.cfg.mask_dropout, seed=seed, epoch=0, indices=torch.arange(B),
+                    (B, T),
+                    padding_mask,
+                    self.mask_prob,
+                    self.mask_length,
+                    self.mask_selection,
+                    self.mask_other,
+                    min_masks=2,
+                    no_overlap=self.no_mask_overlap,
+                    min_space=self.mask_min_space,
+                    require_same_masks=self.cfg.require_same_masks,
+                    mask_dropout=self.cfg.mask_dropout,
+                    seed=seed,
+                    epoch=0,
+                    indices=torch.arange(B),
                 )
             ).to(x.device)
         if self.mask_channel_prob > 0 and not self.mask_channel_before and mask_channel_indices is None:
             channels = compute_mask_indices(
-                (B, C), None, self.mask_channel_prob, self.mask_channel_length,
-                self.mask_channel_selection, self.mask_channel_other,
-                no_overlap=self.no_mask_channel_overlap, min_space=self.mask_channel_min_space,
-                seed=seed, epoch=1, indices=torch.arange(B),
+                (B, C),
+                None,
+                self.mask_channel_prob,
+                self.mask_channel_length,
+                self.mask_channel_selection,
+                self.mask_channel_other,
+                no_overlap=self.no_mask_channel_overlap,
+                min_space=self.mask_channel_min_space,
+                seed=seed,
+                epoch=1,
+                indices=torch.arange(B),
             )
             mask_channel_indices = torch.from_numpy(channels).to(x.device).unsqueeze(1).expand(-1, T, -1)
         return super().apply_mask(x, padding_mask, mask_indices, mask_channel_indices)
@@ -291,7 +317,6 @@ class Wav2Vec2KnnVqModel(dummy_batches.MarksDummyBatches, Wav2Vec2Model):
         if self.cfg.regularizer == "knn" and "knn_loss" in net_output:
             knn = net_output["knn_loss"]
         return [diversity, features_pen, knn]
-
 
 
 dummy_batches.install()

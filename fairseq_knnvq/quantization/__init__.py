@@ -12,6 +12,7 @@ code. One idea a module, each opening with the equation it implements:
 - ``metrics``: summable codebook statistics (:class:`CodeUsage`) and their metrics
 - ``quantizer``: the smoothed quantizer and the VQ-VAE baseline
 """
+
 from .diversity import diversity_loss
 from .knn import KnnVertexLoss, knn_vertex_loss
 from .metrics import CodeUsage, codebook_stats, count_codes, uniform_usage_ceiling

@@ -45,6 +45,7 @@ fairseq logs ``sum_r lambda * knn_r * s_r / S = lambda * L``.
 with and without the softmax in the same autograd node); with no initialised process
 group, or a world of one, it makes the local one and is the single-process loss.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

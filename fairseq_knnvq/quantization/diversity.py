@@ -14,6 +14,7 @@ definition when no row is valid. :func:`perplexity_and_diversity` is the only pl
 the loss is computed: ``diversity_loss``, the quantizer and (through the quantizer's
 output) the fairseq model and criterion read it from there.
 """
+
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -161,9 +162,7 @@ class TemperedSoftmaxWithMeanProbs(torch.autograd.Function):
 
 
 @without_autocast()
-def tempered_softmax_and_mean_probs(
-    logits: Tensor, tau: float, mask: Optional[Tensor] = None
-) -> Tuple[Tensor, Tensor]:
+def tempered_softmax_and_mean_probs(logits: Tensor, tau: float, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``(softmax(logits / tau), masked_mean_probs(logits, mask))`` in one autograd node
     (:class:`TemperedSoftmaxWithMeanProbs`): the values and gradients of computing the
     two apart, keeping one N x G x M tensor instead of two. Shapes as
@@ -172,5 +171,7 @@ def tempered_softmax_and_mean_probs(
     if tau <= 0:
         raise ValueError(f"temperature must be > 0, got {tau}")
     rows, valid = as_rows(logits, mask)
-    probs, mean = TemperedSoftmaxWithMeanProbs.apply(rows, float(tau), row_weights(rows, valid), valid_count(rows, valid))
+    probs, mean = TemperedSoftmaxWithMeanProbs.apply(
+        rows, float(tau), row_weights(rows, valid), valid_count(rows, valid)
+    )
     return probs.view(logits.shape), mean

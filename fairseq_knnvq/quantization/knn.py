@@ -26,6 +26,7 @@ When the smoothing's soft vectors are the KNN input, :class:`SoftmaxWithSelected
 computes the softmax and the loss in one autograd node and adds these terms into the
 softmax's gradient, so the loss keeps no N x G x M tensor of its own.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -74,6 +75,7 @@ class RowProbabilities:
 
     def of_pairs(self, pairs: Tensor) -> Tensor:
         """A new ``(len(pairs), M)`` tensor of the rows ``row * G + g`` in ``pairs``."""
+
         def flat(t: Tensor) -> Tensor:
             return t.reshape(-1, t.shape[-1]).index_select(0, pairs)
 

@@ -15,6 +15,7 @@ all-reduced, and the metrics are derived once at the end:
   n not much larger than M even a perfect codebook cannot show all M entries: 1,000
   uniform draws from 320 entries show about 307.
 """
+
 from __future__ import annotations
 
 import math
@@ -80,8 +81,7 @@ class CodeUsage:
     def __add__(self, other: "CodeUsage") -> "CodeUsage":
         if self.counts.shape != other.counts.shape:
             raise ValueError(
-                f"cannot add usage of codebooks {tuple(self.counts.shape)} and "
-                f"{tuple(other.counts.shape)}"
+                f"cannot add usage of codebooks {tuple(self.counts.shape)} and {tuple(other.counts.shape)}"
             )
         summed = {}
         for f in fields(self):
@@ -197,9 +197,7 @@ def tightness_sums_of_logits(rows: Tensor, valid: Optional[Tensor] = None) -> Tu
     return max_sums, l2_sums
 
 
-def count_codes(
-    indices: Tensor, num_entries: int, valid: Optional[Tensor] = None, check: bool = True
-) -> Tensor:
+def count_codes(indices: Tensor, num_entries: int, valid: Optional[Tensor] = None, check: bool = True) -> Tensor:
     """Histogram ``(G, M)`` int64 of integer codes ``(N, G)`` (or ``(N,)`` for one group).
 
     ``valid`` ``(N,)`` bool: count only those rows. ``check``: raise ValueError for
@@ -240,9 +238,7 @@ def uniform_usage_ceiling(num_counted: float, num_entries: int) -> float:
     return num_entries * -math.expm1(num_counted * math.log1p(-1.0 / num_entries))
 
 
-def codebook_stats(
-    codes: Union[CodeUsage, Tensor], num_entries: Optional[int] = None
-) -> Dict[str, float]:
+def codebook_stats(codes: Union[CodeUsage, Tensor], num_entries: Optional[int] = None) -> Dict[str, float]:
     """Codebook metrics.
 
     ``codes`` is a :class:`CodeUsage`, a count histogram ``(G, M)`` / ``(M,)`` (leave

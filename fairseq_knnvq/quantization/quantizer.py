@@ -6,6 +6,7 @@ forward keys. Per group g it computes logits ``l = W z + b``, a smoothed code-se
 vector ``p`` on the simplex (:mod:`.smoothing`) and the quantized vector ``q_g = p^T C_g``
 as a matrix product (fairseq instead multiplies an N x G*M x d broadcast and sums it).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -228,9 +229,7 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if vq_dim % groups:
             raise ValueError(f"vq_dim {vq_dim} must be divisible by groups {groups}")
-        self.smoothing = check_smoothing(
-            smoothing if smoothing is not None else ("gumbel_hard" if hard else "gumbel")
-        )
+        self.smoothing = check_smoothing(smoothing if smoothing is not None else ("gumbel_hard" if hard else "gumbel"))
         self.regularizer = _check_choice("regularizer", regularizer, REGULARIZERS)
         self.knn_input = _check_choice("knn_input", knn_input, KNN_INPUTS)
         check_chunk_size(knn_chunk_size, "knn_chunk_size")
@@ -287,13 +286,9 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         vars = self.vars.view(-1, self.num_vars, self.vars.shape[-1])
         return vars.expand(self.groups, -1, -1) if self.combine_groups else vars
 
-    def forward(
-        self, x: Tensor, produce_targets: bool = False, mask: Optional[Tensor] = None
-    ) -> Dict[str, Any]:
+    def forward(self, x: Tensor, produce_targets: bool = False, mask: Optional[Tensor] = None) -> Dict[str, Any]:
         if x.dim() != 3:
-            raise ValueError(
-                f"expected input (B, T, C) when time_first else (B, C, T), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"expected input (B, T, C) when time_first else (B, C, T), got {tuple(x.shape)}")
         if not self.time_first:
             x = x.transpose(1, 2)
         bsz, tsz, fsz = x.shape
@@ -501,11 +496,7 @@ class VQVAEQuantizer(nn.Module):
         r = z_hat + e_hat
         r = r / r.norm(dim=-1, keepdim=True).clamp_min(eps)
         # R = I - 2 r r^T + 2 e_hat z_hat^T, applied without forming the matrix.
-        rotated = (
-            z
-            - 2.0 * r * (r * z).sum(-1, keepdim=True)
-            + 2.0 * e_hat * (z_hat * z).sum(-1, keepdim=True)
-        )
+        rotated = z - 2.0 * r * (r * z).sum(-1, keepdim=True) + 2.0 * e_hat * (z_hat * z).sum(-1, keepdim=True)
         return rotated * (e_norm / z_norm).detach()
 
     @without_autocast()
@@ -521,9 +512,7 @@ class VQVAEQuantizer(nn.Module):
         # scatter-add over the rows) is summed in float32 and rounded once
         codebooks = self.codebooks.to(z.dtype)
         codes = nearest_codes(zg.detach(), codebooks.detach())  # (G, N)
-        chosen = torch.gather(
-            codebooks, 1, codes.unsqueeze(-1).expand(-1, -1, codebooks.shape[-1])
-        )  # (G, N, d)
+        chosen = torch.gather(codebooks, 1, codes.unsqueeze(-1).expand(-1, -1, codebooks.shape[-1]))  # (G, N, d)
         if zg.numel():
             codebook_loss = F.mse_loss(chosen, zg.detach())
             commitment_loss = F.mse_loss(zg, chosen.detach())

@@ -9,6 +9,7 @@ never by indexing, so that nothing reads a value back to the host. Softmax-sized
 temporaries are made over blocks of rows, so that a statistic costs O(block * G * M)
 extra memory instead of a second N x G x M tensor.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,9 +38,7 @@ def as_rows(logits: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Opti
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
     if logits.dim() < 2:
-        raise ValueError(
-            f"logits must have shape (N, M) or (..., G, M), got {tuple(logits.shape)}"
-        )
+        raise ValueError(f"logits must have shape (N, M) or (..., G, M), got {tuple(logits.shape)}")
     rows = logits.unsqueeze(1) if logits.dim() == 2 else logits.reshape(-1, logits.shape[-2], logits.shape[-1])
     if mask is None:
         return rows, None

@@ -13,6 +13,7 @@ Besides the selection used to form the quantized vector, :func:`smooth` returns 
 *smoothed logits* ``s`` whose softmax is the smoothed vector the KNN regulariser
 acts on (``(l + g) / tau`` for the Gumbel modes, ``l / tau`` otherwise).
 """
+
 from __future__ import annotations
 
 import ast
@@ -30,9 +31,7 @@ TemperatureSpec = Union[str, Sequence[float]]
 
 def check_smoothing(mode: str) -> str:
     if mode not in SMOOTHING_MODES:
-        raise ValueError(
-            f"unknown smoothing {mode!r}; choose one of {', '.join(SMOOTHING_MODES)}"
-        )
+        raise ValueError(f"unknown smoothing {mode!r}; choose one of {', '.join(SMOOTHING_MODES)}")
     return mode
 
 
@@ -53,14 +52,10 @@ class TemperatureSchedule:
             spec = ast.literal_eval(spec)
         values = tuple(float(v) for v in spec)
         if len(values) != 3:
-            raise ValueError(
-                f"temperature must be (start, end, decay), got {len(values)} values: {spec}"
-            )
+            raise ValueError(f"temperature must be (start, end, decay), got {len(values)} values: {spec}")
         start, end, decay = values
         if start <= 0 or end <= 0 or not 0 < decay <= 1:
-            raise ValueError(
-                f"temperature needs start > 0, end > 0 and 0 < decay <= 1, got {values}"
-            )
+            raise ValueError(f"temperature needs start > 0, end > 0 and 0 < decay <= 1, got {values}")
         return cls(start, end, decay)
 
     def __call__(self, num_updates: int) -> float:
@@ -109,9 +104,7 @@ def select_codes(
     return soft
 
 
-def smooth(
-    logits: Tensor, mode: str, tau: float, training: bool = True
-) -> Tuple[Tensor, Tensor]:
+def smooth(logits: Tensor, mode: str, tau: float, training: bool = True) -> Tuple[Tensor, Tensor]:
     """Turns logits ``(..., M)`` into ``(selection, smoothed_logits)``.
 
     ``selection`` is what multiplies the codebook; ``smoothed_logits`` are the logits of

@@ -11,6 +11,7 @@ against an identity codebook is built. Invalid rows score -inf. For large M the 
 runs over chunks of vertices, so the extra memory is O(N * chunk + K * M) rather than a
 second N x M copy. The choice is a constant of the loss: it is made without gradient.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -43,17 +44,13 @@ def check_knn_args(k: int, distance: str, chunk_size: Optional[int] = None) -> N
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"knn k must be an integer >= 1, got {k!r}")
     if distance not in KNN_DISTANCES:
-        raise ValueError(
-            f"unknown knn distance {distance!r}; choose one of {', '.join(KNN_DISTANCES)}"
-        )
+        raise ValueError(f"unknown knn distance {distance!r}; choose one of {', '.join(KNN_DISTANCES)}")
     check_chunk_size(chunk_size)
 
 
 def check_chunk_size(chunk_size: Optional[int], name: str = "chunk_size") -> None:
     """``chunk_size`` (vertices per chunk of the neighbour search) is None or >= 1."""
-    if chunk_size is not None and (
-        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-    ):
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(
             f"{name} must be an integer >= 1 (vertices per chunk of the neighbour search) "
             f"or None for automatic chunking, got {chunk_size!r}"

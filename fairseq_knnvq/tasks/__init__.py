@@ -1,5 +1,6 @@
 """Registered fairseq tasks; fairseq auto-imports these files too. Importing them all
 here lets register_with_fairseq() work when the plugin was imported before fairseq."""
+
 import importlib
 import pkgutil
 

@@ -19,6 +19,7 @@ Also: ``audio_finetuning_knnvq`` checks every split's labels against the diction
 their checkpoint folders are guarded by :mod:`fairseq_knnvq.tasks.run_folder` (atomic
 checkpoint files, one run per folder, a save on SIGTERM / SIGUSR1).
 """
+
 import logging
 import os
 from dataclasses import dataclass, field
@@ -83,7 +84,8 @@ class ReplaceUnreadableAudioMixin:
         super().load_dataset(split, task_cfg, **kwargs)
         # fairseq's training subsets are named train* by convention (train, train_10h, ...)
         self.datasets[split] = ReplaceUnreadableDataset(
-            self.datasets[split], training=split.startswith("train"),
+            self.datasets[split],
+            training=split.startswith("train"),
             manifest=os.path.join((task_cfg or self.cfg).data, f"{split}.tsv"),
         )
 
@@ -144,7 +146,12 @@ class ReplaceUnreadableAudioMixin:
 
 @register_task("audio_pretraining_knnvq", dataclass=AudioPretrainingKnnvqConfig)
 class AudioPretrainingKnnvqTask(
-    RenameOldModelFieldsMixin, LogUsageVerdictMixin, GuardedRunMixin, StopWhenFinishedMixin, ReplaceUnreadableAudioMixin, AudioPretrainingTask
+    RenameOldModelFieldsMixin,
+    LogUsageVerdictMixin,
+    GuardedRunMixin,
+    StopWhenFinishedMixin,
+    ReplaceUnreadableAudioMixin,
+    AudioPretrainingTask,
 ):
     """fairseq's ``audio_pretraining``; unreadable files are replaced, logged and counted,
     and a model config with the 0.1.0 field names is renamed before fairseq reads it
@@ -160,8 +167,7 @@ class PretrainedCheckpointError(RunConfigError):
 
 
 _PRETRAINING_FIX = (
-    "give model.w2v_path the checkpoint_last.pt or checkpoint_best.pt of a pretraining run "
-    "(configs/pretraining)"
+    "give model.w2v_path the checkpoint_last.pt or checkpoint_best.pt of a pretraining run (configs/pretraining)"
 )
 
 
@@ -210,7 +216,9 @@ def check_pretrained_checkpoint(w2v_path: str) -> None:
 
 
 @register_task("audio_finetuning_knnvq", dataclass=AudioFinetuningKnnvqConfig)
-class AudioFinetuningKnnvqTask(GuardedRunMixin, StopWhenFinishedMixin, ReplaceUnreadableAudioMixin, AudioFinetuningTask):
+class AudioFinetuningKnnvqTask(
+    GuardedRunMixin, StopWhenFinishedMixin, ReplaceUnreadableAudioMixin, AudioFinetuningTask
+):
     """fairseq's ``audio_finetuning``; unreadable files are replaced, logged and counted,
     and every split's labels are checked against the dictionary before it is loaded
     (fairseq would silently train units it lacks as ``<unk>``)."""
@@ -240,7 +248,9 @@ class AudioFinetuningKnnvqTask(GuardedRunMixin, StopWhenFinishedMixin, ReplaceUn
             with open(label_path, encoding="utf-8") as label_file:
                 found = find_unknown_units(label_file, self.target_dictionary.indices)
         except UnicodeDecodeError as error:
-            raise LabelError(f"{label_path} is not UTF-8 text ({error}); write it again with knnvq-prepare-librispeech") from None
+            raise LabelError(
+                f"{label_path} is not UTF-8 text ({error}); write it again with knnvq-prepare-librispeech"
+            ) from None
         if found is not None:
             raise LabelError(
                 describe_unknown_units(label_path, found, dictionary_path)

@@ -6,6 +6,7 @@ only after an update: the same command run again after it finished resumes from
 ``checkpoint_best.pt`` when that update validates better). The plugin's tasks end the
 process before that update instead (exit status 0, with a log line saying why).
 """
+
 import logging
 import sys
 

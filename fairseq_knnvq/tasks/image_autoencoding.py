@@ -32,9 +32,7 @@ class ImageAutoencodingConfig(FairseqDataclass):
             "<data>/val/...) or file lists <data>/<split>.txt (one image path per line)"
         },
     )
-    image_size: int = field(
-        default=256, metadata={"help": "side of the square crop fed to the model"}
-    )
+    image_size: int = field(default=256, metadata={"help": "side of the square crop fed to the model"})
     resize_size: Optional[int] = field(
         default=None,
         metadata={
@@ -54,21 +52,18 @@ class ImageAutoencodingConfig(FairseqDataclass):
     # reshuffles which images share a batch (not only the batch order), and a fresh
     # data loader per epoch hands the new epoch number to the worker processes, which
     # seeds the random crops.
-    rebuild_batches: bool = field(
-        default=True, metadata={"help": "reshuffle the images into new batches every epoch"}
-    )
+    rebuild_batches: bool = field(default=True, metadata={"help": "reshuffle the images into new batches every epoch"})
     reuse_dataloader: bool = field(
         default=False,
-        metadata={"help": "keep one data loader across epochs (then the workers keep "
-                  "the first epoch's crop seeds)"},
+        metadata={"help": "keep one data loader across epochs (then the workers keep the first epoch's crop seeds)"},
     )
-    persistent_workers: bool = field(
-        default=False, metadata={"help": "keep data-loader workers alive between epochs"}
-    )
+    persistent_workers: bool = field(default=False, metadata={"help": "keep data-loader workers alive between epochs"})
 
 
 @register_task("image_autoencoding", dataclass=ImageAutoencodingConfig)
-class ImageAutoencodingTask(RenameOldModelFieldsMixin, LogUsageVerdictMixin, GuardedRunMixin, StopWhenFinishedMixin, FairseqTask):
+class ImageAutoencodingTask(
+    RenameOldModelFieldsMixin, LogUsageVerdictMixin, GuardedRunMixin, StopWhenFinishedMixin, FairseqTask
+):
     """A model config with the 0.1.0 field names is renamed before fairseq reads it
     (:mod:`fairseq_knnvq.tasks.renamed_fields`)."""
 
@@ -99,12 +94,9 @@ class ImageAutoencodingTask(RenameOldModelFieldsMixin, LogUsageVerdictMixin, Gua
     def get_batch_iterator(self, dataset, max_tokens=None, max_sentences=None, **kwargs):
         if max_tokens is None and max_sentences is None:
             raise ValueError(
-                "image_autoencoding needs a batch size: set dataset.batch_size "
-                "(images per batch and worker)"
+                "image_autoencoding needs a batch size: set dataset.batch_size (images per batch and worker)"
             )
-        return super().get_batch_iterator(
-            dataset, max_tokens=max_tokens, max_sentences=max_sentences, **kwargs
-        )
+        return super().get_batch_iterator(dataset, max_tokens=max_tokens, max_sentences=max_sentences, **kwargs)
 
     def _note_unreadable(self, sample) -> None:
         if sample and sample.get("unreadable"):

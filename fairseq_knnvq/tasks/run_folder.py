@@ -33,6 +33,7 @@ loop (``fairseq_cli/train.py``) at three points when the task is set up:
    log one line and exit with :data:`PREEMPTED_EXIT_STATUS`. The same command resumes
    at the next update. A second signal of the same kind ends the process at once.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -69,9 +70,18 @@ _INSTALLED = "_fairseq_knnvq_guarded_run"
 # Options a resumed run may change without becoming another run: paths, lengths,
 # logging, and fields that copy such options (fairseq's ``II(...)`` interpolations).
 _NOT_IDENTITY = {
-    "task.data", "task.max_update", "task.seed", "task.tpu", "task.train_subset",
-    "model.w2v_args", "model.data", "model.ddp_backend",
-    "criterion.log_keys", "criterion.knn_log_interval", "criterion.grid_dir", "criterion.grid_images",
+    "task.data",
+    "task.max_update",
+    "task.seed",
+    "task.tpu",
+    "task.train_subset",
+    "model.w2v_args",
+    "model.data",
+    "model.ddp_backend",
+    "criterion.log_keys",
+    "criterion.knn_log_interval",
+    "criterion.grid_dir",
+    "criterion.grid_images",
 }
 _FIX_MIXED = (
     "Give this run its own folder (another checkpoint.save_dir, or hydra.run.dir when "
@@ -200,7 +210,7 @@ def _hydra_origin() -> Dict[str, Any]:
 
 def _describe(record: Dict[str, Any]) -> str:
     name = record.get("config_name") or "a run without a config name (not started by hydra)"
-    overrides = [o for o in record.get("overrides", []) if not o.split("=", 1)[0].lstrip("+~") in _PATH_OVERRIDES]
+    overrides = [o for o in record.get("overrides", []) if o.split("=", 1)[0].lstrip("+~") not in _PATH_OVERRIDES]
     return f"{name}" + (f" ({' '.join(overrides)})" if overrides else "")
 
 
@@ -348,7 +358,9 @@ def prepare_run_folder(cfg, trainer) -> None:
     last = folder / f"checkpoint_last{suffix}.pt"
     if _is_rank_zero(cfg) and not cfg.checkpoint.no_save:
         _Preemption.lock = FolderLock(
-            folder, RUN_LOCK, "training into this checkpoint.save_dir",
+            folder,
+            RUN_LOCK,
+            "training into this checkpoint.save_dir",
             "Wait for it to end, or give this run another checkpoint.save_dir",
         )
         try:
@@ -407,14 +419,19 @@ def install() -> None:
 
     @functools.wraps(original_validate_and_save)
     def validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch):
-        valid_losses, should_stop = original_validate_and_save(cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch)
+        valid_losses, should_stop = original_validate_and_save(
+            cfg, trainer, task, epoch_itr, valid_subsets, end_of_epoch
+        )
         if not _Preemption.agreed or should_stop:
             return valid_losses, should_stop
         updates = trainer.get_num_updates()
         if not _saved_by_fairseq(cfg, trainer, epoch_itr, end_of_epoch):
             checkpoint_utils.save_checkpoint(cfg.checkpoint, trainer, epoch_itr, None)
-        saved = "nothing saved (checkpoint.no_save)" if cfg.checkpoint.no_save else (
-            f"saved {os.path.join(cfg.checkpoint.save_dir, 'checkpoint_last.pt')} at update {updates}")
+        saved = (
+            "nothing saved (checkpoint.no_save)"
+            if cfg.checkpoint.no_save
+            else (f"saved {os.path.join(cfg.checkpoint.save_dir, 'checkpoint_last.pt')} at update {updates}")
+        )
         logger.warning(
             f"{_Preemption.signal_name or 'a signal'} received: {saved}; exiting with status "
             f"{PREEMPTED_EXIT_STATUS} (requeue the job; the same command resumes there)"
@@ -435,7 +452,9 @@ class GuardedRunMixin:
         install()
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        loss, sample_size, logging_output = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        loss, sample_size, logging_output = super().train_step(
+            sample, model, criterion, optimizer, update_num, ignore_grad
+        )
         # Always present: fairseq sums logging outputs across workers key by key.
         logging_output[_PREEMPT_KEY] = 1 if _Preemption.signal_name else 0
         return loss, sample_size, logging_output

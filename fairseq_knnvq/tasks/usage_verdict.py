@@ -6,6 +6,7 @@ there, e.g. ``code usage on the validation subset (update 300): partial use: 561
 codes (expected 627 under uniform use)`` (:func:`fairseq_knnvq.verdict.verdict`), so a
 collapse shows in a user's own run, not only in the demo and the study.
 """
+
 import logging
 
 from ..verdict import verdict

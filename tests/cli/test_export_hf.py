@@ -3,6 +3,7 @@ compute what fairseq computes (pretraining: CNN features, transformer output, qu
 vectors, code indices, the contrastive projections; CTC: the logits), and transformers'
 speech-recognition pipeline decodes the tiny test split to the hypotheses and the WER of
 knnvq-infer. Wrong inputs give errors that name them, before anything is written."""
+
 import json
 import os
 import shutil
@@ -31,8 +32,14 @@ NUM_PARITY_UTTERANCES = 4
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([console_script("knnvq-export-hf"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return subprocess.run(
+        [console_script("knnvq-export-hf"), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
 
 
 def export_error(*argv) -> str:
@@ -55,17 +62,33 @@ def dev_audio(data: Path, count: int):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("hf_data")
-    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "valid=dev",
-                              "--split", "test=test", "--units", "letter"])
+    prepare_librispeech.main(
+        [
+            str(TINY_CORPUS),
+            "--dest",
+            str(dest),
+            "--split",
+            "train=train",
+            "--split",
+            "valid=dev",
+            "--split",
+            "test=test",
+            "--units",
+            "letter",
+        ]
+    )
     return dest
 
 
 @pytest.fixture(scope="module")
 def pretrained(data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("hf_pretrain") / "run"
-    run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                    [f"task.data={data}", f"optimization.max_update={PRETRAIN_UPDATES}"],
-                    run_dir)
+    run_hydra_train(
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_ce",
+        [f"task.data={data}", f"optimization.max_update={PRETRAIN_UPDATES}"],
+        run_dir,
+    )
     return run_dir / "checkpoints" / "checkpoint_last.pt"
 
 
@@ -73,12 +96,26 @@ def pretrained(data, tmp_path_factory) -> Path:
 def finetuned(data, pretrained, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("hf_finetune")
     result = subprocess.run(
-        [console_script("fairseq-hydra-train"), "--config-dir", str(CONFIG_DIR / "finetuning"), "--config-name", "tiny",
-         f"task.data={data}", f"model.w2v_path={pretrained}", f"optimization.max_update={FINETUNE_UPDATES}",
-         f"checkpoint.save_dir={root / 'checkpoints'}", f"hydra.run.dir={root / 'hydra'}",
-         f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-        env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=str(root))
+        [
+            console_script("fairseq-hydra-train"),
+            "--config-dir",
+            str(CONFIG_DIR / "finetuning"),
+            "--config-name",
+            "tiny",
+            f"task.data={data}",
+            f"model.w2v_path={pretrained}",
+            f"optimization.max_update={FINETUNE_UPDATES}",
+            f"checkpoint.save_dir={root / 'checkpoints'}",
+            f"hydra.run.dir={root / 'hydra'}",
+            f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        cwd=str(root),
+    )
     assert result.returncode == 0, result.stdout[-5000:]
     return root / "checkpoints" / "checkpoint_best.pt"
 
@@ -132,7 +169,9 @@ def test_pretraining_export_computes_what_fairseq_computes(pretrained, data, tmp
         assert torch.equal(hf_codes, quantized["targets"])
         assert torch.equal(hf_quantized, from_codes)
         torch.testing.assert_close(hf_quantized, quantized["x"], atol=TOLERANCE, rtol=0)
-        torch.testing.assert_close(hf_pretraining.projected_quantized_states, model.project_q(quantized["x"]), atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(
+            hf_pretraining.projected_quantized_states, model.project_q(quantized["x"]), atol=TOLERANCE, rtol=0
+        )
         torch.testing.assert_close(hf_pretraining.projected_states, model.final_proj(encoded), atol=TOLERANCE, rtol=0)
         # Not a constant model: the codes vary over the utterance.
         assert hf_codes.unique().numel() > 1
@@ -142,7 +181,9 @@ def test_pretraining_export_computes_what_fairseq_computes(pretrained, data, tmp
 def test_ctc_export_logits_and_pipeline_wer_equal_fairseq(finetuned, data, tmp_path):
     out = tmp_path / "hf_ctc"
     assert run_cli(str(finetuned), str(out)).returncode == 0
-    assert {"config.json", "model.safetensors", "vocab.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "vocab.json", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()
+    }
     processor = transformers.Wav2Vec2Processor.from_pretrained(str(out))
     # The fine-tuning task's normalisation (task.normalize=false) and sample rate.
     assert processor.feature_extractor.do_normalize is False and processor.feature_extractor.sampling_rate == 16000
@@ -171,9 +212,26 @@ def test_ctc_export_logits_and_pipeline_wer_equal_fairseq(finetuned, data, tmp_p
         audio, rate = soundfile.read(Path(lines[0]) / line.split("\t")[0], dtype="float32")
         hypotheses.append(" ".join(recognizer({"raw": audio, "sampling_rate": rate})["text"].split()))
     decoded = subprocess.run(
-        [console_script("knnvq-infer"), str(finetuned), "--data", str(data), "--subset", "test", "--batch-size", "1",
-         "--output-dir", str(tmp_path / "decode"), "--cpu", "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        [
+            console_script("knnvq-infer"),
+            str(finetuned),
+            "--data",
+            str(data),
+            "--subset",
+            "test",
+            "--batch-size",
+            "1",
+            "--output-dir",
+            str(tmp_path / "decode"),
+            "--cpu",
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert decoded.returncode == 0, decoded.stdout[-3000:]
     summary = json.loads((tmp_path / "decode" / "wer.test.json").read_text())
     fairseq_hypotheses = (tmp_path / "decode" / "hypo.test.txt").read_text(encoding="utf-8").splitlines()
@@ -194,7 +252,8 @@ def test_export_errors_name_the_problem_and_write_nothing(pretrained, finetuned,
     not_a_checkpoint = tmp_path / "notes.pt"
     not_a_checkpoint.write_text("not a checkpoint")
     assert f"{not_a_checkpoint} is not a checkpoint: neither a PyTorch zip archive nor a pickle" in export_error(
-        not_a_checkpoint, tmp_path / "b")
+        not_a_checkpoint, tmp_path / "b"
+    )
 
     assert "is a file, not a folder" in export_error(pretrained, not_a_checkpoint / "out")
 
@@ -239,8 +298,10 @@ def test_export_errors_name_the_problem_and_write_nothing(pretrained, finetuned,
 
     # The read-back check catches a wrong mapping (queries and keys swapped: same shapes).
     swapped = [(pattern.replace("(q|k|v|out)_proj", "(v|out)_proj"), target) for pattern, target in hf.ENCODER_RULES]
-    swapped += [(r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"encoder.layers.\1.attention.k_proj.\2"),
-                (r"encoder\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"encoder.layers.\1.attention.q_proj.\2")]
+    swapped += [
+        (r"encoder\.layers\.(\d+)\.self_attn\.q_proj\.(weight|bias)", r"encoder.layers.\1.attention.k_proj.\2"),
+        (r"encoder\.layers\.(\d+)\.self_attn\.k_proj\.(weight|bias)", r"encoder.layers.\1.attention.q_proj.\2"),
+    ]
     monkeypatch.setattr(hf, "ENCODER_RULES", swapped)
     message = export_error(pretrained, tmp_path / "g")
     assert "does not compute what the fairseq model" in message and "hidden_states" in message
@@ -277,7 +338,11 @@ def test_export_errors_name_the_problem_and_write_nothing(pretrained, finetuned,
 
 def test_conv_layer_spec_and_vocabulary():
     assert hf.parse_conv_layers("[(64, 10, 5)] + [(64, 3, 2)] * 2 + [(32,2,2)]") == [
-        (64, 10, 5), (64, 3, 2), (64, 3, 2), (32, 2, 2)]
+        (64, 10, 5),
+        (64, 3, 2),
+        (64, 3, 2),
+        (32, 2, 2),
+    ]
     with pytest.raises(hf.ExportError, match="conv_feature_layers"):
         hf.parse_conv_layers("__import__('os').getcwd()")
     vocabulary = hf.ctc_vocabulary(["<s>", "<pad>", "</s>", "<unk>", "|", "E"], blank=0, pad=1, eos=2, unk=3)
@@ -296,11 +361,23 @@ def test_large_style_architecture_round_trips(tmp_path):
     from fairseq_knnvq.models.wav2vec2_knnvq import Wav2Vec2KnnVqConfig, Wav2Vec2KnnVqModel
 
     cfg = Wav2Vec2KnnVqConfig(
-        extractor_mode="layer_norm", layer_norm_first=True, conv_bias=True,
+        extractor_mode="layer_norm",
+        layer_norm_first=True,
+        conv_bias=True,
         conv_feature_layers="[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2",
-        encoder_layers=2, encoder_embed_dim=48, encoder_ffn_embed_dim=96, encoder_attention_heads=4,
-        conv_pos=8, conv_pos_groups=4, final_dim=24, latent_dim=16, latent_vars=20, latent_groups=1,
-        quantize_targets=True, activation_fn="relu")
+        encoder_layers=2,
+        encoder_embed_dim=48,
+        encoder_ffn_embed_dim=96,
+        encoder_attention_heads=4,
+        conv_pos=8,
+        conv_pos_groups=4,
+        final_dim=24,
+        latent_dim=16,
+        latent_vars=20,
+        latent_groups=1,
+        quantize_targets=True,
+        activation_fn="relu",
+    )
     cfg._name = "wav2vec2_knnvq"
     torch.manual_seed(0)
     model = Wav2Vec2KnnVqModel(cfg)
@@ -309,9 +386,11 @@ def test_large_style_architecture_round_trips(tmp_path):
             parameter.add_(0.05 * torch.randn_like(parameter))
     assert model.post_extract_proj is not None
     state = {
-        "cfg": {"model": OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True),
-                "task": {"_name": "audio_pretraining", "data": str(tmp_path), "normalize": True, "sample_rate": 16000},
-                "criterion": {"_name": "wav2vec_knnvq", "loss_weights": [0.1, 10]}},
+        "cfg": {
+            "model": OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True),
+            "task": {"_name": "audio_pretraining", "data": str(tmp_path), "normalize": True, "sample_rate": 16000},
+            "criterion": {"_name": "wav2vec_knnvq", "loss_weights": [0.1, 10]},
+        },
         "model": model.state_dict(),
         "optimizer_history": [{"num_updates": 0, "optimizer_name": "adam", "lr_scheduler_state": {"best": None}}],
         "extra_state": {"train_iterator": {"epoch": 1}},
@@ -324,11 +403,20 @@ def test_large_style_architecture_round_trips(tmp_path):
     assert all(value <= hf.VERIFY_TOLERANCE for value in result.differences.values())
     exported = transformers.Wav2Vec2ForPreTraining.from_pretrained(str(tmp_path / "hf")).eval()
     config = exported.config
-    assert (config.feat_extract_norm, config.do_stable_layer_norm, config.conv_bias, config.hidden_act) == ("layer", True, True, "relu")
+    assert (config.feat_extract_norm, config.do_stable_layer_norm, config.conv_bias, config.hidden_act) == (
+        "layer",
+        True,
+        True,
+        "relu",
+    )
     assert (config.num_codevector_groups, config.codevector_dim, config.proj_codevector_dim) == (1, 16, 24)
     assert json.loads((tmp_path / "hf" / "preprocessor_config.json").read_text())["do_normalize"] is True
     model.eval()
     audio = torch.nn.functional.layer_norm(0.1 * torch.randn(1, 8000), (8000,))
     with torch.no_grad():
-        torch.testing.assert_close(exported.wav2vec2(audio).last_hidden_state,
-                                   model.extract_features(audio, None, mask=False)["x"], atol=TOLERANCE, rtol=0)
+        torch.testing.assert_close(
+            exported.wav2vec2(audio).last_hidden_state,
+            model.extract_features(audio, None, mask=False)["x"],
+            atol=TOLERANCE,
+            rtol=0,
+        )

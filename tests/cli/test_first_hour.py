@@ -5,6 +5,7 @@ checkpoint; and the help text of the data tools.
 
 The knnvq-train cases fail before hydra runs (a few seconds each: the import of fairseq);
 the split and w2v_path cases fail before the first update."""
+
 import os
 import subprocess
 from pathlib import Path
@@ -18,8 +19,15 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
 
 def launch(script: str, args, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([console_script(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True, timeout=300, env=ENV, cwd=str(cwd))
+    return subprocess.run(
+        [console_script(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
+        env=ENV,
+        cwd=str(cwd),
+    )
 
 
 def assert_one_message(result: subprocess.CompletedProcess, message: str) -> None:
@@ -37,19 +45,47 @@ def prepared(tmp_path_factory) -> Path:
     from fairseq_knnvq.cli import prepare_librispeech
 
     dest = tmp_path_factory.mktemp("prepared")
-    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "dev=dev",
-                              "--split", "test=test", "--no-progress", "--workers", "1"])
+    prepare_librispeech.main(
+        [
+            str(TINY_CORPUS),
+            "--dest",
+            str(dest),
+            "--split",
+            "train=train",
+            "--split",
+            "dev=dev",
+            "--split",
+            "test=test",
+            "--no-progress",
+            "--workers",
+            "1",
+        ]
+    )
     return dest
 
 
 # -- config names and fields ------------------------------------------------------------
 
+
 def test_a_missing_config_lists_the_folders_configs(tmp_path):
-    result = launch("knnvq-train", ["--config-dir", str(CONFIG_DIR / "pretraining"), "--config-name", "tiny_knn_c",
-                                    "task.data=/nowhere", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    result = launch(
+        "knnvq-train",
+        [
+            "--config-dir",
+            str(CONFIG_DIR / "pretraining"),
+            "--config-name",
+            "tiny_knn_c",
+            "task.data=/nowhere",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
     variants = sorted(p.stem for p in (CONFIG_DIR / "pretraining").glob("*.yaml") if not p.stem.endswith("_recipe"))
-    assert_one_message(result, f"knnvq-train: error: --config-name tiny_knn_c: there is no tiny_knn_c.yaml in "
-                               f"{CONFIG_DIR / 'pretraining'} (did you mean tiny_knn_ce")
+    assert_one_message(
+        result,
+        f"knnvq-train: error: --config-name tiny_knn_c: there is no tiny_knn_c.yaml in "
+        f"{CONFIG_DIR / 'pretraining'} (did you mean tiny_knn_ce",
+    )
     assert result.stderr.strip().endswith(f"its configs: {', '.join(variants)}")
     assert "tiny_recipe" not in result.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
@@ -57,10 +93,24 @@ def test_a_missing_config_lists_the_folders_configs(tmp_path):
 
 @pytest.mark.parametrize("override", ["model.knn_kk=4", "+model.knn_kk=4"])
 def test_a_misspelt_field_names_the_nearest(override, tmp_path):
-    result = launch("knnvq-train", ["--config-dir", str(CONFIG_DIR / "pretraining"), "--config-name", "tiny_knn_ce",
-                                    "task.data=/nowhere", override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
-    assert_one_message(result, f"knnvq-train: error: {override}: model (Wav2Vec2KnnVqConfig) has no field "
-                               "'knn_kk' (did you mean model.knn_k?)")
+    result = launch(
+        "knnvq-train",
+        [
+            "--config-dir",
+            str(CONFIG_DIR / "pretraining"),
+            "--config-name",
+            "tiny_knn_ce",
+            "task.data=/nowhere",
+            override,
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
+    assert_one_message(
+        result,
+        f"knnvq-train: error: {override}: model (Wav2Vec2KnnVqConfig) has no field "
+        "'knn_kk' (did you mean model.knn_k?)",
+    )
     assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
 
 
@@ -68,9 +118,21 @@ def test_override_keys_are_checked_against_the_sections_fields():
     fields = {"model": ["knn_k", "knn_distance", "w2v_args"], "dataset": ["max_tokens"], "task": None}
     classes = {"model": "M"}
     messages = preflight.unknown_override_keys(
-        ["model.knn_k=1", "++model.knn_k=2", "model.w2v_args.x=1", "task.anything=1", "~model.knn_k",
-         "hydra.run.dir=/x", "+run_config=slurm_2", "hydra/launcher=submitit_slurm", "datset.max_tokens=5",
-         "model.knn_distanse=ce"], fields, classes)
+        [
+            "model.knn_k=1",
+            "++model.knn_k=2",
+            "model.w2v_args.x=1",
+            "task.anything=1",
+            "~model.knn_k",
+            "hydra.run.dir=/x",
+            "+run_config=slurm_2",
+            "hydra/launcher=submitit_slurm",
+            "datset.max_tokens=5",
+            "model.knn_distanse=ce",
+        ],
+        fields,
+        classes,
+    )
     assert messages == [
         "datset.max_tokens=5: the config has no section 'datset' (did you mean dataset?)",
         "model.knn_distanse=ce: model (M) has no field 'knn_distanse' (did you mean model.knn_distance?)",
@@ -79,41 +141,81 @@ def test_override_keys_are_checked_against_the_sections_fields():
 
 # -- split names ------------------------------------------------------------------------
 
+
 def test_prepared_data_without_the_configs_split_stops_before_the_model(prepared, tmp_path):
     """knnvq-train: before fairseq builds the model (no model summary in the log)."""
-    result = launch("knnvq-train", ["--config-dir", str(CONFIG_DIR / "pretraining"), "--config-name", "tiny_knn_ce",
-                                    f"task.data={prepared}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
-    assert_one_message(result, f"knnvq-train: error: dataset.valid_subset=valid, but task.data {prepared} has no "
-                               "valid.tsv; its splits: dev, test, train. Add dataset.valid_subset=dev to the "
-                               "command, or write valid.tsv there")
+    result = launch(
+        "knnvq-train",
+        [
+            "--config-dir",
+            str(CONFIG_DIR / "pretraining"),
+            "--config-name",
+            "tiny_knn_ce",
+            f"task.data={prepared}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
+    assert_one_message(
+        result,
+        f"knnvq-train: error: dataset.valid_subset=valid, but task.data {prepared} has no "
+        "valid.tsv; its splits: dev, test, train. Add dataset.valid_subset=dev to the "
+        "command, or write valid.tsv there",
+    )
     assert "Wav2Vec2KnnVqModel(" not in result.stdout + result.stderr
 
 
 def test_stock_fairseq_hydra_train_gets_the_same_message(prepared, tmp_path):
     import fairseq_knnvq
 
-    result = launch("fairseq-hydra-train", [
-        "--config-dir", str(CONFIG_DIR / "pretraining"), "--config-name", "tiny_knn_ce", f"task.data={prepared}",
-        f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}", "dataset.valid_subset=dev", "dataset.train_subset=training",
-        f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
-    assert_one_message(result, f"dataset.train_subset=training, but task.data {prepared} has no training.tsv; "
-                               "its splits: dev, test, train. Add dataset.train_subset=train to the command")
+    result = launch(
+        "fairseq-hydra-train",
+        [
+            "--config-dir",
+            str(CONFIG_DIR / "pretraining"),
+            "--config-name",
+            "tiny_knn_ce",
+            f"task.data={prepared}",
+            f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}",
+            "dataset.valid_subset=dev",
+            "dataset.train_subset=training",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
+    assert_one_message(
+        result,
+        f"dataset.train_subset=training, but task.data {prepared} has no training.tsv; "
+        "its splits: dev, test, train. Add dataset.train_subset=train to the command",
+    )
 
 
 def test_missing_split_messages():
     assert preflight.missing_manifest_split(Path("/nonexistent/data"), "valid", "dataset.valid_subset").startswith(
-        "task.data /nonexistent/data is not a folder")
+        "task.data /nonexistent/data is not a folder"
+    )
 
 
 def test_a_bad_w2v_path_is_one_message(prepared, tmp_path):
-    result = launch("knnvq-train", ["--config-dir", str(CONFIG_DIR / "finetuning"), "--config-name", "tiny",
-                                    f"task.data={prepared}", f"model.w2v_path={prepared / 'train.tsv'}",
-                                    f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    result = launch(
+        "knnvq-train",
+        [
+            "--config-dir",
+            str(CONFIG_DIR / "finetuning"),
+            "--config-name",
+            "tiny",
+            f"task.data={prepared}",
+            f"model.w2v_path={prepared / 'train.tsv'}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
     assert_one_message(result, f"knnvq-train: error: model.w2v_path {prepared / 'train.tsv'} ")
     assert "checkpoint_last.pt or checkpoint_best.pt of a pretraining run" in result.stderr
 
 
 # -- help text --------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("module", ["infer_ctc", "manifest", "prepare_librispeech"])
 def test_help_names_each_default_once(module):
@@ -131,9 +233,25 @@ def test_help_names_each_default_once(module):
 
 # -- knnvq-study --------------------------------------------------------------------------
 
+
 def study_args(data: Path, out: Path, *extra: str):
-    return ["--task", "speech", "--config-dir", str(CONFIG_DIR / "pretraining"), "--configs", "tiny_knn_ce",
-            "--data", str(data), "--out", str(out), "--seeds", "1", "--jobs", "1", *extra]
+    return [
+        "--task",
+        "speech",
+        "--config-dir",
+        str(CONFIG_DIR / "pretraining"),
+        "--configs",
+        "tiny_knn_ce",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--seeds",
+        "1",
+        "--jobs",
+        "1",
+        *extra,
+    ]
 
 
 def test_an_empty_data_folder_stops_a_study_before_any_run(tmp_path, capsys):
@@ -151,8 +269,10 @@ def test_a_data_folder_without_the_configs_splits_stops_a_study(prepared, tmp_pa
 
     assert study_cli.main(study_args(prepared, tmp_path / "out")) == 2
     err = capsys.readouterr().err
-    assert (f"config tiny_knn_ce: dataset.valid_subset=valid, but task.data {prepared} has no valid.tsv; its "
-            "splits: dev, test, train. Add dataset.valid_subset=dev") in err
+    assert (
+        f"config tiny_knn_ce: dataset.valid_subset=valid, but task.data {prepared} has no valid.tsv; its "
+        "splits: dev, test, train. Add dataset.valid_subset=dev"
+    ) in err
     assert not (tmp_path / "out" / "runs").exists()
 
 
@@ -165,30 +285,54 @@ def test_an_image_folder_without_images_stops_a_study(tmp_path):
     data = tmp_path / "images"
     (data / "train" / "cat").mkdir(parents=True)
     (data / "train" / "cat" / "notes.txt").write_text("no image here")
-    runner = study.Study(config_dir=CONFIG_DIR / "image", configs=["tiny_knn_ce"], grid=[], seeds=[1],
-                         out=tmp_path / "out", fixed=[], metrics=["psnr"])
-    job = {"task": {"_name": "image_autoencoding", "data": str(data)},
-           "dataset": {"train_subset": "train", "valid_subset": "valid", "disable_validation": False}}
+    runner = study.Study(
+        config_dir=CONFIG_DIR / "image",
+        configs=["tiny_knn_ce"],
+        grid=[],
+        seeds=[1],
+        out=tmp_path / "out",
+        fixed=[],
+        metrics=["psnr"],
+    )
+    job = {
+        "task": {"_name": "image_autoencoding", "data": str(data)},
+        "dataset": {"train_subset": "train", "valid_subset": "valid", "disable_validation": False},
+    }
     with pytest.raises(study.StudyError) as raised:
         runner.check_data("tiny_knn_ce", yaml.safe_dump(job))
-    assert str(raised.value).startswith(f"config tiny_knn_ce: split 'train': folder '{data / 'train'}' holds no "
-                                        "image file")
+    assert str(raised.value).startswith(
+        f"config tiny_knn_ce: split 'train': folder '{data / 'train'}' holds no image file"
+    )
 
 
 def test_a_misspelt_grid_key_names_the_nearest_field(tmp_path):
     """The hint that knnvq-study adds to hydra's message when a config does not compose."""
     from fairseq_knnvq import study
 
-    runner = study.Study(config_dir=CONFIG_DIR / "pretraining", configs=["tiny_knn_ce"], grid=[], seeds=[1],
-                         out=tmp_path / "out", fixed=[], metrics=["loss"])
+    runner = study.Study(
+        config_dir=CONFIG_DIR / "pretraining",
+        configs=["tiny_knn_ce"],
+        grid=[],
+        seeds=[1],
+        out=tmp_path / "out",
+        fixed=[],
+        metrics=["loss"],
+    )
     assert runner.nearest_fields("tiny_knn_ce", ["task.data=/d", "model.knn_kk=1", "common.seed=1"]) == (
-        "\nmodel.knn_kk=1: model (Wav2Vec2KnnVqConfig) has no field 'knn_kk' (did you mean model.knn_k?)")
+        "\nmodel.knn_kk=1: model (Wav2Vec2KnnVqConfig) has no field 'knn_kk' (did you mean model.knn_k?)"
+    )
 
 
 def seed_results():
     """Two configs x two seeds of final validation metrics; the diversity seeds disagree."""
+
     def metrics(used, total, max_p):
-        return {"code_usage": used / total, "used_codes": float(used), "tightness_max_prob": max_p, "loss": 5.0 + used / 100}
+        return {
+            "code_usage": used / total,
+            "used_codes": float(used),
+            "tightness_max_prob": max_p,
+            "loss": 5.0 + used / 100,
+        }
 
     return [
         {"config": "tiny_diversity", "grid": {}, "seed": 1, "metrics": metrics(64, 64, 0.9)},
@@ -207,11 +351,14 @@ def test_the_verdict_column_shows_disagreement_between_seeds():
     per_seed = {(r["config"], r["seed"]): study.verdict(r["metrics"]) for r in results}
     assert per_seed[("tiny_diversity", 1)] != per_seed[("tiny_diversity", 2)]  # else the case is not tested
     diversity_line = next(line for line in table.splitlines() if line.startswith("| tiny_diversity"))
-    assert diversity_line.endswith(f"| {per_seed[('tiny_diversity', 1)]} in 1 of 2 seeds; "
-                                   f"{per_seed[('tiny_diversity', 2)]} in 1 of 2 seeds |")
+    assert diversity_line.endswith(
+        f"| {per_seed[('tiny_diversity', 1)]} in 1 of 2 seeds; {per_seed[('tiny_diversity', 2)]} in 1 of 2 seeds |"
+    )
     # the mean alone (0.953 of the codes) would read as full use
-    assert study.verdict({m: rows[0][m]["mean"] for m in ("code_usage", "used_codes", "tightness_max_prob")}) \
+    assert (
+        study.verdict({m: rows[0][m]["mean"] for m in ("code_usage", "used_codes", "tightness_max_prob")})
         == per_seed[("tiny_diversity", 1)]
+    )
     knn_line = next(line for line in table.splitlines() if line.startswith("| tiny_knn_ce"))
     assert per_seed[("tiny_knn_ce", 1)] == per_seed[("tiny_knn_ce", 2)]
     assert knn_line.endswith(f"| {per_seed[('tiny_knn_ce', 1)]} |")
@@ -229,8 +376,14 @@ def test_a_study_without_a_grid_plots_one_point_per_config(tmp_path, monkeypatch
 
     def keep(fig, path):
         (ax,) = fig.axes  # one ErrorbarContainer per config: (data line, caps, bar segments)
-        drawn[path.name] = [[(line.get_ydata()[0], bar) for line in [container.lines[0]]
-                             for bar in [container.lines[2][0].get_segments()[0]]] for container in ax.containers]
+        drawn[path.name] = [
+            [
+                (line.get_ydata()[0], bar)
+                for line in [container.lines[0]]
+                for bar in [container.lines[2][0].get_segments()[0]]
+            ]
+            for container in ax.containers
+        ]
         save(fig, path)
 
     monkeypatch.setattr(report, "save_figure", keep)
@@ -238,7 +391,12 @@ def test_a_study_without_a_grid_plots_one_point_per_config(tmp_path, monkeypatch
     written = []
     study.write_summaries(results, [], ["code_usage", "loss"], tmp_path, written)
     assert [p.relative_to(tmp_path).as_posix() for p in written] == [
-        "runs.csv", "summary.csv", "summary.md", "plots/code_usage_by_config.png", "plots/loss_by_config.png"]
+        "runs.csv",
+        "summary.csv",
+        "summary.md",
+        "plots/code_usage_by_config.png",
+        "plots/loss_by_config.png",
+    ]
     assert all(p.is_file() and p.stat().st_size > 0 for p in written)
     for config_index, config in enumerate(("tiny_diversity", "tiny_knn_ce")):
         values = [r["metrics"]["loss"] for r in results if r["config"] == config]
@@ -251,14 +409,17 @@ def test_a_study_without_a_grid_plots_one_point_per_config(tmp_path, monkeypatch
 
 # -- knnvq-report --------------------------------------------------------------------------
 
+
 def test_report_curves_plot_psnr_in_db_for_image_runs(tmp_path, monkeypatch):
     from fairseq_knnvq import report
 
+    train = '{"epoch": 1, "update": %s, "loss": "%s", "psnr": "%s", "num_updates": "%s"}'
+    valid = '{"epoch": 1, "valid_loss": "%s", "valid_psnr": "%s", "valid_num_updates": "%s"}'
     lines = [
-        '[2026-01-01 10:00:00,000][train_inner][INFO] - {"epoch": 1, "update": 0.5, "loss": "0.31", "psnr": "14.2", "num_updates": "10"}',
-        '[2026-01-01 10:00:01,000][valid][INFO] - {"epoch": 1, "valid_loss": "0.30", "valid_psnr": "14.6", "valid_num_updates": "10"}',
-        '[2026-01-01 10:00:02,000][train_inner][INFO] - {"epoch": 1, "update": 1.0, "loss": "0.21", "psnr": "16.1", "num_updates": "20"}',
-        '[2026-01-01 10:00:03,000][valid][INFO] - {"epoch": 1, "valid_loss": "0.20", "valid_psnr": "16.9", "valid_num_updates": "20"}',
+        "[2026-01-01 10:00:00,000][train_inner][INFO] - " + train % ("0.5", "0.31", "14.2", "10"),
+        "[2026-01-01 10:00:01,000][valid][INFO] - " + valid % ("0.30", "14.6", "10"),
+        "[2026-01-01 10:00:02,000][train_inner][INFO] - " + train % ("1.0", "0.21", "16.1", "20"),
+        "[2026-01-01 10:00:03,000][valid][INFO] - " + valid % ("0.20", "16.9", "20"),
     ]
     run = report.parse_log_lines(lines, name="image")
     assert "psnr" in report.metrics_to_plot([run])
@@ -280,9 +441,20 @@ def test_a_bad_model_option_is_one_message(tmp_path):
     fairseq builds the model) ends knnvq-train with its message only."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "train.tsv").write_text(str(TINY_CORPUS) + "\n")
-    result = launch("knnvq-train", ["--config-dir", str(CONFIG_DIR / "pretraining"), "--config-name", "tiny_knn_ce",
-                                    f"task.data={tmp_path / 'data'}", "dataset.disable_validation=true",
-                                    "model.knn_k=0", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    result = launch(
+        "knnvq-train",
+        [
+            "--config-dir",
+            str(CONFIG_DIR / "pretraining"),
+            "--config-name",
+            "tiny_knn_ce",
+            f"task.data={tmp_path / 'data'}",
+            "dataset.disable_validation=true",
+            "model.knn_k=0",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        tmp_path,
+    )
     assert_one_message(result, "knnvq-train: error: model.knn_k must be a positive integer")
 
 

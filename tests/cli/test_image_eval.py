@@ -1,4 +1,5 @@
 """knnvq-eval-image's errors: one line each, and no output file."""
+
 import os
 
 from PIL import Image

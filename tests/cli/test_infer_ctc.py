@@ -1,6 +1,7 @@
 """knnvq-infer's errors for inputs that are wrong before any model is loaded. Decoding
 real fine-tuned checkpoints (and the errors that need one) is in test_finetuning_e2e.py;
 the greedy decoding and error rates are tested in tests/fairseq/test_ctc_scoring.py."""
+
 from pathlib import Path
 
 import pytest
@@ -58,13 +59,16 @@ def test_missing_lm_extra_is_named(tmp_path: Path, monkeypatch):
     assert "--lm needs flashlight-text" in message and "pip install 'fairseq-knnvq[lm]'" in message
 
 
-@pytest.mark.parametrize("options, expected", [
-    (["--decoder", "greedy", "--beam", "5"], "--beam are options of the beam search: drop --decoder greedy"),
-    (["--lexicon", "LEX"], "a lexicon search needs a word language model: give --lm"),
-    (["--lm", "LM", "--lexicon", "LEX", "--lexicon-words", "LEX"], "give --lexicon or --lexicon-words, not both"),
-    (["--lm", "NOWHERE"], "--lm NOWHERE does not exist"),
-    (["--decoder", "beam", "--beam", "0"], "--beam and --beam-size-token must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--decoder", "greedy", "--beam", "5"], "--beam are options of the beam search: drop --decoder greedy"),
+        (["--lexicon", "LEX"], "a lexicon search needs a word language model: give --lm"),
+        (["--lm", "LM", "--lexicon", "LEX", "--lexicon-words", "LEX"], "give --lexicon or --lexicon-words, not both"),
+        (["--lm", "NOWHERE"], "--lm NOWHERE does not exist"),
+        (["--decoder", "beam", "--beam", "0"], "--beam and --beam-size-token must be at least 1"),
+    ],
+)
 def test_beam_option_errors(tmp_path: Path, options, expected):
     pytest.importorskip("flashlight.lib.text.decoder")
     for name in ("LM", "LEX"):
@@ -80,14 +84,18 @@ def test_lexicon_files_are_checked_against_the_units(tmp_path: Path):
     symbols = ["<s>", "<pad>", "</s>", "<unk>", "|", "A", "B", "C"]
     (tmp_path / "words.txt").write_text("AB CAB\nAB BA\n")
     entries = lexicon_from_words(tmp_path / "words.txt", symbols)
-    assert [(w, s) for w, s, _ in entries] == [("AB", ["A", "B", "|"]), ("CAB", ["C", "A", "B", "|"]),
-                                               ("BA", ["B", "A", "|"])]
+    assert [(w, s) for w, s, _ in entries] == [
+        ("AB", ["A", "B", "|"]),
+        ("CAB", ["C", "A", "B", "|"]),
+        ("BA", ["B", "A", "|"]),
+    ]
     check_spellings(entries, {s: i for i, s in enumerate(symbols)}, "words")  # all known: no error
     (tmp_path / "lexicon.txt").write_text("AB\tA B |\n\nABD A B D |\n")
     with pytest.raises(BeamSearchError) as raised:
         check_spellings(read_lexicon(tmp_path / "lexicon.txt"), {s: i for i, s in enumerate(symbols)}, "lexicon L")
-    assert str(raised.value).startswith("lexicon L: 1 words are spelled with units the model does not have (D), "
-                                        "e.g. line 3: ABD -> A B D |")
+    assert str(raised.value).startswith(
+        "lexicon L: 1 words are spelled with units the model does not have (D), e.g. line 3: ABD -> A B D |"
+    )
     (tmp_path / "bad.txt").write_text("AB\n")
     with pytest.raises(BeamSearchError, match="line 1: 'AB' has a word but no spelling"):
         read_lexicon(tmp_path / "bad.txt")

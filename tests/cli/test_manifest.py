@@ -1,5 +1,6 @@
 """Tests of ``knnvq-manifest`` (fairseq_knnvq.cli.manifest) and the manifest building of
 fairseq_knnvq.data.manifest on real audio files."""
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,13 @@ import pytest
 import soundfile
 
 from fairseq_knnvq.cli import manifest as manifest_cli
-from fairseq_knnvq.data.manifest import ManifestError, build_manifest, check_audio_files, find_audio_files, read_manifest
+from fairseq_knnvq.data.manifest import (
+    ManifestError,
+    build_manifest,
+    check_audio_files,
+    find_audio_files,
+    read_manifest,
+)
 from fairseq_knnvq.files import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -79,9 +86,7 @@ def test_extensions_and_path_filter(audio_tree: Path, tmp_path: Path) -> None:
     manifest_cli.main([str(audio_tree), "--dest", str(dest), "--ext", "flac,wav", "--split-name", "both"])
     assert len(read_tsv(dest / "both.tsv")[1]) == 8
 
-    manifest_cli.main(
-        [str(audio_tree), "--dest", str(dest), "--path-must-contain", "spk1", "--split-name", "spk1"]
-    )
+    manifest_cli.main([str(audio_tree), "--dest", str(dest), "--path-must-contain", "spk1", "--split-name", "spk1"])
     assert [rel for rel, _ in read_tsv(dest / "spk1.tsv")[1]] == [
         "spk1/chap0/utt3.flac",
         "spk1/chap1/utt1.flac",
@@ -120,9 +125,7 @@ def test_valid_split_is_seeded_like_fairseq(tmp_path: Path) -> None:
 
 def test_valid_percent_and_split_name_are_exclusive(audio_tree: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
-        manifest_cli.main(
-            [str(audio_tree), "--dest", str(tmp_path), "--valid-percent", "0.1", "--split-name", "x"]
-        )
+        manifest_cli.main([str(audio_tree), "--dest", str(tmp_path), "--valid-percent", "0.1", "--split-name", "x"])
 
 
 def test_unreadable_file_error_names_the_file_and_writes_nothing(audio_tree: Path, tmp_path: Path) -> None:
@@ -169,9 +172,7 @@ def test_resample_converts_to_16k_mono_with_the_right_length(tmp_path: Path) -> 
     write_tone(root / "b" / "stereo44k.wav", 4410, sample_rate=44100, channels=2)
     # dest inside root: the converted copies must not be picked up as input next time.
     dest = root / "manifests"
-    manifest_cli.main(
-        [str(root), "--dest", str(dest), "--ext", "flac,wav", "--split-name", "train", "--resample"]
-    )
+    manifest_cli.main([str(root), "--dest", str(dest), "--ext", "flac,wav", "--split-name", "train", "--resample"])
 
     root_line, entries = read_tsv(dest / "train.tsv")
     converted_root = Path(root_line)
@@ -196,9 +197,7 @@ def test_resample_converts_to_16k_mono_with_the_right_length(tmp_path: Path) -> 
 
     # Running again gives the same manifest (the converted folder under root is skipped).
     before = (dest / "train.tsv").read_bytes()
-    manifest_cli.main(
-        [str(root), "--dest", str(dest), "--ext", "flac,wav", "--split-name", "train", "--resample"]
-    )
+    manifest_cli.main([str(root), "--dest", str(dest), "--ext", "flac,wav", "--split-name", "train", "--resample"])
     assert (dest / "train.tsv").read_bytes() == before
 
 

@@ -1,6 +1,7 @@
 """knnvq-ngram-lm writes an ARPA file that KenLM (flashlight-text's, the one knnvq-infer
 --lm uses) loads, and KenLM's scores are the probabilities computed here by hand from the
 counts of a three-sentence corpus."""
+
 import math
 from pathlib import Path
 
@@ -63,12 +64,15 @@ def test_hand_computed_model_sums_to_one():
         assert sum(bigram(history, w) for w in P1) == pytest.approx(1.0, abs=1e-12)
 
 
-@pytest.mark.parametrize("sentence, words", [
-    ("A B", [("<s>", "A"), ("A", "B"), ("B", "</s>")]),
-    ("C A", [("<s>", "C"), ("C", "A"), ("A", "</s>")]),        # two unseen bigrams
-    ("B A C", [("<s>", "B"), ("B", "A"), ("A", "C"), ("C", "</s>")]),
-    ("D", [("<s>", "<unk>"), ("<unk>", "</s>")]),                 # out of the vocabulary
-])
+@pytest.mark.parametrize(
+    "sentence, words",
+    [
+        ("A B", [("<s>", "A"), ("A", "B"), ("B", "</s>")]),
+        ("C A", [("<s>", "C"), ("C", "A"), ("A", "</s>")]),  # two unseen bigrams
+        ("B A C", [("<s>", "B"), ("B", "A"), ("A", "C"), ("C", "</s>")]),
+        ("D", [("<s>", "<unk>"), ("<unk>", "</s>")]),  # out of the vocabulary
+    ],
+)
 def test_kenlm_scores_are_the_hand_computed_probabilities(arpa: Path, sentence, words):
     expected = 0.0
     for history, word in words:
@@ -88,11 +92,14 @@ def test_the_file_lists_every_ngram_with_backoffs(arpa: Path):
     assert len(entries["</s>"]) == 2  # never a history: no backoff
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--order", "1"], "--order must be at least 2"),
-    (["--order", "3", "missing.wrd"], "missing.wrd does not exist"),
-    (["--order", "3", "empty.wrd"], "hold no text"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--order", "1"], "--order must be at least 2"),
+        (["--order", "3", "missing.wrd"], "missing.wrd does not exist"),
+        (["--order", "3", "empty.wrd"], "hold no text"),
+    ],
+)
 def test_errors(tmp_path: Path, argv, message):
     (tmp_path / "empty.wrd").write_text("\n \n")
     (tmp_path / "train.wrd").write_text(CORPUS)

@@ -1,4 +1,5 @@
 """Tests of ``knnvq-prepare-librispeech`` and of the shipped tiny corpus, on real files."""
+
 from __future__ import annotations
 
 import collections
@@ -92,10 +93,7 @@ def test_writes_tsv_wrd_ltr_and_dict(corpus: Path, tmp_path: Path) -> None:
 
     assert read_lines(dest / "train.wrd") == ["HELLO WORLD", "IT'S A DOG", "A CAT", "HELLO HELLO"]
     assert (dest / "train.ltr").read_text(encoding="utf-8") == (
-        "H E L L O | W O R L D |\n"
-        "I T ' S | A | D O G |\n"
-        "A | C A T |\n"
-        "H E L L O | H E L L O |\n"
+        "H E L L O | W O R L D |\nI T ' S | A | D O G |\nA | C A T |\nH E L L O | H E L L O |\n"
     )
     assert read_lines(dest / "dev_other.wrd") == ["WORLD OF CATS", "ZEBRA"]
     assert read_lines(dest / "dev_other.ltr") == ["W O R L D | O F | C A T S |", "Z E B R A |"]
@@ -117,8 +115,18 @@ def test_dictionaries_load_in_fairseq(corpus: Path, tmp_path: Path) -> None:
     dictionary_module = pytest.importorskip("fairseq.data.dictionary")
     dest = tmp_path / "data"
     prepare_cli.main(
-        [str(corpus), "--dest", str(dest), "--split", "train=train-clean-100", "--units", "letter", "spm",
-         "--spm-vocab", "17"]
+        [
+            str(corpus),
+            "--dest",
+            str(dest),
+            "--split",
+            "train=train-clean-100",
+            "--units",
+            "letter",
+            "spm",
+            "--spm-vocab",
+            "17",
+        ]
     )
     letters = dictionary_module.Dictionary.load(str(dest / "dict.ltr.txt"))
     assert letters.index("|") != letters.unk() and letters.index("H") != letters.unk()
@@ -159,8 +167,15 @@ def test_unreadable_audio_is_an_error_naming_the_file(corpus: Path, tmp_path: Pa
     broken.write_bytes(b"\x00" * 100)
     with pytest.raises(SystemExit) as raised:
         prepare_cli.main(
-            [str(corpus), "--dest", str(tmp_path / "d"), "--split", "train=train-clean-100",
-             "--split", "dev_other=dev-other"]
+            [
+                str(corpus),
+                "--dest",
+                str(tmp_path / "d"),
+                "--split",
+                "train=train-clean-100",
+                "--split",
+                "dev_other=dev-other",
+            ]
         )
     assert str(broken) in str(raised.value) and "dev_other" in str(raised.value)
     assert not (tmp_path / "d").exists()
@@ -198,13 +213,31 @@ def test_resampled_split_keeps_its_transcripts(tmp_path: Path) -> None:
 def test_sentencepiece_units(corpus: Path, tmp_path: Path) -> None:
     dest = tmp_path / "data"
     prepare_cli.main(
-        [str(corpus), "--dest", str(dest), "--split", "train=train-clean-100", "--split", "dev=dev-other",
-         "--units", "spm", "--spm-vocab", "17"]
+        [
+            str(corpus),
+            "--dest",
+            str(dest),
+            "--split",
+            "train=train-clean-100",
+            "--split",
+            "dev=dev-other",
+            "--units",
+            "spm",
+            "--spm-vocab",
+            "17",
+        ]
     )
     names = sorted(p.name for p in dest.iterdir())
     assert names == [
-        "dev.spm", "dev.tsv", "dev.wrd", "dict.spm.txt", "spm_unigram17.model", "spm_unigram17.vocab",
-        "train.spm", "train.tsv", "train.wrd",
+        "dev.spm",
+        "dev.tsv",
+        "dev.wrd",
+        "dict.spm.txt",
+        "spm_unigram17.model",
+        "spm_unigram17.vocab",
+        "train.spm",
+        "train.tsv",
+        "train.wrd",
     ]
     # Pieces joined back give the transcript.
     for spm_line, words in zip(read_lines(dest / "train.spm"), read_lines(dest / "train.wrd")):
@@ -228,8 +261,17 @@ def test_sentencepiece_units(corpus: Path, tmp_path: Path) -> None:
 def test_sentencepiece_vocabulary_too_large_is_a_clear_error(corpus: Path, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as raised:
         prepare_cli.main(
-            [str(corpus), "--dest", str(tmp_path / "d"), "--split", "train=train-clean-100",
-             "--units", "spm", "--spm-vocab", "5000"]
+            [
+                str(corpus),
+                "--dest",
+                str(tmp_path / "d"),
+                "--split",
+                "train=train-clean-100",
+                "--units",
+                "spm",
+                "--spm-vocab",
+                "5000",
+            ]
         )
     assert "--spm-vocab" in str(raised.value)
     assert not (tmp_path / "d").exists()
@@ -306,8 +348,17 @@ def test_shipped_corpus_splits_share_vocabulary_not_sentences() -> None:
 def test_prepare_runs_on_the_shipped_corpus(tmp_path: Path) -> None:
     dest = tmp_path / "data"
     prepare_cli.main(
-        [str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "valid=dev",
-         "--split", "test=test"]
+        [
+            str(TINY_CORPUS),
+            "--dest",
+            str(dest),
+            "--split",
+            "train=train",
+            "--split",
+            "valid=dev",
+            "--split",
+            "test=test",
+        ]
     )
     for split, name in (("train", "train"), ("dev", "valid"), ("test", "test")):
         transcripts = tiny_corpus_transcripts(split)
@@ -339,18 +390,23 @@ def test_split_names_are_the_ones_the_shipped_configs_validate_on() -> None:
         for path in sorted((REPO_ROOT / "configs" / folder).glob("*.yaml")):
             found[configured_valid_subset(path) or "valid"].append(f"{folder}/{path.stem}")
     assert set(found) == set(prepare_cli.CONFIG_VALIDATION_SPLITS)
-    assert [name for name in found["dev_other"]] == [f"finetuning/base_{s}" for s in ("100h", "10h", "10m", "1h", "960h")]
+    assert [name for name in found["dev_other"]] == [
+        f"finetuning/base_{s}" for s in ("100h", "10h", "10m", "1h", "960h")
+    ]
     assert "finetuning/tiny" in found["valid"] and all(
-        name.startswith("pretraining/") or name == "finetuning/tiny" for name in found["valid"])
+        name.startswith("pretraining/") or name == "finetuning/tiny" for name in found["valid"]
+    )
 
 
 def test_data_no_config_validates_on_gets_a_note(tmp_path: Path, capsys) -> None:
     dest = tmp_path / "data"
-    prepare_cli.main([str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "dev=dev",
-                      "--no-progress"])
+    prepare_cli.main(
+        [str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "dev=dev", "--no-progress"]
+    )
     err = capsys.readouterr().err
-    assert err.rstrip().endswith("configs/finetuning/base_*); train with dataset.valid_subset=dev, or prepare "
-                                 "with --split valid=DIR")
+    assert err.rstrip().endswith(
+        "configs/finetuning/base_*); train with dataset.valid_subset=dev, or prepare with --split valid=DIR"
+    )
     assert prepare_cli.validation_split_note(["train", "valid", "test"]) is None
     assert prepare_cli.validation_split_note(["train", "dev_other"]) is None
 
@@ -359,9 +415,20 @@ def test_transcript_that_is_not_utf8_is_named_with_its_line(corpus: Path, tmp_pa
     trans = corpus / "dev-other" / "84" / "121" / "84-121.trans.txt"
     trans.write_bytes("84-121-0000 WORLD OF CATS\n84-121-0001 Z\xc8BRA\n".encode("latin-1"))
     with pytest.raises(SystemExit) as raised:
-        prepare_cli.main([str(corpus), "--dest", str(tmp_path / "d"), "--split", "train=train-clean-100",
-                          "--split", "dev_other=dev-other", "--no-progress"])
+        prepare_cli.main(
+            [
+                str(corpus),
+                "--dest",
+                str(tmp_path / "d"),
+                "--split",
+                "train=train-clean-100",
+                "--split",
+                "dev_other=dev-other",
+                "--no-progress",
+            ]
+        )
     assert str(raised.value) == (
         f"knnvq-prepare-librispeech: error: {trans} line 2 is not UTF-8 text (byte 0xc8 at column 14); "
-        "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 (with its real encoding)")
+        "convert the file to UTF-8, e.g. iconv -f latin1 -t utf-8 (with its real encoding)"
+    )
     assert not (tmp_path / "d").exists()

@@ -5,6 +5,7 @@ the formats of ``fairseq-hydra-train`` (hydra's job logging) and ``fairseq-train
 way ``fairseq_cli/train.py`` calls it: ``log`` for ``train_inner``, ``print`` with a tag
 for the end of an epoch and for validation. The images are opened with Pillow.
 """
+
 from __future__ import annotations
 
 import json
@@ -126,13 +127,23 @@ def test_parse_keeps_record_kinds_apart(two_runs) -> None:
 def test_curves_plots_and_table(two_runs, tmp_path: Path) -> None:
     knn_dir, knn, div_log, div = two_runs
     out = tmp_path / "report"
-    code = report_cli.main(["curves", str(knn_dir), str(div_log), "--name", "knn_ce", "--name", "diversity",
-                        "--out", str(out)])
+    code = report_cli.main(
+        ["curves", str(knn_dir), str(div_log), "--name", "knn_ce", "--name", "diversity", "--out", str(out)]
+    )
     assert code == 0
 
     pngs = {p.name for p in out.glob("*.png")}
-    expected = {"code_usage", "used_codes", "pooled_code_perplexity", "pooled_prob_perplexity",
-                "tightness_max_prob", "knn_loss", "diversity_loss", "temp", "loss"}
+    expected = {
+        "code_usage",
+        "used_codes",
+        "pooled_code_perplexity",
+        "pooled_prob_perplexity",
+        "tightness_max_prob",
+        "knn_loss",
+        "diversity_loss",
+        "temp",
+        "loss",
+    }
     assert pngs == {f"{m}.png" for m in expected}  # nothing for metrics no run logged, nor loss_N
     for name in pngs:
         with Image.open(out / name) as image:
@@ -158,7 +169,7 @@ def test_curves_plots_and_table(two_runs, tmp_path: Path) -> None:
     table = (out / "final_values.md").read_text()
     assert "| metric | knn_ce | diversity |" in table
     train_part, valid_part = table.split("## Last validation record")
-    assert "| code_usage | 1 | 0.25 |" in train_part      # last train_inner: 0.5 + 0.0625 * 8
+    assert "| code_usage | 1 | 0.25 |" in train_part  # last train_inner: 0.5 + 0.0625 * 8
     assert "| code_usage | 0.875 | 0.125 |" in valid_part  # last valid record
     assert "| knn_loss | 0.1111 | - |" in train_part
     assert "| update | 8 | 8 |" in valid_part
@@ -198,8 +209,20 @@ def test_bad_input_is_named(tmp_path: Path, capsys) -> None:
     assert "run names must differ" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
-    assert report_cli.main(["codes", "--checkpoint", str(tmp_path / "missing.pt"), "--manifest",
-                        str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        report_cli.main(
+            [
+                "codes",
+                "--checkpoint",
+                str(tmp_path / "missing.pt"),
+                "--manifest",
+                str(tmp_path / "missing.tsv"),
+                "--out",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "missing.tsv" in capsys.readouterr().err
 
 
@@ -222,14 +245,33 @@ def test_code_histogram_of_a_pretrained_checkpoint(tiny_manifests: Path, tmp_pat
     from fairseq_run import CONFIG_DIR, run_hydra_train
 
     run_dir = tmp_path / "pretrain"
-    run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                    [f"task.data={tiny_manifests}", "optimization.max_update=2",
-                     f"checkpoint.save_dir={run_dir / 'checkpoints'}"], run_dir=run_dir)
+    run_hydra_train(
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_ce",
+        [f"task.data={tiny_manifests}", "optimization.max_update=2", f"checkpoint.save_dir={run_dir / 'checkpoints'}"],
+        run_dir=run_dir,
+    )
     checkpoint = run_dir / "checkpoints" / "checkpoint_last.pt"
     manifest = tiny_manifests / "valid.tsv"
     out = tmp_path / "report"
-    assert report_cli.main(["codes", "--checkpoint", str(checkpoint), "--manifest", str(manifest),
-                        "--out", str(out), "--name", "knn", "--max-files", "12"]) == 0
+    assert (
+        report_cli.main(
+            [
+                "codes",
+                "--checkpoint",
+                str(checkpoint),
+                "--manifest",
+                str(manifest),
+                "--out",
+                str(out),
+                "--name",
+                "knn",
+                "--max-files",
+                "12",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     result = json.loads((out / "knn_code_counts.json").read_text())
     with Image.open(out / "knn_code_counts.png") as image:
@@ -254,6 +296,7 @@ def test_code_histogram_of_a_pretrained_checkpoint(tiny_manifests: Path, tmp_pat
     # The model was loaded at its trained update count (fairseq sets it on load).
     assert result["temperature"] == pytest.approx(model.quantizer.curr_temp) and result["temperature"] < 2.0
 
-    assert report_cli.main(["codes", "--checkpoint", str(manifest), "--manifest", str(manifest),
-                        "--out", str(out)]) == 2
+    assert (
+        report_cli.main(["codes", "--checkpoint", str(manifest), "--manifest", str(manifest), "--out", str(out)]) == 2
+    )
     assert "cannot load" in capsys.readouterr().err

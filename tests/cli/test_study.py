@@ -1,5 +1,6 @@
 """``knnvq-study``: the grid, the runs through stock fairseq-hydra-train, the tables and
 plots, skipping finished runs on a rerun, and errors before any work."""
+
 import csv
 import json
 import statistics
@@ -18,15 +19,20 @@ fairseq_knnvq.register_with_fairseq()
 def test_values_keep_commas_inside_brackets_and_quotes():
     assert study.split_values("1,4,[2.0,0.5,0.995],'a,b'") == ["1", "4", "[2.0,0.5,0.995]", "'a,b'"]
     assert study.parse_grid(["model.knn_k=1,8", "+model.x=[1,2],[3,4]"]) == [
-        ("model.knn_k", ["1", "8"]), ("+model.x", ["[1,2]", "[3,4]"])]
+        ("model.knn_k", ["1", "8"]),
+        ("+model.x", ["[1,2]", "[3,4]"]),
+    ]
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("model.knn_k", "is not KEY=VALUE"),
-    ("model.knn_k=", "is not KEY=VALUE"),
-    ("model.knn_k=1,1", "repeated"),
-    ("model.knn_k=1,,2", "empty"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("model.knn_k", "is not KEY=VALUE"),
+        ("model.knn_k=", "is not KEY=VALUE"),
+        ("model.knn_k=1,1", "repeated"),
+        ("model.knn_k=1,,2", "empty"),
+    ],
+)
 def test_bad_grid_specs_are_named(spec, message):
     with pytest.raises(study.StudyError, match=message):
         study.parse_grid([spec])
@@ -40,8 +46,9 @@ def test_expand_is_the_product_of_configs_values_and_seeds():
 
 
 def test_aggregate_gives_mean_and_sample_sd_over_seeds():
-    results = [{"config": "c", "grid": {"k": "1"}, "seed": s, "metrics": {"m": v}}
-               for s, v in ((1, 2.0), (2, 4.0), (3, 9.0))]
+    results = [
+        {"config": "c", "grid": {"k": "1"}, "seed": s, "metrics": {"m": v}} for s, v in ((1, 2.0), (2, 4.0), (3, 9.0))
+    ]
     (row,) = study.aggregate(results, ["k"], ["m", "absent"])
     assert row["m"]["mean"] == pytest.approx(5.0, abs=1e-12)
     assert row["m"]["sd"] == pytest.approx(statistics.stdev([2.0, 4.0, 9.0]), abs=1e-12)
@@ -50,16 +57,27 @@ def test_aggregate_gives_mean_and_sample_sd_over_seeds():
 
 def test_errors_stop_before_any_work(tiny_manifests, tmp_path, capsys):
     out = tmp_path / "out"
-    base = ["--task", "speech", "--config-dir", str(CONFIG_DIR / "pretraining"), "--data", str(tiny_manifests),
-            "--out", str(out), "--seeds", "1"]
+    base = [
+        "--task",
+        "speech",
+        "--config-dir",
+        str(CONFIG_DIR / "pretraining"),
+        "--data",
+        str(tiny_manifests),
+        "--out",
+        str(out),
+        "--seeds",
+        "1",
+    ]
     assert study_cli.main(base + ["--configs", "tiny_knn_ce,tiny_nosuch"]) == 2
     assert "no config tiny_nosuch" in capsys.readouterr().err
     assert not out.exists()
-    assert study_cli.main(base + ["--configs", "tiny_knn_ce", "--grid", "model.knn_k=1",
-                                  "--set", "model.knn_k=2"]) == 2
+    assert study_cli.main(base + ["--configs", "tiny_knn_ce", "--grid", "model.knn_k=1", "--set", "model.knn_k=2"]) == 2
     assert "both in --set and in --grid" in capsys.readouterr().err
-    assert study_cli.main(base[:-4] + ["--data", str(tmp_path / "missing"), "--out", str(out),
-                                       "--configs", "tiny_knn_ce"]) == 2
+    assert (
+        study_cli.main(base[:-4] + ["--data", str(tmp_path / "missing"), "--out", str(out), "--configs", "tiny_knn_ce"])
+        == 2
+    )
     assert "--data" in capsys.readouterr().err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
@@ -75,9 +93,26 @@ def test_errors_stop_before_any_work(tiny_manifests, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_by_two_grid_with_two_seeds_writes_tables_and_plots(tiny_manifests, tmp_path, capsys):
     out = tmp_path / "study"
-    argv = ["--task", "speech", "--config-dir", str(CONFIG_DIR / "pretraining"),
-            "--configs", "tiny_diversity,tiny_knn_ce", "--grid", "model.knn_k=2,8", "--seeds", "1,2",
-            "--data", str(tiny_manifests), "--set", "optimization.max_update=3", "--out", str(out), "--jobs", "2"]
+    argv = [
+        "--task",
+        "speech",
+        "--config-dir",
+        str(CONFIG_DIR / "pretraining"),
+        "--configs",
+        "tiny_diversity,tiny_knn_ce",
+        "--grid",
+        "model.knn_k=2,8",
+        "--seeds",
+        "1,2",
+        "--data",
+        str(tiny_manifests),
+        "--set",
+        "optimization.max_update=3",
+        "--out",
+        str(out),
+        "--jobs",
+        "2",
+    ]
     assert study_cli.main(argv) == 0
     capsys.readouterr()
 
@@ -104,8 +139,9 @@ def test_two_by_two_grid_with_two_seeds_writes_tables_and_plots(tiny_manifests, 
         summary = list(csv.DictReader(f))
     assert len(summary) == 4
     for row in summary:
-        values = [float(r["accuracy"]) for r in runs
-                  if (r["config"], r["model.knn_k"]) == (row["config"], row["model.knn_k"])]
+        values = [
+            float(r["accuracy"]) for r in runs if (r["config"], r["model.knn_k"]) == (row["config"], row["model.knn_k"])
+        ]
         assert float(row["accuracy_mean"]) == pytest.approx(statistics.fmean(values), rel=1e-5)
         assert float(row["accuracy_sd"]) == pytest.approx(statistics.stdev(values), rel=1e-5, abs=1e-9)
     table = (out / "summary.md").read_text()

@@ -4,6 +4,7 @@ stopped by SIGTERM directly is in tests/e2e/test_faults.py) is passed on to the
 training it runs, which saves and exits; the study leaves no process behind, exits
 with status 75, and the same command resumes the run; a second study into the same
 ``--out`` stops while the first runs."""
+
 import json
 import os
 import signal
@@ -30,10 +31,26 @@ def wait_for(predicate, timeout=180, what=""):
 @pytest.mark.slow
 def test_a_preemption_signal_reaches_the_runs_and_the_rerun_resumes(tiny_manifests, tmp_path):
     out = tmp_path / "study"
-    command = [console_script("knnvq-study"), "--task", "speech", "--config-dir", str(CONFIG_DIR / "pretraining"),
-               "--configs", "tiny_knn_ce", "--seeds", "1", "--data", str(tiny_manifests), "--out", str(out),
-               "--set", f"optimization.max_update={UPDATES}", "--set", "common.log_interval=1",
-               "--no-compose-check"]
+    command = [
+        console_script("knnvq-study"),
+        "--task",
+        "speech",
+        "--config-dir",
+        str(CONFIG_DIR / "pretraining"),
+        "--configs",
+        "tiny_knn_ce",
+        "--seeds",
+        "1",
+        "--data",
+        str(tiny_manifests),
+        "--out",
+        str(out),
+        "--set",
+        f"optimization.max_update={UPDATES}",
+        "--set",
+        "common.log_interval=1",
+        "--no-compose-check",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run_dir = out / "runs" / "tiny_knn_ce" / "default" / "seed1"
     log, lock = run_dir / "console.log", run_dir / "checkpoints" / "run.lock"
@@ -44,8 +61,9 @@ def test_a_preemption_signal_reaches_the_runs_and_the_rerun_resumes(tiny_manifes
 
         os.kill(training_pid, signal.SIGSTOP)  # held at its update while the second study tries
         try:
-            second = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                                    timeout=120)
+            second = subprocess.run(
+                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=120
+            )
         finally:
             os.kill(training_pid, signal.SIGCONT)
         assert second.returncode == 2

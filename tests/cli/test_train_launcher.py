@@ -4,6 +4,7 @@ Against stock fairseq-hydra-train on the same YAML: a plugin field that the YAML
 list needs ``+`` there and not here; ``model=wav2vec2_knnvq`` is refused there ("No match
 in the defaults list") and selects the plugin's model here; hydra's own flags pass
 through. The runs are one or two updates (the path is what is checked)."""
+
 import os
 import subprocess
 from pathlib import Path
@@ -21,7 +22,13 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 def run(script: str, config_dir: Path, config_name: str, overrides, cwd: Path, timeout: float = 300):
     return subprocess.run(
         [console_script(script), "--config-dir", str(config_dir), "--config-name", config_name, *overrides],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout, env=ENV, cwd=str(cwd))
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+        cwd=str(cwd),
+    )
 
 
 def output(result: subprocess.CompletedProcess) -> str:
@@ -35,7 +42,9 @@ def write_config(dest: Path, name: str, edit) -> Path:
     from omegaconf import OmegaConf
 
     own = OmegaConf.load(TINY)
-    recipes = [OmegaConf.load(TINY.parent / f"{included}.yaml") for included in own.pop("defaults") if included != "_self_"]
+    recipes = [
+        OmegaConf.load(TINY.parent / f"{included}.yaml") for included in own.pop("defaults") if included != "_self_"
+    ]
     config = OmegaConf.to_container(OmegaConf.merge(own, *recipes))
     edit(config)
     dest.mkdir(parents=True, exist_ok=True)
@@ -49,8 +58,13 @@ def checkpoint_cfg(run_dir: Path):
 
 
 def short_run(run_dir: Path, manifests: Path, updates: int = 1):
-    return [f"task.data={manifests}", f"optimization.max_update={updates}", "dataset.disable_validation=true",
-            "common.log_interval=1", f"hydra.run.dir={run_dir}"]
+    return [
+        f"task.data={manifests}",
+        f"optimization.max_update={updates}",
+        "dataset.disable_validation=true",
+        "common.log_interval=1",
+        f"hydra.run.dir={run_dir}",
+    ]
 
 
 @pytest.mark.slow
@@ -62,13 +76,23 @@ def test_plugin_field_missing_from_the_yaml_needs_no_plus(tiny_manifests, tmp_pa
     config_dir = write_config(tmp_path / "configs", "without_knn_input", drop_knn_input)
     overrides = ["model.knn_input=probs", "model.knn_k=4"]
 
-    stock = run("fairseq-hydra-train", config_dir, "without_knn_input",
-                [*overrides, *short_run(tmp_path / "stock", tiny_manifests)], tmp_path)
+    stock = run(
+        "fairseq-hydra-train",
+        config_dir,
+        "without_knn_input",
+        [*overrides, *short_run(tmp_path / "stock", tiny_manifests)],
+        tmp_path,
+    )
     assert stock.returncode != 0
     assert "Could not override 'model.knn_input'" in output(stock) and "+model.knn_input=probs" in output(stock)
 
-    launched = run("knnvq-train", config_dir, "without_knn_input",
-                   [*overrides, *short_run(tmp_path / "launched", tiny_manifests)], tmp_path)
+    launched = run(
+        "knnvq-train",
+        config_dir,
+        "without_knn_input",
+        [*overrides, *short_run(tmp_path / "launched", tiny_manifests)],
+        tmp_path,
+    )
     assert launched.returncode == 0, output(launched)[-4000:]
     cfg = checkpoint_cfg(tmp_path / "launched")
     assert (cfg["model"]["knn_input"], cfg["model"]["knn_k"], cfg["model"]["_name"]) == ("probs", 4, "wav2vec2_knnvq")
@@ -83,10 +107,16 @@ def test_the_shipped_config_with_a_plain_override(tmp_path):
     from fairseq_knnvq.cli import prepare_librispeech
 
     data = tmp_path / "data"
-    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(data), "--split", "train=train", "--split", "valid=dev",
-                              "--units", "letter"])
-    launched = run("knnvq-train", CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                   ["model.knn_k=4", *short_run(tmp_path / "run", data, updates=2)], tmp_path)
+    prepare_librispeech.main(
+        [str(TINY_CORPUS), "--dest", str(data), "--split", "train=train", "--split", "valid=dev", "--units", "letter"]
+    )
+    launched = run(
+        "knnvq-train",
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_ce",
+        ["model.knn_k=4", *short_run(tmp_path / "run", data, updates=2)],
+        tmp_path,
+    )
     assert launched.returncode == 0, output(launched)[-4000:]
     cfg = checkpoint_cfg(tmp_path / "run")
     assert cfg["model"]["knn_k"] == 4
@@ -108,16 +138,31 @@ def test_the_shipped_config_with_a_plain_override(tmp_path):
     as_fairseq_config(finetuning)
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "fairseq_style.yaml").write_text(yaml.safe_dump(finetuning))
-    overrides = [f"task.data={data}", f"model.w2v_path={tmp_path / 'run' / 'checkpoints' / 'checkpoint_last.pt'}",
-                 "optimization.max_update=4", "dataset.disable_validation=true"]
-    stock = run("fairseq-hydra-train", tmp_path / "configs", "fairseq_style", [*overrides, f"hydra.run.dir={tmp_path / 'ft_stock'}"], tmp_path)
+    overrides = [
+        f"task.data={data}",
+        f"model.w2v_path={tmp_path / 'run' / 'checkpoints' / 'checkpoint_last.pt'}",
+        "optimization.max_update=4",
+        "dataset.disable_validation=true",
+    ]
+    stock = run(
+        "fairseq-hydra-train",
+        tmp_path / "configs",
+        "fairseq_style",
+        [*overrides, f"hydra.run.dir={tmp_path / 'ft_stock'}"],
+        tmp_path,
+    )
     # fairseq fails on the first plugin name it meets in the pretrained checkpoint: the
     # task (audio_pretraining_knnvq, "Could not infer task type") or, for a checkpoint of
     # fairseq's own task, the model (KeyError: "'_name'").
     refused = output(stock)
     assert stock.returncode != 0
-    assert "Could not infer task type from {'_name': 'audio_pretraining_knnvq'" in refused or "KeyError: \"'_name'\"" in refused
-    tuned = run("knnvq-train", tmp_path / "configs", "fairseq_style", [*overrides, f"hydra.run.dir={tmp_path / 'ft'}"], tmp_path)
+    assert (
+        "Could not infer task type from {'_name': 'audio_pretraining_knnvq'" in refused
+        or "KeyError: \"'_name'\"" in refused
+    )
+    tuned = run(
+        "knnvq-train", tmp_path / "configs", "fairseq_style", [*overrides, f"hydra.run.dir={tmp_path / 'ft'}"], tmp_path
+    )
     assert tuned.returncode == 0, output(tuned)[-4000:]
     cfg = checkpoint_cfg(tmp_path / "ft")
     assert cfg["model"]["_name"] == "wav2vec_ctc" and cfg["model"]["w2v_args"]["model"]["_name"] == "wav2vec2_knnvq"
@@ -138,11 +183,18 @@ def test_group_choice_selects_the_plugin_classes(tiny_manifests, tmp_path):
 
     config_dir = write_config(tmp_path / "configs", "stock_w2v", stock)
     choices = ["model=wav2vec2_knnvq", "criterion=wav2vec_knnvq", "model.knn_k=4", "criterion.knn_weight=0.5"]
-    refused = run("fairseq-hydra-train", config_dir, "stock_w2v",
-                  [*choices, *short_run(tmp_path / "stock", tiny_manifests)], tmp_path)
+    refused = run(
+        "fairseq-hydra-train",
+        config_dir,
+        "stock_w2v",
+        [*choices, *short_run(tmp_path / "stock", tiny_manifests)],
+        tmp_path,
+    )
     assert refused.returncode != 0 and "Could not override 'model'" in output(refused)
 
-    launched = run("knnvq-train", config_dir, "stock_w2v", [*choices, *short_run(tmp_path / "run", tiny_manifests)], tmp_path)
+    launched = run(
+        "knnvq-train", config_dir, "stock_w2v", [*choices, *short_run(tmp_path / "run", tiny_manifests)], tmp_path
+    )
     assert launched.returncode == 0, output(launched)[-4000:]
     cfg = checkpoint_cfg(tmp_path / "run")
     assert cfg["model"]["_name"] == "wav2vec2_knnvq" and cfg["criterion"]["_name"] == "wav2vec_knnvq"
@@ -154,27 +206,50 @@ def test_group_choice_selects_the_plugin_classes(tiny_manifests, tmp_path):
 
 @pytest.mark.slow
 def test_hydra_flags_pass_through_and_errors_name_the_key(tiny_manifests, tmp_path):
-    shown = run("knnvq-train", CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                [f"task.data={tiny_manifests}", "model=wav2vec2_knnvq", "model.knn_k=5", "model.mask_dropout=0.25", "--cfg", "job"],
-                tmp_path)
+    shown = run(
+        "knnvq-train",
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_ce",
+        [
+            f"task.data={tiny_manifests}",
+            "model=wav2vec2_knnvq",
+            "model.knn_k=5",
+            "model.mask_dropout=0.25",
+            "--cfg",
+            "job",
+        ],
+        tmp_path,
+    )
     assert shown.returncode == 0, output(shown)[-3000:]
     job = yaml.safe_load(shown.stdout)  # --cfg job prints the composed config on stdout
     assert job["model"]["knn_k"] == 5 and job["model"]["mask_dropout"] == 0.25
     assert job["model"]["_name"] == "wav2vec2_knnvq"
     assert not (tmp_path / "outputs").exists()  # --cfg job prints and trains nothing
 
-    typo = run("knnvq-train", CONFIG_DIR / "pretraining", "tiny_knn_ce",
-               ["--cfg", "job", f"task.data={tiny_manifests}", "model.knn_kk=5"], tmp_path)
+    typo = run(
+        "knnvq-train",
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_ce",
+        ["--cfg", "job", f"task.data={tiny_manifests}", "model.knn_kk=5"],
+        tmp_path,
+    )
     assert typo.returncode != 0 and "knn_kk" in output(typo) and "Wav2Vec2KnnVqConfig" in output(typo)
 
-    unknown = run("knnvq-train", CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                  [f"task.data={tiny_manifests}", "model=wav2vec2_knnv"], tmp_path)
+    unknown = run(
+        "knnvq-train",
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_ce",
+        [f"task.data={tiny_manifests}", "model=wav2vec2_knnv"],
+        tmp_path,
+    )
     assert unknown.returncode != 0
     assert "knnvq-train: error: model=wav2vec2_knnv: no model named 'wav2vec2_knnv'" in output(unknown)
     assert "wav2vec2_knnvq" in output(unknown)
 
 
-PRIMARY_CONFIGS = sorted(p for group in ("pretraining", "finetuning", "image") for p in (CONFIG_DIR / group).glob("*.yaml"))
+PRIMARY_CONFIGS = sorted(
+    p for group in ("pretraining", "finetuning", "image") for p in (CONFIG_DIR / group).glob("*.yaml")
+)
 
 
 @pytest.mark.parametrize("path", PRIMARY_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")

@@ -1,5 +1,6 @@
 """knnvq-wer-table: knnvq-infer summaries as the wav2vec 2.0 paper's table (a row per run
 and LM, the four LibriSpeech splits first), in Markdown and CSV."""
+
 import csv
 import json
 from pathlib import Path

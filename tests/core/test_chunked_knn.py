@@ -5,6 +5,7 @@ only per-row statistics; small ones through a search in one piece that keeps the
 log-probabilities. Both, and both backward variants (rows that some vertex selected only,
 or every row), must give the values and gradients of plain autograd.
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -187,8 +188,17 @@ def test_quantizer_training_step_equals_smoothing_plus_separate_knn_loss(smoothi
 
     torch.manual_seed(18)
     quantizer = SmoothedVectorQuantizer(
-        16, 12, (2.0, 0.5, 0.999995), 2, False, 8, True,
-        smoothing=smoothing, regularizer="knn", knn_k=3, knn_distance=distance,
+        16,
+        12,
+        (2.0, 0.5, 0.999995),
+        2,
+        False,
+        8,
+        True,
+        smoothing=smoothing,
+        regularizer="knn",
+        knn_k=3,
+        knn_distance=distance,
     )
     x = torch.randn(3, 20, 16)
     mask = torch.rand(3, 20) > 0.2

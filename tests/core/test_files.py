@@ -1,6 +1,7 @@
 """The atomic writer (fairseq_knnvq.files): a failed write leaves the old file and no
 temporary file; written files and folders get the mode that open() and mkdir give
 under the process's umask (the references: os.stat of files made those ways)."""
+
 import os
 import stat
 from pathlib import Path

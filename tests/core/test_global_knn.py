@@ -64,8 +64,17 @@ def quantizer_inputs():
 def make_quantizer():
     torch.manual_seed(0)
     return SmoothedVectorQuantizer(
-        16, ENTRIES, (2.0, 0.5, 0.999995), GROUPS, False, 8, True,
-        smoothing="softmax", regularizer="knn", knn_k=4, knn_global=True,
+        16,
+        ENTRIES,
+        (2.0, 0.5, 0.999995),
+        GROUPS,
+        False,
+        8,
+        True,
+        smoothing="softmax",
+        regularizer="knn",
+        knn_k=4,
+        knn_global=True,
     ).double()
 
 

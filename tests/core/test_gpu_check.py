@@ -1,6 +1,7 @@
 """scripts/gpu_check.sh on the CPU: its stages run the GPU tests of half precision, the
 image model and two CUDA processes, within caps that leave room; its summary names the
 failed stages and tests; without CUDA it stops at once with a clear message."""
+
 import importlib
 import os
 import re
@@ -45,8 +46,11 @@ def selected(module, function, params, expression):
 def cuda_params(function):
     """The parametrize values of ``function`` that carry the cuda mark."""
     return [
-        value for mark in getattr(function, "pytestmark", []) if mark.name == "parametrize"
-        for value in mark.args[1] if "cuda" in {m.name for m in getattr(value, "marks", ())}
+        value
+        for mark in getattr(function, "pytestmark", [])
+        if mark.name == "parametrize"
+        for value in mark.args[1]
+        if "cuda" in {m.name for m in getattr(value, "marks", ())}
     ]
 
 
@@ -62,28 +66,42 @@ def test_modules():
 def test_pytest_stages_run_every_new_gpu_check(test_modules):
     test_cuda, test_precision = test_modules
     found = stages()
-    assert list(found) == ["pytest_cuda", "pytest_cuda_fairseq", "bench_topk_layout", "bench_quantizer",
-                           "bench_step_fp32", "bench_step_fp16"]
+    assert list(found) == [
+        "pytest_cuda",
+        "pytest_cuda_fairseq",
+        "bench_topk_layout",
+        "bench_quantizer",
+        "bench_step_fp32",
+        "bench_step_fp16",
+    ]
     fast, slow = (found[name][1] for name in ("pytest_cuda", "pytest_cuda_fairseq"))
-    for argv, expression, name in ((fast, "cuda and not slow", "pytest_cuda"), (slow, "cuda and slow", "pytest_cuda_fairseq")):
+    for argv, expression, name in (
+        (fast, "cuda and not slow", "pytest_cuda"),
+        (slow, "cuda and slow", "pytest_cuda_fairseq"),
+    ):
         assert argv[1:3] == ["-m", "pytest"] and marker_expression(argv) == expression
         assert "tests" in argv  # every test module, not a list that could miss a new one
         assert argv[argv.index("--junitxml") + 1] == f"$OUT/{name}.xml"  # read by the summary
     fast_expr, slow_expr = marker_expression(fast), marker_expression(slow)
 
     # the GPU tests of this issue run in the fast stage
-    for name in ("test_image_model_in_half_precision_on_the_gpu", "test_two_processes_with_cuda_tensors",
-                 "test_quantizer_fused_training_path_on_the_gpu_equals_the_cpu"):
+    for name in (
+        "test_image_model_in_half_precision_on_the_gpu",
+        "test_two_processes_with_cuda_tensors",
+        "test_quantizer_fused_training_path_on_the_gpu_equals_the_cpu",
+    ):
         assert selected(test_cuda, getattr(test_cuda, name), [], fast_expr), name
-    for name in ("test_vqvae_code_search_in_every_dtype_is_the_float64_argmin",
-                 "test_straight_through_codebook_gradient_sums_in_float32",
-                 "test_half_quantizer_codebook_gradient_is_the_float32_one_rounded",
-                 "test_half_vqvae_codebook_gradient_is_the_float32_one_rounded",
-                 "test_knn_loss_and_gradient_under_autocast_equal_float32",
-                 "test_diversity_loss_and_statistics_under_autocast_equal_float32",
-                 "test_masked_tightness_sums_beyond_fp16_range_under_fp16_autocast",
-                 "test_quantizer_after_its_projection_ignores_autocast",
-                 "test_vqvae_under_autocast_equals_float32"):
+    for name in (
+        "test_vqvae_code_search_in_every_dtype_is_the_float64_argmin",
+        "test_straight_through_codebook_gradient_sums_in_float32",
+        "test_half_quantizer_codebook_gradient_is_the_float32_one_rounded",
+        "test_half_vqvae_codebook_gradient_is_the_float32_one_rounded",
+        "test_knn_loss_and_gradient_under_autocast_equal_float32",
+        "test_diversity_loss_and_statistics_under_autocast_equal_float32",
+        "test_masked_tightness_sums_beyond_fp16_range_under_fp16_autocast",
+        "test_quantizer_after_its_projection_ignores_autocast",
+        "test_vqvae_under_autocast_equals_float32",
+    ):
         function = getattr(test_precision, name)
         params = cuda_params(function)
         assert params, f"{function.__name__} has no cuda parameter"
@@ -99,8 +117,13 @@ def test_pytest_stages_run_every_new_gpu_check(test_modules):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 def test_without_cuda_the_script_stops_with_a_clear_message(tmp_path):
     out = tmp_path / "out"
-    result = subprocess.run(["bash", str(SCRIPT), str(out)], capture_output=True, text=True, timeout=120,
-                            env={**ENV, "PYTHON": sys.executable})
+    result = subprocess.run(
+        ["bash", str(SCRIPT), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**ENV, "PYTHON": sys.executable},
+    )
     assert result.returncode == 2
     assert "torch sees no CUDA device" in result.stderr and "nothing run" in result.stderr
     assert not out.exists()
@@ -124,8 +147,23 @@ def test_summary_names_failed_stages_and_tests(tmp_path, capsys):
     )
     out = tmp_path / "out"
     out.mkdir()
-    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests),
-                    "--junitxml", str(out / "pytest_cuda.xml")], capture_output=True, timeout=120, env=ENV, cwd=tmp_path)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(tests),
+            "--junitxml",
+            str(out / "pytest_cuda.xml"),
+        ],
+        capture_output=True,
+        timeout=120,
+        env=ENV,
+        cwd=tmp_path,
+    )
     sys.path.insert(0, str(REPO / "benchmarks"))  # the benchmark imports its harness
     try:
         bench = load_script("benchmarks/bench_topk_layout.py")
@@ -139,8 +177,12 @@ def test_summary_names_failed_stages_and_tests(tmp_path, capsys):
     status, stdout = run_summary(out, capsys)
     assert status == 1
     lines = stdout.splitlines()
-    assert re.search(r"^pytest_cuda +360s +12s  FAILED \(exit 1; log pytest_cuda.log\) - 3 tests: 1 passed, "
-                     r"1 failed, 0 errors, 1 skipped$", stdout, re.M)
+    assert re.search(
+        r"^pytest_cuda +360s +12s  FAILED \(exit 1; log pytest_cuda.log\) - 3 tests: 1 passed, "
+        r"1 failed, 0 errors, 1 skipped$",
+        stdout,
+        re.M,
+    )
     assert re.search(r"^bench_topk_layout +120s +120s  TIMED OUT after 120 s$", stdout, re.M)
     assert any("test_sample.py::test_bad (failure): AssertionError: two and two" in line for line in lines)
     assert any(line.strip().startswith("top-8 small (2048 x 2 x 256): blocked") for line in lines)

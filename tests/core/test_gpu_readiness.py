@@ -2,6 +2,7 @@
 ``torch.topk``; ``CodeUsage.all_reduce`` reduces on a device the backend takes.
 (Its sums over two real gloo workers: tests/core/test_global_knn.py; under NCCL with
 CPU sums: tests/e2e/test_cuda.py.)"""
+
 import pytest
 import torch
 
@@ -50,16 +51,19 @@ def test_unknown_topk_layout():
         vertex_search.topk_along_rows(torch.zeros(3, 1, 2), 1, layout="columns")
 
 
-@pytest.mark.parametrize("backend, device, expected", [
-    ("gloo", "cpu", "cpu"),
-    ("gloo", "cuda:1", "cuda:1"),  # gloo reduces CUDA tensors too
-    ("mpi", "cpu", "cpu"),
-    ("nccl", "cuda:1", "cuda:1"),
-    ("NCCL", "cuda:0", "cuda:0"),
-    ("cpu:gloo,cuda:nccl", "cpu", "cpu"),
-    ("cpu:gloo,cuda:nccl", "cuda:1", "cuda:1"),
-    ("cuda:nccl", "cuda:0", "cuda:0"),
-])
+@pytest.mark.parametrize(
+    "backend, device, expected",
+    [
+        ("gloo", "cpu", "cpu"),
+        ("gloo", "cuda:1", "cuda:1"),  # gloo reduces CUDA tensors too
+        ("mpi", "cpu", "cpu"),
+        ("nccl", "cuda:1", "cuda:1"),
+        ("NCCL", "cuda:0", "cuda:0"),
+        ("cpu:gloo,cuda:nccl", "cpu", "cpu"),
+        ("cpu:gloo,cuda:nccl", "cuda:1", "cuda:1"),
+        ("cuda:nccl", "cuda:0", "cuda:0"),
+    ],
+)
 def test_collective_device_keeps_a_tensor_where_the_backend_reduces_it(backend, device, expected):
     """(Moving CPU sums to the current CUDA device under NCCL needs a GPU:
     tests/e2e/test_cuda.py runs that case.)"""

@@ -12,6 +12,7 @@ Not seen by the CPU detector: ``Tensor.tolist()`` and device-to-host copies (``.
 which do not show up as a syncing operator on a CPU tensor; the ``cuda`` variant sees
 those as well.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,9 +47,7 @@ SYNCING = {
 
 def _has_bool_index(args) -> bool:
     indices = args[1] if len(args) > 1 else ()
-    return any(
-        torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in (indices or ()) if i is not None
-    )
+    return any(torch.is_tensor(i) and i.dtype in (torch.bool, torch.uint8) for i in (indices or ()) if i is not None)
 
 
 class SyncRecorder(TorchDispatchMode):
@@ -62,7 +61,9 @@ class SyncRecorder(TorchDispatchMode):
         name = func.overloadpacket._qualified_op_name.replace("::", ".")
         if name in SYNCING:
             self.found.append(str(func))
-        elif name in ("aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_") and _has_bool_index(args):
+        elif name in ("aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_") and _has_bool_index(
+            args
+        ):
             self.found.append(f"{func} with a boolean mask")
         return func(*args, **(kwargs or {}))
 
@@ -158,11 +159,26 @@ def make_inputs(frames, dim=16, device="cpu"):
 
 def make_quantizer(smoothing, regularizer, knn_input, distance, chunk, device="cpu", **extra):
     torch.manual_seed(0)
-    return SmoothedVectorQuantizer(
-        16, 8, (2.0, 0.5, 0.999995), 2, False, 8, True,
-        smoothing=smoothing, regularizer=regularizer, knn_input=knn_input,
-        knn_k=4, knn_distance=distance, knn_chunk_size=chunk, **extra,
-    ).to(device).train()
+    return (
+        SmoothedVectorQuantizer(
+            16,
+            8,
+            (2.0, 0.5, 0.999995),
+            2,
+            False,
+            8,
+            True,
+            smoothing=smoothing,
+            regularizer=regularizer,
+            knn_input=knn_input,
+            knn_k=4,
+            knn_distance=distance,
+            knn_chunk_size=chunk,
+            **extra,
+        )
+        .to(device)
+        .train()
+    )
 
 
 def test_stock_fairseq_quantizer_makes_no_sync():

@@ -1,6 +1,7 @@
 """The image metrics (fairseq_knnvq.evaluation.image_metrics): SSIM against an
 independent scipy implementation, the Frechet distance against its closed form, and the
 rFID feature path with a real TorchScript module."""
+
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,5 @@
 """knn_vertex_loss and diversity_loss against brute-force references written here."""
+
 import subprocess
 import sys
 
@@ -195,7 +196,9 @@ def test_chunked_search_equals_unchunked():
     for distance in ("ce", "l2"):
         whole = knn_vertex_loss(logits, k=5, distance=distance, chunk_size=33)
         for chunk in (1, 4, 10):
-            assert knn_vertex_loss(logits, k=5, distance=distance, chunk_size=chunk).item() == pytest.approx(whole.item(), abs=1e-12)
+            assert knn_vertex_loss(logits, k=5, distance=distance, chunk_size=chunk).item() == pytest.approx(
+                whole.item(), abs=1e-12
+            )
 
 
 def test_minimised_by_k_rows_on_each_vertex():

@@ -12,6 +12,7 @@ under ``common.amp`` would get wrong without them):
 Every test also runs on a GPU (its ``cuda`` parameter, marked ``cuda``: skipped without
 one, run by ``scripts/gpu_check.sh``), where fp16 sums and atomics make the difference.
 """
+
 import pytest
 import torch
 import torch.nn as nn
@@ -121,8 +122,9 @@ def test_half_quantizer_codebook_gradient_is_the_float32_one_rounded(dtype, smoo
     results = {}
     for precision in (dtype, torch.float64):
         torch.manual_seed(0)
-        q = SmoothedVectorQuantizer(groups * entries, entries, TEMP, groups, False, 32, True,
-                                    smoothing=smoothing, regularizer="none")
+        q = SmoothedVectorQuantizer(
+            groups * entries, entries, TEMP, groups, False, 32, True, smoothing=smoothing, regularizer="none"
+        )
         q.weight_proj = nn.Identity()
         with torch.no_grad():
             q.vars.copy_(q.vars.to(dtype))  # the same values in both precisions
@@ -227,9 +229,15 @@ def test_diversity_loss_and_statistics_under_autocast_equal_float32(autocast_dty
         loss = diversity_loss(x, mask)
         with torch.no_grad():
             usage = CodeUsage.from_logits(logits, logits / 0.5, mask)
-            stats = [masked_prob_sums(logits, mask), *tightness_sums(torch.softmax(logits, -1), mask),
-                     *tightness_sums_of_logits(logits, mask), usage.counts, usage.prob_sums,
-                     usage.max_prob_sums, usage.vertex_l2_sums]
+            stats = [
+                masked_prob_sums(logits, mask),
+                *tightness_sums(torch.softmax(logits, -1), mask),
+                *tightness_sums_of_logits(logits, mask),
+                usage.counts,
+                usage.prob_sums,
+                usage.max_prob_sums,
+                usage.vertex_l2_sums,
+            ]
         return x, loss, stats
 
     def step(autocast):
@@ -255,12 +263,15 @@ def test_masked_tightness_sums_beyond_fp16_range_under_fp16_autocast(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("autocast_dtype", AUTOCAST, ids=str)
-@pytest.mark.parametrize("case", [
-    dict(smoothing="softmax", regularizer="knn", knn_distance="ce"),
-    dict(smoothing="gumbel_hard", regularizer="knn", knn_distance="l2"),
-    dict(smoothing="ste", regularizer="diversity"),
-    dict(smoothing="gumbel", regularizer="knn", knn_distance="ce", knn_input="probs"),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        dict(smoothing="softmax", regularizer="knn", knn_distance="ce"),
+        dict(smoothing="gumbel_hard", regularizer="knn", knn_distance="l2"),
+        dict(smoothing="ste", regularizer="diversity"),
+        dict(smoothing="gumbel", regularizer="knn", knn_distance="ce", knn_input="probs"),
+    ],
+)
 def test_quantizer_after_its_projection_ignores_autocast(autocast_dtype, case, device):
     """The quantizer with an identity projection (the logits are the input), masked:
     every output and gradient under autocast equals the float32 one."""
@@ -284,8 +295,18 @@ def test_quantizer_after_its_projection_ignores_autocast(autocast_dtype, case, d
         reg = out["knn_loss"] if case["regularizer"] == "knn" else out["diversity_loss"]
         grads = torch.autograd.grad((out["x"] * upstream).sum() + 10.0 * reg, [inp, q.vars])
         usage = out["usage_sums"]
-        return [out["x"], reg, out["prob_perplexity"], out["code_perplexity"], out["targets"], *grads,
-                usage.counts, usage.prob_sums, usage.max_prob_sums, usage.vertex_l2_sums]
+        return [
+            out["x"],
+            reg,
+            out["prob_perplexity"],
+            out["code_perplexity"],
+            out["targets"],
+            *grads,
+            usage.counts,
+            usage.prob_sums,
+            usage.max_prob_sums,
+            usage.vertex_l2_sums,
+        ]
 
     assert_same(step(autocast_dtype), step(None))
 

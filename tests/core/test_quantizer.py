@@ -1,5 +1,6 @@
 """SmoothedVectorQuantizer: exact parity with fairseq's GumbelVectorQuantizer, smoothing
 modes, the schedule, metrics and bad input; the VQ-VAE baseline."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,17 @@ TEMP = (2.0, 0.5, 0.999995)
 
 
 def make_pair(depth=1, combine_groups=False, time_first=True, **ours):
-    args = dict(dim=64, num_vars=16, temp=TEMP, groups=2, combine_groups=combine_groups,
-                vq_dim=32, time_first=time_first, weight_proj_depth=depth, weight_proj_factor=2)
+    args = dict(
+        dim=64,
+        num_vars=16,
+        temp=TEMP,
+        groups=2,
+        combine_groups=combine_groups,
+        vq_dim=32,
+        time_first=time_first,
+        weight_proj_depth=depth,
+        weight_proj_factor=2,
+    )
     torch.manual_seed(11)
     ref = GumbelVectorQuantizer(**args)
     torch.manual_seed(11)

@@ -1,4 +1,5 @@
 """The paper's Figure 1 claim on the simplex toy (examples/simplex_toy.py)."""
+
 import pytest
 import torch
 

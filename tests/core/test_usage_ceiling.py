@@ -1,4 +1,5 @@
 """The usage ceiling: how many distinct codes uniform use shows for the vectors counted."""
+
 import math
 
 import pytest

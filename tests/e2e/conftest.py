@@ -8,6 +8,7 @@ start`` makes one on this host and prints the ``SLURM_CONF`` to export). Without
 they skip, except in CI (``CI=true`` or ``KNNVQ_REQUIRE_SLURM=1``, which ``.ci/run``
 sets), where they fail: CI must run them.
 """
+
 import os
 import shutil
 import subprocess
@@ -26,8 +27,9 @@ def prepared_data(tmp_path_factory) -> Path:
     from fairseq_knnvq.cli import prepare_librispeech
 
     dest = tmp_path_factory.mktemp("cluster_data")
-    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train",
-                              "--split", "valid=dev", "--units", "letter"])
+    prepare_librispeech.main(
+        [str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "valid=dev", "--units", "letter"]
+    )
     return dest
 
 
@@ -48,12 +50,13 @@ def slurm() -> Dict[str, str]:
     if shutil.which("sinfo") is None:
         problem = "no sinfo on PATH"
     else:
-        result = subprocess.run(["sinfo", "-h", "-o", "%P %T"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, timeout=60)
+        result = subprocess.run(
+            ["sinfo", "-h", "-o", "%P %T"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60
+        )
         if result.returncode != 0 or not result.stdout.strip():
             problem = f"sinfo failed: {result.stdout.strip()[-300:]}"
     if problem:
-        message = f"no SLURM reachable ({problem}); start one with: eval \"$(scripts/local_slurm.sh start)\""
+        message = f'no SLURM reachable ({problem}); start one with: eval "$(scripts/local_slurm.sh start)"'
         if required:
             pytest.fail(message + " (CI must run the SLURM tests)")
         pytest.skip(message)

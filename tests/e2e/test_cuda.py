@@ -26,6 +26,7 @@ it) run on the GPU through their ``cuda`` parameter, in the same stage.
   loss with its weight, the loss scaler is active, the run ends at update 20, and the
   first update's KNN loss is that of the same run in float32.
 """
+
 import math
 
 import pytest
@@ -233,15 +234,21 @@ def cuda_worker_results(rank):
         out[distance] = {"loss": float(loss), "grad": grad.cpu()}
     for where, dev in (("cpu", torch.device("cpu")), ("cuda", device)):
         usage = CodeUsage.from_logits(logits[rank].to(dev), mask=masks[rank].to(dev)).all_reduce()
-        out["usage_" + where] = {"device": usage.counts.device.type, "counts": usage.counts.cpu(),
-                                 "prob_sums": usage.prob_sums.cpu()}
+        out["usage_" + where] = {
+            "device": usage.counts.device.type,
+            "counts": usage.counts.cpu(),
+            "prob_sums": usage.prob_sums.cpu(),
+        }
     return out
 
 
-@pytest.mark.parametrize("backend", [
-    "gloo",
-    pytest.param("nccl", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs")),
-])
+@pytest.mark.parametrize(
+    "backend",
+    [
+        "gloo",
+        pytest.param("nccl", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs two GPUs")),
+    ],
+)
 def test_two_processes_with_cuda_tensors(backend, tmp_path):
     results = run_gloo_workers(cuda_worker_results, 2, tmp_path, backend=backend)
     logits, masks = two_process_inputs()
@@ -270,10 +277,18 @@ def test_two_processes_with_cuda_tensors(backend, tmp_path):
 
 def _tiny_pretraining(tiny_manifests, run_dir, *overrides):
     result = run_hydra_train(
-        CONFIG_DIR / "pretraining", "tiny_knn_ce",
-        [f"task.data={tiny_manifests}", "common.cpu=false", "optimization.max_update=20",
-         "common.log_interval=1", "checkpoint.save_interval_updates=20", *overrides],
-        run_dir=run_dir, timeout=FAIRSEQ_RUN_TIMEOUT_S,
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_ce",
+        [
+            f"task.data={tiny_manifests}",
+            "common.cpu=false",
+            "optimization.max_update=20",
+            "common.log_interval=1",
+            "checkpoint.save_interval_updates=20",
+            *overrides,
+        ],
+        run_dir=run_dir,
+        timeout=FAIRSEQ_RUN_TIMEOUT_S,
     )
     return parse_json_log(result.stdout)
 

@@ -8,6 +8,7 @@ is near its random start, frame after frame a different letter, which makes both
 the log-probabilities changes the hypotheses). docs/finetuning.md has the WERs of fully
 trained runs.
 """
+
 import json
 from pathlib import Path
 
@@ -32,28 +33,55 @@ FINETUNE_LR = 1e-6
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("decoding_data")
-    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "valid=dev",
-                              "--no-progress"])
+    prepare_librispeech.main(
+        [str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "valid=dev", "--no-progress"]
+    )
     return dest
 
 
 @pytest.fixture(scope="module")
 def checkpoint(data, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("decoding_runs")
-    run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                    [f"task.data={data}", f"optimization.max_update={PRETRAIN_UPDATES}",
-                     f"checkpoint.save_dir={root / 'pretrain'}"], root / "pretrain_hydra")
-    run_hydra_train(CONFIG_DIR / "finetuning", "tiny",
-                    [f"task.data={data}", f"model.w2v_path={root / 'pretrain' / 'checkpoint_last.pt'}",
-                     f"optimization.max_update={FINETUNE_UPDATES}", f"optimization.lr=[{FINETUNE_LR}]",
-                     f"checkpoint.save_dir={root / 'finetune'}"],
-                    root / "finetune_hydra")
+    run_hydra_train(
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_ce",
+        [
+            f"task.data={data}",
+            f"optimization.max_update={PRETRAIN_UPDATES}",
+            f"checkpoint.save_dir={root / 'pretrain'}",
+        ],
+        root / "pretrain_hydra",
+    )
+    run_hydra_train(
+        CONFIG_DIR / "finetuning",
+        "tiny",
+        [
+            f"task.data={data}",
+            f"model.w2v_path={root / 'pretrain' / 'checkpoint_last.pt'}",
+            f"optimization.max_update={FINETUNE_UPDATES}",
+            f"optimization.lr=[{FINETUNE_LR}]",
+            f"checkpoint.save_dir={root / 'finetune'}",
+        ],
+        root / "finetune_hydra",
+    )
     return root / "finetune" / "checkpoint_best.pt"
 
 
 def decode(checkpoint: Path, data: Path, out: Path, *extra: str, name: str = "valid") -> tuple:
-    infer_ctc.main([str(checkpoint), "--data", str(data), "--subset", "valid", "--output-dir", str(out),
-                    "--cpu", "--no-progress", *extra])
+    infer_ctc.main(
+        [
+            str(checkpoint),
+            "--data",
+            str(data),
+            "--subset",
+            "valid",
+            "--output-dir",
+            str(out),
+            "--cpu",
+            "--no-progress",
+            *extra,
+        ]
+    )
     summary = json.loads((out / f"wer.{name}.json").read_text())
     return summary, (out / f"hypo.{name}.txt").read_text().splitlines()
 
@@ -72,8 +100,9 @@ def test_hypotheses_do_not_depend_on_the_batch_size(checkpoint, data, tmp_path):
     default); batches of 4 and 16 pad most of the 40 dev utterances."""
     hypotheses = {}
     for batch_size in (1, 4, 16):
-        summary, hypotheses[batch_size] = decode(checkpoint, data, tmp_path / f"b{batch_size}",
-                                                 "--batch-size", str(batch_size))
+        summary, hypotheses[batch_size] = decode(
+            checkpoint, data, tmp_path / f"b{batch_size}", "--batch-size", str(batch_size)
+        )
         assert summary["batch_size"] == batch_size and summary["num_utterances"] == DEV_UTTERANCES
     assert sum(len(h.split()) for h in hypotheses[1]) > DEV_UTTERANCES  # real hypotheses, not all blank
     assert hypotheses[4] == hypotheses[1]
@@ -83,22 +112,43 @@ def test_hypotheses_do_not_depend_on_the_batch_size(checkpoint, data, tmp_path):
 @pytest.mark.slow
 def test_beam_of_one_without_lm_is_greedy_decoding(checkpoint, data, tmp_path):
     greedy, greedy_hypotheses = decode(checkpoint, data, tmp_path / "greedy")
-    beam, beam_hypotheses = decode(checkpoint, data, tmp_path / "beam", "--beam", "1", "--lm-weight", "0",
-                                   name="valid.beam")
+    beam, beam_hypotheses = decode(
+        checkpoint, data, tmp_path / "beam", "--beam", "1", "--lm-weight", "0", name="valid.beam"
+    )
     assert beam_hypotheses == greedy_hypotheses
     assert beam["wer"] == greedy["wer"] and beam["cer"] == greedy["cer"]
     assert greedy["decoding"] == "ctc_greedy" and beam["decoding"] == "ctc_beam_search"
-    assert beam["beam_search"] == {"lm": None, "lexicon": None, "lexicon_kind": None, "search": "lexicon_free",
-                                   "beam": 1, "beam_threshold": 50.0, "lm_weight": 0.0, "word_score": -1.0,
-                                   "sil_weight": 0.0, "unk_weight": "-inf", "beam_size_token": None}
+    assert beam["beam_search"] == {
+        "lm": None,
+        "lexicon": None,
+        "lexicon_kind": None,
+        "search": "lexicon_free",
+        "beam": 1,
+        "beam_threshold": 50.0,
+        "lm_weight": 0.0,
+        "word_score": -1.0,
+        "sil_weight": 0.0,
+        "unk_weight": "-inf",
+        "beam_size_token": None,
+    }
 
 
 @pytest.mark.slow
 def test_lexicon_search_with_an_lm_of_the_training_words(checkpoint, data, tmp_path):
     lm = tmp_path / "train.3gram.arpa"
     ngram_lm.main([str(data / "train.wrd"), "--order", "3", "--output", str(lm)])
-    summary, hypotheses = decode(checkpoint, data, tmp_path / "lm", "--lm", str(lm), "--lexicon-words",
-                                 str(data / "train.wrd"), "--beam", "8", name="valid.beam")
+    summary, hypotheses = decode(
+        checkpoint,
+        data,
+        tmp_path / "lm",
+        "--lm",
+        str(lm),
+        "--lexicon-words",
+        str(data / "train.wrd"),
+        "--beam",
+        "8",
+        name="valid.beam",
+    )
     vocabulary = set((data / "train.wrd").read_text().split())
     assert all(word in vocabulary for line in hypotheses for word in line.split())
     assert summary["beam_search"]["search"] == "lexicon" and summary["beam_search"]["lm"] == str(lm)
@@ -112,7 +162,22 @@ def test_a_lexicon_with_units_the_model_lacks_is_named(checkpoint, data, tmp_pat
     lexicon.write_text("CAT C A T |\ncafé c a f é |\n")
     lm = tmp_path / "lm.arpa"
     ngram_lm.main([str(data / "train.wrd"), "--order", "2", "--output", str(lm)])
-    message = infer_error([str(checkpoint), "--data", str(data), "--subset", "valid", "--lm", str(lm),
-                           "--lexicon", str(lexicon), "--output-dir", str(tmp_path / "out")])
-    assert str(lexicon) in message and "line 2: café -> c a f é" in message and "units the model does not have" in message
+    message = infer_error(
+        [
+            str(checkpoint),
+            "--data",
+            str(data),
+            "--subset",
+            "valid",
+            "--lm",
+            str(lm),
+            "--lexicon",
+            str(lexicon),
+            "--output-dir",
+            str(tmp_path / "out"),
+        ]
+    )
+    assert (
+        str(lexicon) in message and "line 2: café -> c a f é" in message and "units the model does not have" in message
+    )
     assert not (tmp_path / "out").exists()

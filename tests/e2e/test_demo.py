@@ -5,6 +5,7 @@ image training runs and three fine-tuning runs through ``fairseq-hydra-train``,
 decoding, report) with a few updates per run, and checks that the tables it prints are
 what its parts wrote.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,10 +68,14 @@ def test_quick_demo_end_to_end(tmp_path: Path, capsys) -> None:
             assert row[metric] == pytest.approx(valid[f"{subset}_{metric}"], abs=1e-9)
             assert row["num_codes"] == (2 * 320 if task == "speech" else 64)
             assert row["used_codes_ceiling"] == pytest.approx(valid[f"{subset}_used_codes_ceiling"], abs=1e-9)
-            assert row["verdict"] == study.verdict({k[len(subset) + 1:]: v for k, v in valid.items()
-                                                    if isinstance(v, float)})
-            line = next(l for l in table.splitlines() if l.startswith(f"| {name} |") and row["verdict"] in l
-                        and f"{row['code_perplexity']:.2f}" in l)
+            assert row["verdict"] == study.verdict(
+                {k[len(subset) + 1 :]: v for k, v in valid.items() if isinstance(v, float)}
+            )
+            line = next(
+                text
+                for text in table.splitlines()
+                if text.startswith(f"| {name} |") and row["verdict"] in text and f"{row['code_perplexity']:.2f}" in text
+            )
             assert line in printed  # the tables printed at the end are the ones written
         for png in ("code_usage.png", "final_values.md"):
             assert (out / "report" / task / png).is_file()
@@ -94,22 +99,33 @@ def test_verdicts_judge_usage_against_its_ceiling() -> None:
     ceiling = 2 * 320 * (1 - (1 - 1 / 320) ** 1000)
     metrics = {"code_usage": 590 / 640, "used_codes": 590.0, "used_codes_ceiling": ceiling, "tightness_max_prob": 0.8}
     assert study.verdict(metrics) == "full use, tight"
-    assert study.verdict(dict(metrics, code_usage=400 / 640, used_codes=400.0)) == \
-        "partial use: 400 of 640 codes (expected 612 under uniform use)"
-    assert study.verdict(dict(metrics, code_usage=300 / 640, used_codes=300.0, tightness_max_prob=0.3)) == \
-        "collapsed: 300 of 640 codes (expected 612 under uniform use); loose: mean max p 0.30"
+    assert (
+        study.verdict(dict(metrics, code_usage=400 / 640, used_codes=400.0))
+        == "partial use: 400 of 640 codes (expected 612 under uniform use)"
+    )
+    assert (
+        study.verdict(dict(metrics, code_usage=300 / 640, used_codes=300.0, tightness_max_prob=0.3))
+        == "collapsed: 300 of 640 codes (expected 612 under uniform use); loose: mean max p 0.30"
+    )
 
 
 def test_verdicts_name_collapse_and_looseness() -> None:
-    assert study.verdict({"code_usage": 11 / 64, "used_codes": 11.0, "tightness_max_prob": 0.9}) == \
-        "collapsed: 11 of 64 codes"
-    assert study.verdict({"code_usage": 1.0, "used_codes": 64.0, "tightness_max_prob": 0.40}) == \
-        "loose: mean max p 0.40"
+    assert (
+        study.verdict({"code_usage": 11 / 64, "used_codes": 11.0, "tightness_max_prob": 0.9})
+        == "collapsed: 11 of 64 codes"
+    )
+    assert (
+        study.verdict({"code_usage": 1.0, "used_codes": 64.0, "tightness_max_prob": 0.40}) == "loose: mean max p 0.40"
+    )
     assert study.verdict({"code_usage": 0.96, "used_codes": 615.0, "tightness_max_prob": 0.5}) == "full use, tight"
-    assert study.verdict({"code_usage": 0.5, "used_codes": 320.0, "tightness_max_prob": 0.3}) == \
-        "partial use: 320 of 640 codes; loose: mean max p 0.30"
-    assert study.verdict({"code_usage": 0.49, "used_codes": 49.0, "tightness_max_prob": 0.9}) == \
-        "collapsed: 49 of 100 codes"
+    assert (
+        study.verdict({"code_usage": 0.5, "used_codes": 320.0, "tightness_max_prob": 0.3})
+        == "partial use: 320 of 640 codes; loose: mean max p 0.30"
+    )
+    assert (
+        study.verdict({"code_usage": 0.49, "used_codes": 49.0, "tightness_max_prob": 0.9})
+        == "collapsed: 49 of 100 codes"
+    )
 
 
 def test_too_few_finetune_updates_is_a_clear_error(tmp_path: Path, capsys) -> None:

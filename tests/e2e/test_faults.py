@@ -2,6 +2,7 @@
 configs (issue 24): preemption signals, a truncated checkpoint_last.pt, a second run or
 process in a folder in use, NaN audio and impossible manifest lines, options that would
 train nonsense, and (fine-tuning) old-style and malicious checkpoints."""
+
 import hashlib
 import os
 import re
@@ -21,8 +22,7 @@ import fairseq_knnvq
 from fairseq_knnvq.cli import infer_ctc, prepare_librispeech
 from fairseq_knnvq.tasks.run_folder import PREEMPTED_EXIT_STATUS
 from old_checkpoints import RunsCode, write_old_style_checkpoint
-from fairseq_run import (CONFIG_DIR, TINY_CORPUS, console_script, parse_json_log, records_of,
-                         run_hydra_train)
+from fairseq_run import CONFIG_DIR, TINY_CORPUS, console_script, parse_json_log, records_of, run_hydra_train
 
 fairseq_knnvq.register_with_fairseq()
 
@@ -30,8 +30,13 @@ UPDATES = 8
 
 
 def overrides(data, save_dir, max_update=UPDATES):
-    return [f"task.data={data}", "common.log_interval=1", f"optimization.max_update={max_update}",
-            "checkpoint.save_interval_updates=3", f"checkpoint.save_dir={save_dir}"]
+    return [
+        f"task.data={data}",
+        "common.log_interval=1",
+        f"optimization.max_update={max_update}",
+        "checkpoint.save_interval_updates=3",
+        f"checkpoint.save_dir={save_dir}",
+    ]
 
 
 def weights(checkpoint: Path):
@@ -54,8 +59,12 @@ def updates_trained(result) -> list:
 def reference(tiny_manifests, tmp_path_factory) -> Path:
     """An uninterrupted tiny_knn_ce run of UPDATES updates; its checkpoint folder."""
     root = tmp_path_factory.mktemp("reference")
-    run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_ce", overrides(tiny_manifests, root / "checkpoints"),
-                    run_dir=root / "hydra")
+    run_hydra_train(
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_ce",
+        overrides(tiny_manifests, root / "checkpoints"),
+        run_dir=root / "hydra",
+    )
     return root / "checkpoints"
 
 
@@ -64,11 +73,24 @@ class Training:
 
     def __init__(self, config, args, run_dir: Path):
         run_dir.parent.mkdir(parents=True, exist_ok=True)
-        command = [console_script("fairseq-hydra-train"), "--config-dir", str(CONFIG_DIR / "pretraining"),
-                   "--config-name", config, f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}",
-                   f"hydra.run.dir={run_dir}", *args]
-        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=str(run_dir.parent))
+        command = [
+            console_script("fairseq-hydra-train"),
+            "--config-dir",
+            str(CONFIG_DIR / "pretraining"),
+            "--config-name",
+            config,
+            f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}",
+            f"hydra.run.dir={run_dir}",
+            *args,
+        ]
+        self.proc = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=dict(os.environ, OMP_NUM_THREADS="1"),
+            cwd=str(run_dir.parent),
+        )
         self.lines = []
         self.seen = threading.Condition()
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -82,8 +104,9 @@ class Training:
 
     def wait_for(self, text: str, timeout: float = 120):
         with self.seen:
-            assert self.seen.wait_for(lambda: any(text in line for line in self.lines) or self.proc.poll() is not None,
-                                      timeout), f"no {text!r} after {timeout} s"
+            assert self.seen.wait_for(
+                lambda: any(text in line for line in self.lines) or self.proc.poll() is not None, timeout
+            ), f"no {text!r} after {timeout} s"
         assert any(text in line for line in self.lines), "".join(self.lines)[-4000:]
 
     def finish(self, timeout: float = 120) -> str:
@@ -106,8 +129,9 @@ def test_preemption_saves_the_current_update_and_the_rerun_matches(signal_name, 
         # A second process into the folder in use stops before training, naming the first.
         training.proc.send_signal(signal.SIGSTOP)
         try:
-            second = run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_ce", args, run_dir=tmp_path / "second",
-                                     check=False)
+            second = run_hydra_train(
+                CONFIG_DIR / "pretraining", "tiny_knn_ce", args, run_dir=tmp_path / "second", check=False
+            )
         finally:
             training.proc.send_signal(signal.SIGCONT)
         assert second.returncode == 1
@@ -147,10 +171,16 @@ def test_truncated_checkpoint_last_resumes_from_the_newest_readable(reference, t
     others = sorted((p for p in save_dir.glob("checkpoint*.pt") if p != last), key=lambda p: p.stat().st_mtime)
     newest = others[-1]
     start = num_updates(newest)
-    resumed = run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                              overrides(tiny_manifests, save_dir, max_update=UPDATES + 2), run_dir=tmp_path / "hydra")
-    assert (f"{last} is truncated or damaged (its zip directory cannot be read: an interrupted copy, a full disk or "
-            f"a partial download); resuming from {newest}, the newest readable checkpoint") in resumed.stdout
+    resumed = run_hydra_train(
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_ce",
+        overrides(tiny_manifests, save_dir, max_update=UPDATES + 2),
+        run_dir=tmp_path / "hydra",
+    )
+    assert (
+        f"{last} is truncated or damaged (its zip directory cannot be read: an interrupted copy, a full disk or "
+        f"a partial download); resuming from {newest}, the newest readable checkpoint"
+    ) in resumed.stdout
     assert f"(epoch 1 @ {start} updates)" in resumed.stdout
     assert updates_trained(resumed) == list(range(start + 1, UPDATES + 3))
     assert (save_dir / "checkpoint_last.pt.unreadable").stat().st_size == size // 5
@@ -162,8 +192,13 @@ def test_another_config_into_a_finished_run_stops_naming_both(reference, tiny_ma
     save_dir = tmp_path / "checkpoints"
     shutil.copytree(reference, save_dir)
     before = digests(save_dir)
-    result = run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_l2", overrides(tiny_manifests, save_dir),
-                             run_dir=tmp_path / "hydra", check=False)
+    result = run_hydra_train(
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_l2",
+        overrides(tiny_manifests, save_dir),
+        run_dir=tmp_path / "hydra",
+        check=False,
+    )
     assert result.returncode == 1
     assert f"{save_dir} holds checkpoints of another run: tiny_knn_ce (" in result.stdout
     assert "this run is tiny_knn_l2 (" in result.stdout
@@ -174,15 +209,25 @@ def test_another_config_into_a_finished_run_stops_naming_both(reference, tiny_ma
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override, message", [
-    ("optimization.lr=[-1]", "optimization.lr must be > 0, got [-1.0]; e.g. optimization.lr=[0.0005]"),
-    ("model.latent_vars=1", "model.latent_vars must be an integer of at least 2 (codebook entries per group), got 1; "
-                            "e.g. model.latent_vars=320"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("optimization.lr=[-1]", "optimization.lr must be > 0, got [-1.0]; e.g. optimization.lr=[0.0005]"),
+        (
+            "model.latent_vars=1",
+            "model.latent_vars must be an integer of at least 2 (codebook entries per group), got 1; "
+            "e.g. model.latent_vars=320",
+        ),
+    ],
+)
 def test_options_that_train_nonsense_stop_before_training(override, message, tiny_manifests, tmp_path):
-    result = run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                             [*overrides(tiny_manifests, tmp_path / "checkpoints"), override],
-                             run_dir=tmp_path / "hydra", check=False)
+    result = run_hydra_train(
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_ce",
+        [*overrides(tiny_manifests, tmp_path / "checkpoints"), override],
+        run_dir=tmp_path / "hydra",
+        check=False,
+    )
     assert result.returncode == 1 and message in result.stdout
     assert "Traceback" not in result.stdout and updates_trained(result) == []
     assert not list((tmp_path / "checkpoints").glob("*.pt"))
@@ -210,13 +255,29 @@ def test_nan_audio_and_a_wrong_frame_count_are_skipped_and_counted(tiny_manifest
     data.mkdir()
     (data / "train.tsv").write_text("\n".join([str(audio), "nan.wav\t16000", *names]) + "\n")
     shutil.copy(tiny_manifests / "valid.tsv", data / "valid.tsv")
-    result = run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                             [f"task.data={data}", "optimization.max_epoch=1", "optimization.max_update=1000",
-                              f"checkpoint.save_dir={tmp_path / 'checkpoints'}"], run_dir=tmp_path / "hydra")
-    assert result.stdout.count(f"skipping unreadable audio file {audio / 'nan.wav'} (non-finite samples (NaN or inf))") == 1
+    result = run_hydra_train(
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_ce",
+        [
+            f"task.data={data}",
+            "optimization.max_epoch=1",
+            "optimization.max_update=1000",
+            f"checkpoint.save_dir={tmp_path / 'checkpoints'}",
+        ],
+        run_dir=tmp_path / "hydra",
+    )
+    assert (
+        result.stdout.count(f"skipping unreadable audio file {audio / 'nan.wav'} (non-finite samples (NaN or inf))")
+        == 1
+    )
     # nan.wav is line 2, the wrong count line 7 (line 1 is the root).
-    assert result.stdout.count(f"skipping unreadable audio file {audio / wrong_name} ({data / 'train.tsv'} line 7 says "
-                               f"{int(wrong_frames) + 2000} frames, the file has {wrong_frames}: rewrite the manifest") == 1
+    assert (
+        result.stdout.count(
+            f"skipping unreadable audio file {audio / wrong_name} ({data / 'train.tsv'} line 7 says "
+            f"{int(wrong_frames) + 2000} frames, the file has {wrong_frames}: rewrite the manifest"
+        )
+        == 1
+    )
     train = records_of(parse_json_log(result.stdout), "train")
     assert [int(r["train_unreadable_audio"]) for r in train] == [2]  # one epoch asks for each item once
     assert np.isfinite(float(train[0]["train_loss"]))
@@ -228,17 +289,37 @@ def test_nan_audio_and_a_wrong_frame_count_are_skipped_and_counted(tiny_manifest
 @pytest.fixture(scope="module")
 def letters(tmp_path_factory) -> Path:
     dest = tmp_path_factory.mktemp("letters")
-    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "valid=dev",
-                              "--units", "letter", "--no-progress"])
+    prepare_librispeech.main(
+        [
+            str(TINY_CORPUS),
+            "--dest",
+            str(dest),
+            "--split",
+            "train=train",
+            "--split",
+            "valid=dev",
+            "--units",
+            "letter",
+            "--no-progress",
+        ]
+    )
     return dest
 
 
 def fine_tune(data, w2v_path, root: Path, max_update, check=True):
     root.mkdir(parents=True, exist_ok=True)
-    return run_hydra_train(CONFIG_DIR / "finetuning", "tiny",
-                           [f"task.data={data}", f"model.w2v_path={w2v_path}", f"optimization.max_update={max_update}",
-                            f"checkpoint.save_dir={root / 'checkpoints'}"],
-                           run_dir=root / f"hydra{max_update}", check=check)
+    return run_hydra_train(
+        CONFIG_DIR / "finetuning",
+        "tiny",
+        [
+            f"task.data={data}",
+            f"model.w2v_path={w2v_path}",
+            f"optimization.max_update={max_update}",
+            f"checkpoint.save_dir={root / 'checkpoints'}",
+        ],
+        run_dir=root / f"hydra{max_update}",
+        check=check,
+    )
 
 
 @pytest.mark.slow
@@ -260,11 +341,24 @@ def test_fine_tuning_from_an_old_style_checkpoint_needs_no_env_variable(letters,
     write_nan_wav(audio / "nan.wav")
     (data / "valid.tsv").write_text("\n".join([str(audio), "nan.wav\t16000", *lines[2:]]) + "\n")
     with pytest.raises(SystemExit) as refused:
-        infer_ctc.main([str(last), "--data", str(data), "--subset", "valid", "--cpu", "--no-progress",
-                        "--output-dir", str(tmp_path / "decode")])
+        infer_ctc.main(
+            [
+                str(last),
+                "--data",
+                str(data),
+                "--subset",
+                "valid",
+                "--cpu",
+                "--no-progress",
+                "--output-dir",
+                str(tmp_path / "decode"),
+            ]
+        )
     message = str(refused.value.code)
-    assert message.startswith(f"knnvq-infer: error: 1 audio files of {data / 'valid.tsv'} cannot be scored:\n"
-                              f"  {audio / 'nan.wav'}: holds non-finite samples (NaN or inf), the first at frame 100")
+    assert message.startswith(
+        f"knnvq-infer: error: 1 audio files of {data / 'valid.tsv'} cannot be scored:\n"
+        f"  {audio / 'nan.wav'}: holds non-finite samples (NaN or inf), the first at frame 100"
+    )
     assert not (tmp_path / "decode").exists()
 
 
@@ -275,8 +369,10 @@ def test_fine_tuning_refuses_a_payload_and_a_schedule_without_decay(letters, tmp
     torch.save({"cfg": {"model": {"_name": "wav2vec2"}}, "model": {}, "extra": RunsCode(marker)}, evil)
     result = fine_tune(letters, evil, tmp_path / "evil_run", max_update=10, check=False)
     assert result.returncode == 1
-    assert (f"model.w2v_path {evil} holds posix.system, which is none of the classes a fairseq checkpoint holds"
-            in result.stdout)
+    assert (
+        f"model.w2v_path {evil} holds posix.system, which is none of the classes a fairseq checkpoint holds"
+        in result.stdout
+    )
     assert "may be malicious" in result.stdout
     assert "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD" not in result.stdout and "Traceback" not in result.stdout
     assert not marker.exists()
@@ -285,7 +381,9 @@ def test_fine_tuning_refuses_a_payload_and_a_schedule_without_decay(letters, tmp
     write_old_style_checkpoint(old_style, letters)
     result = fine_tune(letters, old_style, tmp_path / "short_run", max_update=2, check=False)
     assert result.returncode == 1
-    assert ("lr_scheduler.phase_ratio [0.1, 0.6, 0.3] with optimization.max_update=2 gives phases of [0, 1, 0] "
-            "updates; the tri_stage schedule needs at least one update in its decay phase: use "
-            "optimization.max_update=4 or more") in result.stdout
+    assert (
+        "lr_scheduler.phase_ratio [0.1, 0.6, 0.3] with optimization.max_update=2 gives phases of [0, 1, 0] "
+        "updates; the tri_stage schedule needs at least one update in its decay phase: use "
+        "optimization.max_update=4 or more"
+    ) in result.stdout
     assert "Traceback" not in result.stdout and "ZeroDivisionError" not in result.stdout

@@ -8,6 +8,7 @@ when it validated the same checkpoint on it.
 The runs are far shorter than the tiny config's (the tests check the path, not the
 accuracy; docs/finetuning.md has the measured accuracy of full tiny runs).
 """
+
 import json
 import os
 import shutil
@@ -36,15 +37,19 @@ SPM_VOCAB = 64
 DEV_UTTERANCES = 40  # utterances in the shipped corpus's dev split
 
 
-def fine_tune(run_dir: Path, data: Path, w2v_path: Path, overrides=(), pass_user_dir=True) -> subprocess.CompletedProcess:
+def fine_tune(
+    run_dir: Path, data: Path, w2v_path: Path, overrides=(), pass_user_dir=True
+) -> subprocess.CompletedProcess:
     """``fairseq-hydra-train --config-name tiny`` from ``run_dir`` (not the repository
     root); without ``pass_user_dir`` the config's own ``common.user_dir`` must find the
     plugin."""
     run_dir.mkdir(parents=True)
     command = [
         console_script("fairseq-hydra-train"),
-        "--config-dir", str(CONFIG_DIR / "finetuning"),
-        "--config-name", "tiny",
+        "--config-dir",
+        str(CONFIG_DIR / "finetuning"),
+        "--config-name",
+        "tiny",
         f"task.data={data}",
         f"model.w2v_path={w2v_path}",
         f"checkpoint.save_dir={run_dir / 'checkpoints'}",
@@ -55,8 +60,9 @@ def fine_tune(run_dir: Path, data: Path, w2v_path: Path, overrides=(), pass_user
         command.append(f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("FAIRSEQ_KNNVQ_USER_DIR", None)
-    return subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=300, env=env, cwd=str(run_dir))
+    return subprocess.run(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, env=env, cwd=str(run_dir)
+    )
 
 
 def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -66,10 +72,27 @@ def checked(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 
 def decode(checkpoint: Path, data: Path, output_dir: Path, *extra: str) -> dict:
     """The real console script, as a user runs it."""
-    command = [console_script("knnvq-infer"), str(checkpoint), "--data", str(data), "--subset", "valid",
-               "--output-dir", str(output_dir), "--cpu", "--no-progress", *extra]
-    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    command = [
+        console_script("knnvq-infer"),
+        str(checkpoint),
+        "--data",
+        str(data),
+        "--subset",
+        "valid",
+        "--output-dir",
+        str(output_dir),
+        "--cpu",
+        "--no-progress",
+        *extra,
+    ]
+    result = subprocess.run(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert result.returncode == 0, result.stdout[-5000:]
     return json.loads((output_dir / "wer.valid.json").read_text())
 
@@ -101,10 +124,24 @@ def check_decoding_files(summary: dict, output_dir: Path, data: Path, require_hy
 def data(tmp_path_factory) -> Path:
     """train/valid/test of the shipped corpus with letter and sentencepiece labels."""
     dest = tmp_path_factory.mktemp("librispeech_data")
-    prepare_librispeech.main([
-        str(TINY_CORPUS), "--dest", str(dest), "--split", "train=train", "--split", "valid=dev",
-        "--split", "test=test", "--units", "letter", "spm", "--spm-vocab", str(SPM_VOCAB),
-    ])
+    prepare_librispeech.main(
+        [
+            str(TINY_CORPUS),
+            "--dest",
+            str(dest),
+            "--split",
+            "train=train",
+            "--split",
+            "valid=dev",
+            "--split",
+            "test=test",
+            "--units",
+            "letter",
+            "spm",
+            "--spm-vocab",
+            str(SPM_VOCAB),
+        ]
+    )
     return dest
 
 
@@ -113,8 +150,12 @@ def pretrained(data, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("pretrain") / "run"
     # No dataset.valid_subset override: the prepared data's splits are the ones the shipped
     # configs read (the fine-tuning runs below do the same with configs/finetuning/tiny.yaml).
-    result = run_hydra_train(CONFIG_DIR / "pretraining", "tiny_knn_ce",
-                             [f"task.data={data}", f"optimization.max_update={PRETRAIN_UPDATES}"], run_dir)
+    result = run_hydra_train(
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_ce",
+        [f"task.data={data}", f"optimization.max_update={PRETRAIN_UPDATES}"],
+        run_dir,
+    )
     assert last_record(parse_json_log(result.stdout), "valid")["valid_num_updates"] == PRETRAIN_UPDATES
     checkpoint = run_dir / "checkpoints" / "checkpoint_last.pt"
     assert checkpoint.is_file()
@@ -130,8 +171,15 @@ def letter_run(data, pretrained, tmp_path_factory):
     shutil.copy(pretrained, w2v_copy)
     # Validation one utterance at a time: fairseq's padded validation batches change what
     # the group-norm feature encoder sees, knnvq-infer's decoding does not depend on the batch.
-    result = checked(fine_tune(root / "run", data, w2v_copy, [f"optimization.max_update={LETTER_UPDATES}",
-                                                                "dataset.batch_size_valid=1"], pass_user_dir=False))
+    result = checked(
+        fine_tune(
+            root / "run",
+            data,
+            w2v_copy,
+            [f"optimization.max_update={LETTER_UPDATES}", "dataset.batch_size_valid=1"],
+            pass_user_dir=False,
+        )
+    )
     w2v_copy.unlink()  # the fine-tuned checkpoint must not need it any more
     return root / "run" / "checkpoints" / "checkpoint_best.pt", parse_json_log(result.stdout)
 
@@ -151,9 +199,18 @@ def test_letters_pretrain_finetune_decode(letter_run, data, tmp_path):
 
 @pytest.mark.slow
 def test_sentencepiece_finetune_decode(data, pretrained, tmp_path):
-    result = checked(fine_tune(tmp_path / "run", data, pretrained, [
-        "task.labels=spm", "criterion.post_process=sentencepiece", f"optimization.max_update={SPM_UPDATES}",
-    ]))
+    result = checked(
+        fine_tune(
+            tmp_path / "run",
+            data,
+            pretrained,
+            [
+                "task.labels=spm",
+                "criterion.post_process=sentencepiece",
+                f"optimization.max_update={SPM_UPDATES}",
+            ],
+        )
+    )
     summary = decode(tmp_path / "run" / "checkpoints" / "checkpoint_best.pt", data, tmp_path / "decode")
     assert summary["labels"] == "spm" and summary["post_process"] == "sentencepiece"
     # The references are the sentencepiece labels turned back into words: valid.wrd.
@@ -163,10 +220,19 @@ def test_sentencepiece_finetune_decode(data, pretrained, tmp_path):
 
     # Resuming a fine-tuning run: its checkpoint holds the task's Dictionary, which torch
     # >= 2.6's weights-only loading refuses unless the plugin allow-lists it.
-    resumed = checked(fine_tune(tmp_path / "resume", data, pretrained, [
-        "task.labels=spm", "criterion.post_process=sentencepiece", f"optimization.max_update={SPM_UPDATES + 1}",
-        f"checkpoint.save_dir={tmp_path / 'run' / 'checkpoints'}",
-    ]))
+    resumed = checked(
+        fine_tune(
+            tmp_path / "resume",
+            data,
+            pretrained,
+            [
+                "task.labels=spm",
+                "criterion.post_process=sentencepiece",
+                f"optimization.max_update={SPM_UPDATES + 1}",
+                f"checkpoint.save_dir={tmp_path / 'run' / 'checkpoints'}",
+            ],
+        )
+    )
     assert f"@ {SPM_UPDATES} updates)" in resumed.stdout, resumed.stdout[-3000:]  # "Loaded checkpoint ..."
     state = torch.load(tmp_path / "run" / "checkpoints" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     assert state["optimizer_history"][-1]["num_updates"] == SPM_UPDATES + 1
@@ -213,7 +279,9 @@ def test_empty_manifest(letter_run, data, tmp_path):
     copy = data_copy(data, tmp_path / "data")
     (copy / "valid.tsv").write_text(read_lines(data / "valid.tsv")[0] + "\n")
     (copy / "valid.ltr").write_text("")
-    message = infer_error([str(checkpoint), "--data", str(copy), "--subset", "valid", "--output-dir", str(tmp_path / "out")])
+    message = infer_error(
+        [str(checkpoint), "--data", str(copy), "--subset", "valid", "--output-dir", str(tmp_path / "out")]
+    )
     assert str(copy / "valid.tsv") in message and "no audio files" in message
     assert not (tmp_path / "out").exists()
 
@@ -244,7 +312,9 @@ def test_the_dictionary_comes_from_the_checkpoint(letter_run, data, tmp_path):
     without = decode(checkpoint, copy, tmp_path / "without_dict")
     with_dict = decode(checkpoint, data, tmp_path / "with_dict")
     assert without["wer"] == with_dict["wer"] and without["num_words"] == with_dict["num_words"]
-    assert (tmp_path / "without_dict" / "hypo.valid.txt").read_text() == (tmp_path / "with_dict" / "hypo.valid.txt").read_text()
+    assert (tmp_path / "without_dict" / "hypo.valid.txt").read_text() == (
+        tmp_path / "with_dict" / "hypo.valid.txt"
+    ).read_text()
 
     message = infer_error([str(checkpoint), "--data", str(data), "--subset", "valid", "--labels", "spm"])
     assert str(data / "valid.spm") in message and "labels=ltr" in message and "\u2581" in message
@@ -276,8 +346,22 @@ def test_fine_tuning_with_a_plugin_folder_that_does_not_exist_names_it(data, pre
     run_dir.mkdir()
     env = dict(os.environ, OMP_NUM_THREADS="1", FAIRSEQ_KNNVQ_USER_DIR=str(missing))
     result = subprocess.run(
-        [console_script("fairseq-hydra-train"), "--config-dir", str(CONFIG_DIR / "finetuning"), "--config-name", "tiny",
-         f"task.data={data}", f"model.w2v_path={pretrained}", f"hydra.run.dir={run_dir}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, env=env, cwd=str(run_dir))
+        [
+            console_script("fairseq-hydra-train"),
+            "--config-dir",
+            str(CONFIG_DIR / "finetuning"),
+            "--config-name",
+            "tiny",
+            f"task.data={data}",
+            f"model.w2v_path={pretrained}",
+            f"hydra.run.dir={run_dir}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=str(run_dir),
+    )
     assert result.returncode != 0
     assert f"FileNotFoundError: {missing}" in result.stdout

@@ -1,6 +1,7 @@
 """End to end: the tiny image configs through stock ``fairseq-hydra-train`` with
 ``common.user_dir`` on a generated folder of structured images (with one corrupt file),
 then ``knnvq-eval-image`` on the checkpoint."""
+
 import json
 import math
 import os
@@ -49,8 +50,10 @@ def train(config, data, out, *overrides):
         "common.log_interval=10",
         "lr_scheduler.warmup_updates=5",
         *overrides,
-        "--config-dir", CONFIG_DIR,
-        "--config-name", config,
+        "--config-dir",
+        CONFIG_DIR,
+        "--config-name",
+        config,
     ]
     return subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, timeout=600)
 
@@ -148,15 +151,28 @@ def test_two_workers_pool_validation_metrics_over_the_whole_subset(data_root, tm
     single-process evaluation of the same checkpoint on all 16."""
     out = str(tmp_path / "ddp")
     cmd = [
-        os.path.join(BIN, "torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", "--master_port=29571",
+        os.path.join(BIN, "torchrun"),
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        "--master_port=29571",
         os.path.join(BIN, "fairseq-hydra-train"),
-        f"task.data={data_root}", f"common.user_dir={PLUGIN_DIR}",
-        f"checkpoint.save_dir={out}", f"hydra.run.dir={out}/hydra",
-        "optimization.max_update=10", "dataset.validate_interval_updates=10", "common.log_interval=5",
-        "distributed_training.distributed_world_size=2", "distributed_training.distributed_backend=gloo",
-        "distributed_training.distributed_init_method=env://", "distributed_training.distributed_no_spawn=true",
-        "distributed_training.distributed_rank=${oc.env:RANK}", "model.knn_global=true",
-        "--config-dir", CONFIG_DIR, "--config-name", "tiny_knn_ce",
+        f"task.data={data_root}",
+        f"common.user_dir={PLUGIN_DIR}",
+        f"checkpoint.save_dir={out}",
+        f"hydra.run.dir={out}/hydra",
+        "optimization.max_update=10",
+        "dataset.validate_interval_updates=10",
+        "common.log_interval=5",
+        "distributed_training.distributed_world_size=2",
+        "distributed_training.distributed_backend=gloo",
+        "distributed_training.distributed_init_method=env://",
+        "distributed_training.distributed_no_spawn=true",
+        "distributed_training.distributed_rank=${oc.env:RANK}",
+        "model.knn_global=true",
+        "--config-dir",
+        CONFIG_DIR,
+        "--config-name",
+        "tiny_knn_ce",
     ]
     result = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:]

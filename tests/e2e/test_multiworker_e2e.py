@@ -6,6 +6,7 @@ worker's shard with dummy batches), without a deadlock; the checkpoint reloads.
 The launch is the one documented in docs/performance.md; the values of the exchange are
 checked against one process in test_global_knn.py.
 """
+
 import math
 import os
 import socket
@@ -33,11 +34,20 @@ def free_port() -> int:
 
 def two_worker_command(manifests, run_dir):
     return [
-        console_script("torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+        console_script("torchrun"),
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
         console_script("fairseq-hydra-train"),
-        "--config-dir", str(CONFIG_DIR / "pretraining"), "--config-name", "tiny_knn_ce",
-        f"task.data={manifests}", f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}", f"hydra.run.dir={run_dir}",
-        f"optimization.max_update={UPDATES}", "common.log_interval=1",
+        "--config-dir",
+        str(CONFIG_DIR / "pretraining"),
+        "--config-name",
+        "tiny_knn_ce",
+        f"task.data={manifests}",
+        f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}",
+        f"hydra.run.dir={run_dir}",
+        f"optimization.max_update={UPDATES}",
+        "common.log_interval=1",
         "model.knn_global=true",
         "distributed_training.distributed_world_size=2",
         "distributed_training.distributed_backend=gloo",
@@ -54,8 +64,13 @@ def test_two_cpu_workers_train_with_global_knn(tiny_manifests, tmp_path):
     run_dir = tmp_path / "run"
     command = two_worker_command(tiny_manifests, run_dir)
     result = subprocess.run(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=240,
-        cwd=str(tmp_path), env={**os.environ, "OMP_NUM_THREADS": "1"},
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=240,
+        cwd=str(tmp_path),
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, f"{' '.join(command)}\n... {result.stdout[-6000:]}"
     assert "distributed init (rank 1)" in result.stdout

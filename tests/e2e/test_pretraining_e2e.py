@@ -1,6 +1,7 @@
 """End to end: stock ``fairseq-hydra-train`` pretrains wav2vec 2.0 with the plugin on the
 shipped tiny corpus, saves, reloads with fairseq's checkpoint_utils, resumes, and logs
 the KNN loss and code usage."""
+
 import math
 
 import pytest
@@ -21,8 +22,15 @@ fairseq_knnvq.register_with_fairseq()
 PRETRAINING = CONFIG_DIR / "pretraining"
 FIRST_UPDATES = 3
 NUM_ENTRIES = 2 * 32  # latent_groups x latent_vars of the tiny configs
-USAGE_KEYS = ("knn_loss", "code_usage", "used_codes", "pooled_code_perplexity",
-              "pooled_prob_perplexity", "tightness_max_prob", "tightness_vertex_l2")
+USAGE_KEYS = (
+    "knn_loss",
+    "code_usage",
+    "used_codes",
+    "pooled_code_perplexity",
+    "pooled_prob_perplexity",
+    "tightness_max_prob",
+    "tightness_vertex_l2",
+)
 
 
 def _check_usage(record, prefix=""):
@@ -81,7 +89,9 @@ def test_tiny_pretraining_trains_saves_reloads_resumes_and_logs_usage(
         assert warnings == []
     # The validation's verdict in words, in the run's own log.
     verdict_line = next(line for line in first.stdout.splitlines() if "code usage on the validation subset" in line)
-    assert verdict_line.endswith(f"(update {FIRST_UPDATES}): " + verdict({k[len("valid_"):]: v for k, v in valid.items()}))
+    assert verdict_line.endswith(
+        f"(update {FIRST_UPDATES}): " + verdict({k[len("valid_") :]: v for k, v in valid.items()})
+    )
 
     # The checkpoint loads back through fairseq as the plugin's model.
     checkpoint = run_dir / "checkpoints" / "checkpoint_last.pt"
@@ -103,7 +113,9 @@ def test_tiny_pretraining_trains_saves_reloads_resumes_and_logs_usage(
     assert targets.shape[-1] == 2 and 0 <= int(targets.min()) and int(targets.max()) < 32
 
     # Resume from checkpoint_last.pt for one more update.
-    second = run_hydra_train(PRETRAINING, config_name, overrides + [f"optimization.max_update={FIRST_UPDATES + 1}"], run_dir)
+    second = run_hydra_train(
+        PRETRAINING, config_name, overrides + [f"optimization.max_update={FIRST_UPDATES + 1}"], run_dir
+    )
     assert f"@ {FIRST_UPDATES} updates" in second.stdout and "Loaded checkpoint" in second.stdout
     resumed = parse_json_log(second.stdout)
     assert [r["num_updates"] for r in records_of(resumed, "train_inner")] == [FIRST_UPDATES + 1]
@@ -116,9 +128,18 @@ def test_tiny_pretraining_trains_saves_reloads_resumes_and_logs_usage(
 @pytest.mark.slow
 def test_no_rows_warning_with_a_row_per_vertex_or_more(tiny_manifests, tmp_path):
     # K = 2: K * M = 64 neighbours per group, for about 180 masked frames a batch
-    result = run_hydra_train(PRETRAINING, "tiny_knn_ce", [
-        f"task.data={tiny_manifests}", "common.log_interval=1", "optimization.max_update=2", "model.knn_k=2",
-        "checkpoint.no_save=true"], tmp_path / "run")
+    result = run_hydra_train(
+        PRETRAINING,
+        "tiny_knn_ce",
+        [
+            f"task.data={tiny_manifests}",
+            "common.log_interval=1",
+            "optimization.max_update=2",
+            "model.knn_k=2",
+            "checkpoint.no_save=true",
+        ],
+        tmp_path / "run",
+    )
     updates = records_of(parse_json_log(result.stdout), "train_inner")
     assert len(updates) == 2
     for record in updates:
@@ -146,18 +167,30 @@ def test_two_cpu_workers_sum_their_logs_without_inflating_averages(tiny_manifest
 
     run_dir = tmp_path / "ddp"
     command = [
-        console_script("torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={_free_port()}", console_script("fairseq-hydra-train"),
-        "--config-dir", str(PRETRAINING), "--config-name", "tiny_knn_ce",
-        f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}", f"hydra.run.dir={run_dir}",
-        f"task.data={tiny_manifests}", "optimization.max_update=2", "common.log_interval=1",
-        "distributed_training.distributed_world_size=2", "distributed_training.distributed_backend=gloo",
-        "distributed_training.distributed_init_method=env://", "distributed_training.distributed_no_spawn=true",
+        console_script("torchrun"),
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        console_script("fairseq-hydra-train"),
+        "--config-dir",
+        str(PRETRAINING),
+        "--config-name",
+        "tiny_knn_ce",
+        f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}",
+        f"hydra.run.dir={run_dir}",
+        f"task.data={tiny_manifests}",
+        "optimization.max_update=2",
+        "common.log_interval=1",
+        "distributed_training.distributed_world_size=2",
+        "distributed_training.distributed_backend=gloo",
+        "distributed_training.distributed_init_method=env://",
+        "distributed_training.distributed_no_spawn=true",
         "distributed_training.distributed_rank=${oc.env:RANK}",
     ]
     env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            timeout=300, env=env, cwd=str(tmp_path))
+    result = subprocess.run(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, env=env, cwd=str(tmp_path)
+    )
     assert result.returncode == 0, result.stdout[-6000:]
     records = parse_json_log(result.stdout)
     updates = records_of(records, "train_inner")
@@ -184,17 +217,21 @@ def test_compare_script_writes_the_table_of_final_validation_metrics(tmp_path):
     out = tmp_path / "compare"
     env = dict(os.environ, OMP_NUM_THREADS="1", BIN=os.path.dirname(sys.executable), PYTHON=sys.executable)
     command = ["bash", str(REPO_ROOT / "examples" / "compare_pretraining.sh"), str(out), "1", "tiny_gumbel"]
-    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            timeout=300, env=env, cwd=str(tmp_path))
+    result = subprocess.run(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300, env=env, cwd=str(tmp_path)
+    )
     assert result.returncode == 0, result.stdout[-6000:]
     rows = (out / "comparison.md").read_text().splitlines()
     assert rows[0].startswith("| variant | updates | code usage | used codes | code perplexity")
     cells = [cell.strip() for cell in rows[2].strip("|").split("|")]
     assert cells[0] == "tiny_gumbel" and cells[1] == "1"
     assert all(math.isfinite(float(cell)) for cell in cells[1:])
-    assert 0 < float(cells[2]) <= 1 and float(cells[3]) == pytest.approx(float(cells[2]) * NUM_ENTRIES, abs=0.04)  # usage has 3 decimals
+    assert 0 < float(cells[2]) <= 1 and float(cells[3]) == pytest.approx(
+        float(cells[2]) * NUM_ENTRIES, abs=0.04
+    )  # usage has 3 decimals
 
     # A second run into the same folder would resume from its checkpoints: refused.
-    again = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                           timeout=60, env=env, cwd=str(tmp_path))
+    again = subprocess.run(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=60, env=env, cwd=str(tmp_path)
+    )
     assert again.returncode == 2 and "exists" in again.stdout

@@ -2,6 +2,7 @@
 warning from the plugin's own code and none of the known-harmless library warnings that
 fairseq_knnvq/quiet_logs.py silences (issue 22). The filters are exact: another warning
 of the same category still shows."""
+
 import os
 import re
 import subprocess
@@ -22,11 +23,25 @@ PLUGIN_WARNING = re.compile(re.escape(fairseq_knnvq.PLUGIN_DIR) + r"/\S+\.py:\d+
 @pytest.mark.slow
 def test_a_tiny_run_prints_no_plugin_warning_and_no_harmless_noise(tiny_manifests, tmp_path):
     result = subprocess.run(
-        [console_script("knnvq-train"), "--config-dir", str(CONFIG_DIR / "pretraining"), "--config-name",
-         "tiny_knn_ce", f"task.data={tiny_manifests}", "optimization.max_update=2", "common.log_interval=1",
-         "dataset.validate_interval_updates=2", f"hydra.run.dir={tmp_path / 'run'}"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=str(tmp_path))
+        [
+            console_script("knnvq-train"),
+            "--config-dir",
+            str(CONFIG_DIR / "pretraining"),
+            "--config-name",
+            "tiny_knn_ce",
+            f"task.data={tiny_manifests}",
+            "optimization.max_update=2",
+            "common.log_interval=1",
+            "dataset.validate_interval_updates=2",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        cwd=str(tmp_path),
+    )
     console = result.stdout
     assert result.returncode == 0, console[-4000:]
     records = parse_json_log(console)
@@ -46,8 +61,9 @@ def test_the_filters_leave_other_warnings_alone():
         quiet_logs.silence_harmless_warnings()
         warnings.warn("`torch.nn.utils.weight_norm` is deprecated in favor of ...", FutureWarning)
         warnings.warn("Using a non-tuple sequence for multidimensional indexing is deprecated", UserWarning)
-        warnings.warn("Converting a tensor with requires_grad=True to a scalar may lead to unexpected behavior.",
-                      UserWarning)
+        warnings.warn(
+            "Converting a tensor with requires_grad=True to a scalar may lead to unexpected behavior.", UserWarning
+        )
         warnings.warn("`torch.nn.utils.weight_norm` is deprecated", UserWarning)  # another category
     assert [(w.category, str(w.message)) for w in caught] == [
         (UserWarning, "Converting a tensor with requires_grad=True to a scalar may lead to unexpected behavior."),

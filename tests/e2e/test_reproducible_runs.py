@@ -3,6 +3,7 @@ draws its time masks from seeded generators (``model.seeded_masks``, on by defau
 two runs with one ``common.seed`` log identical validation records, another seed gives
 other numbers, and a run resumed from a checkpoint trains and validates as if never
 stopped."""
+
 import pytest
 import torch
 
@@ -77,9 +78,16 @@ def test_stock_masks_stay_available(tmp_path):
 
     def masks(seeded: bool):
         cfg = Wav2Vec2KnnVqConfig(
-            conv_feature_layers="[(32, 10, 5)] + [(32, 3, 2)] * 2", encoder_layers=1,
-            encoder_embed_dim=32, encoder_ffn_embed_dim=32, encoder_attention_heads=2,
-            final_dim=16, latent_vars=8, conv_pos=4, conv_pos_groups=4, seeded_masks=seeded,
+            conv_feature_layers="[(32, 10, 5)] + [(32, 3, 2)] * 2",
+            encoder_layers=1,
+            encoder_embed_dim=32,
+            encoder_ffn_embed_dim=32,
+            encoder_attention_heads=2,
+            final_dim=16,
+            latent_vars=8,
+            conv_pos=4,
+            conv_pos_groups=4,
+            seeded_masks=seeded,
         )
         model = Wav2Vec2KnnVqModel(cfg)
         drawn = []

@@ -13,18 +13,27 @@ hydra's submitit launcher, and fairseq starts its workers from SLURM's environme
   its checkpoint loads as the plugin's model.
 - A 2-task fine-tuning job from that checkpoint trains, validates (WER) and saves.
 """
+
 import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import pytest
 
 import fairseq  # noqa: F401  (before the plugin, so that it registers its fairseq parts)
 import fairseq_knnvq
 from cluster_runs import (
-    SAVE_EVERY, UPDATES, VALID, assert_same_weights, computed, finished, free_port, model_weights, popen,
+    SAVE_EVERY,
+    UPDATES,
+    VALID,
+    assert_same_weights,
+    computed,
+    finished,
+    free_port,
+    model_weights,
+    popen,
     pretraining_overrides,
 )
 from fairseq_run import CONFIG_DIR, console_script, last_record, parse_json_log
@@ -34,21 +43,32 @@ fairseq_knnvq.register_with_fairseq()
 FINETUNE_UPDATES = 4
 
 
-def submit_command(sweep: Path, group: str, config: str, run_config: str, partition: str,
-                   overrides: List[str]) -> List[str]:
+def submit_command(
+    sweep: Path, group: str, config: str, run_config: str, partition: str, overrides: List[str]
+) -> List[str]:
     """``fairseq-hydra-train -m`` with a shipped SLURM run config, sized for CPU tasks on
     the local SLURM: 2 tasks of 1 CPU, no GPU, a 10 minute limit. The job folder is
     ``sweep/0`` (the run configs' default folder name, made of the overrides, is longer
     than a file name may be with this many overrides)."""
     return [
-        console_script("fairseq-hydra-train"), "-m",
-        "--config-dir", str(CONFIG_DIR / group), "--config-name", config,
-        f"hydra.searchpath=[file://{CONFIG_DIR}]", f"+run_config={run_config}",
+        console_script("fairseq-hydra-train"),
+        "-m",
+        "--config-dir",
+        str(CONFIG_DIR / group),
+        "--config-name",
+        config,
+        f"hydra.searchpath=[file://{CONFIG_DIR}]",
+        f"+run_config={run_config}",
         f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}",
-        f"hydra.launcher.partition={partition}", "hydra.launcher.gpus_per_node=0",
-        "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=1",
-        "hydra.launcher.timeout_min=10", "optimization.update_freq=[1]",
-        f"distributed_training.distributed_port={free_port()}", f"hydra.sweep.dir={sweep}",
+        f"hydra.launcher.partition={partition}",
+        "hydra.launcher.gpus_per_node=0",
+        "hydra.launcher.tasks_per_node=2",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.mem_gb=1",
+        "hydra.launcher.timeout_min=10",
+        "optimization.update_freq=[1]",
+        f"distributed_training.distributed_port={free_port()}",
+        f"hydra.sweep.dir={sweep}",
         *overrides,
     ]
 
@@ -63,8 +83,9 @@ def job_ids(sweep: Path) -> List[str]:
 
 
 def sacct_state(job: str) -> str:
-    return subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job], stdout=subprocess.PIPE,
-                          text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["sacct", "-n", "-X", "-P", "-o", "State", "-j", job], stdout=subprocess.PIPE, text=True, check=True
+    ).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +98,9 @@ def pretraining_job(slurm, slurm_partition, prepared_data, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("slurm_pretraining")
     sweep = root / "sweep"
-    command = submit_command(sweep, "pretraining", "tiny_knn_ce", "slurm_1", slurm_partition,
-                             pretraining_overrides(prepared_data))
+    command = submit_command(
+        sweep, "pretraining", "tiny_knn_ce", "slurm_1", slurm_partition, pretraining_overrides(prepared_data)
+    )
     first = popen(command, root)
     checkpoints = sweep / "0" / "checkpoints"
     deadline = time.monotonic() + 300
@@ -90,14 +112,17 @@ def pretraining_job(slurm, slurm_partition, prepared_data, tmp_path_factory):
     subprocess.run(["scancel", job], check=True)
     # hydra's launcher learns of the cancel only at submitit's next sacct poll (up to a
     # minute): the test stops waiting for it once SLURM has ended the job.
-    while not sacct_state(job).startswith("CANCELLED") or subprocess.run(
-            ["squeue", "-h", "-j", job], stdout=subprocess.PIPE, text=True).stdout.strip():
+    while (
+        not sacct_state(job).startswith("CANCELLED")
+        or subprocess.run(["squeue", "-h", "-j", job], stdout=subprocess.PIPE, text=True).stdout.strip()
+    ):
         assert time.monotonic() < deadline, f"job {job} still {sacct_state(job)}"
         time.sleep(0.5)
     first.terminate()
     first.communicate(timeout=60)
-    stopped_at = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoints / "checkpoint_last.pt"))[
-        "optimizer_history"][-1]["num_updates"]
+    stopped_at = checkpoint_utils.load_checkpoint_to_cpu(str(checkpoints / "checkpoint_last.pt"))["optimizer_history"][
+        -1
+    ]["num_updates"]
 
     finished(popen(command, root), "the same command submitted again")
     logs = task_logs(sweep, 0)
@@ -120,7 +145,7 @@ def test_two_task_job_starts_from_slurm_and_trains_as_torchrun(pretraining_job, 
     assert [r["num_updates"] for r in train] == list(range(1, stopped_at + 1))
     assert all(r["knn_loss"] > 0.1 for r in train)
     assert train == computed(reference, "train_inner")[:stopped_at]
-    assert computed(before, VALID) == computed(reference, VALID)[:stopped_at // SAVE_EVERY] != []
+    assert computed(before, VALID) == computed(reference, VALID)[: stopped_at // SAVE_EVERY] != []
 
 
 @pytest.mark.slow
@@ -152,11 +177,21 @@ def test_cancelled_job_submitted_again_resumes_and_ends_with_the_uninterrupted_w
 def test_finetuning_job_from_the_slurm_checkpoint(pretraining_job, slurm_partition, prepared_data, tmp_path):
     _, _, _, pretrained = pretraining_job
     sweep = tmp_path / "sweep"
-    command = submit_command(sweep, "finetuning", "tiny", "slurm_finetune_1", slurm_partition, [
-        f"task.data={prepared_data}", f"model.w2v_path={pretrained}", f"optimization.max_update={FINETUNE_UPDATES}",
-        "common.log_interval=1", "distributed_training.distributed_world_size=2",
-        "distributed_training.distributed_backend=gloo",
-    ])
+    command = submit_command(
+        sweep,
+        "finetuning",
+        "tiny",
+        "slurm_finetune_1",
+        slurm_partition,
+        [
+            f"task.data={prepared_data}",
+            f"model.w2v_path={pretrained}",
+            f"optimization.max_update={FINETUNE_UPDATES}",
+            "common.log_interval=1",
+            "distributed_training.distributed_world_size=2",
+            "distributed_training.distributed_backend=gloo",
+        ],
+    )
     finished(popen(command, tmp_path), "fairseq-hydra-train -m +run_config=slurm_finetune_1")
     (log,) = task_logs(sweep, 0)
     records = parse_json_log(log.read_text())
@@ -170,7 +205,10 @@ def test_finetuning_job_from_the_slurm_checkpoint(pretraining_job, slurm_partiti
     models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([str(checkpoint)])
     assert cfg.model._name == "wav2vec_ctc" and cfg.model.w2v_path == str(pretrained)
     assert cfg.distributed_training.distributed_world_size == 2
-    assert checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))["optimizer_history"][-1]["num_updates"] == FINETUNE_UPDATES
+    assert (
+        checkpoint_utils.load_checkpoint_to_cpu(str(checkpoint))["optimizer_history"][-1]["num_updates"]
+        == FINETUNE_UPDATES
+    )
 
 
 @pytest.mark.parametrize("local_id, cuda, expected", [("1", False, "0"), ("0", False, "0"), ("1", True, "1")])

@@ -3,6 +3,7 @@ long one gets the encoder output it gets alone, for wav2vec 2.0's group-norm (th
 default, BASE) and layer-norm feature encoders. The reference is fairseq's own model on
 the utterance alone (no padding); without the plugin's per-utterance first block the
 group-norm model's output moves (the check that the test can fail)."""
+
 import pytest
 import torch
 

@@ -1,6 +1,7 @@
 """Every config in configs/ finds the plugin by itself: composed as fairseq-hydra-train
 composes it, without common.user_dir on the command line and without
 $FAIRSEQ_KNNVQ_USER_DIR, its common.user_dir is this plugin's folder."""
+
 import os
 import subprocess
 from pathlib import Path
@@ -69,9 +70,23 @@ def test_image_config_finds_the_plugin_through_the_real_command_line(tmp_path):
     """The real fairseq-hydra-train, from an unrelated working folder."""
     env = {k: v for k, v in os.environ.items() if k != "FAIRSEQ_KNNVQ_USER_DIR"}
     result = subprocess.run(
-        [console_script("fairseq-hydra-train"), "--config-dir", str(CONFIG_DIR / "image"),
-         "--config-name", "tiny_knn_ce", "task.data=/data", "--cfg", "job", "--resolve"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=300, env=env, cwd=str(tmp_path),
+        [
+            console_script("fairseq-hydra-train"),
+            "--config-dir",
+            str(CONFIG_DIR / "image"),
+            "--config-name",
+            "tiny_knn_ce",
+            "task.data=/data",
+            "--cfg",
+            "job",
+            "--resolve",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=str(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-3000:]
     cfg = yaml.safe_load(result.stdout)

@@ -1,6 +1,7 @@
 """Scoring a CTC model (fairseq_knnvq.evaluation.speech): greedy CTC collapsing, WER/CER
 against a brute-force edit distance, units to words as fairseq's CTC criterion does it.
 Decoding real fine-tuned checkpoints is in tests/e2e/test_finetuning_e2e.py."""
+
 import itertools
 import random
 

@@ -117,8 +117,18 @@ def trainer_level(rank):
     return {"knn": logged["knn_loss"], "y": calls[-1][0] if calls else None}
 
 
-IMAGE_MODEL = dict(channels=8, max_channels=16, num_res_blocks=1, code_dim=8, latent_vars=16,
-                   downsample_factor=4, smoothing="softmax", regularizer="knn", knn_k=K, knn_global=True)
+IMAGE_MODEL = dict(
+    channels=8,
+    max_channels=16,
+    num_res_blocks=1,
+    code_dim=8,
+    latent_vars=16,
+    downsample_factor=4,
+    smoothing="softmax",
+    regularizer="knn",
+    knn_k=K,
+    knn_global=True,
+)
 
 
 def build_image_model():

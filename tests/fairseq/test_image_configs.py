@@ -1,6 +1,7 @@
 """Every configs/image file composes the way fairseq-hydra-train composes it (the
 FairseqConfig schema stored under the config's name, then the defaults list) and sets
 the method and scale its name promises."""
+
 import glob
 import os
 
@@ -12,7 +13,9 @@ import fairseq_knnvq
 from fairseq.dataclass.initialize import add_defaults
 from test_config_user_dir import compose_like_fairseq_hydra_train
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "image")
+CONFIG_DIR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs", "image"
+)
 METHODS = {
     "ste": dict(quantizer="vqvae"),
     "gumbel": dict(quantizer="smoothed", smoothing="gumbel", regularizer="none"),
@@ -61,7 +64,7 @@ def test_config_composes_with_its_method_and_scale(name):
         assert cfg.common.cpu and not cfg.common.fp16 and cfg.dataset.num_workers == 0
         assert cfg.distributed_training.distributed_world_size == 1
     else:
-        f, m = SCALES[name[len("imagenet_"):-len(method) - 1]]
+        f, m = SCALES[name[len("imagenet_") : -len(method) - 1]]
         assert cfg.task.image_size == 256
         assert (cfg.model.downsample_factor, cfg.model.latent_vars) == (f, m)
         assert cfg.common.fp16 and cfg.distributed_training.distributed_world_size == 8

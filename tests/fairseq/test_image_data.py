@@ -1,5 +1,6 @@
 """The image folder dataset and the image_autoencoding task on real files written with
 Pillow: listing, decoding, crops, shuffling, unreadable files, missing splits."""
+
 import logging
 import os
 
@@ -232,28 +233,52 @@ def _grey(*values):
 # (file name, image, expected levels): every mode Pillow opens, with values whose 8-bit
 # RGB result is exact.
 IMAGE_MODES = {
-    "I;16": ("g16.png", lambda: Image.fromarray(np.array([[0, 257 * 128], [65535, 257 * 64]], np.uint16)),
-             _grey(0, 128, 255, 64)),
-    "I": ("g32.tif", lambda: Image.fromarray(np.array([[0, 65535], [70000, 257 * 10]], np.int32)),
-          _grey(0, 255, 255, 10)),
-    "F": ("f32.tif", lambda: Image.fromarray(np.array([[0.0, 0.2], [1.0, 2.0]], np.float32)),
-          _grey(0, 51, 255, 255)),
-    "P": ("pal.png", lambda: _palette_image([[0, 1], [2, 1]], [(10, 20, 30), (200, 0, 100), (0, 255, 0)]),
-          _levels((10, 20, 30), (200, 0, 100), (0, 255, 0), (200, 0, 100))),
-    "P+transparency": ("palt.png",
-                       lambda: _palette_image([[0, 1], [2, 1]], [(10, 20, 30), (200, 0, 100), (0, 0, 0)], 2),
-                       _levels((10, 20, 30), (200, 0, 100), (255, 255, 255), (200, 0, 100))),
-    "CMYK": ("cmyk.tif", lambda: Image.fromarray(
-        np.array([[[0, 0, 0, 0], [255, 0, 0, 0]], [[0, 255, 0, 0], [0, 0, 0, 255]]], np.uint8), "CMYK"),
-        _levels((255, 255, 255), (0, 255, 255), (255, 0, 255), (0, 0, 0))),
-    "RGBA": ("rgba.png", lambda: Image.fromarray(
-        np.array([[[10, 20, 30, 255], [10, 20, 30, 0]], [[0, 0, 0, 51], [200, 100, 0, 102]]], np.uint8), "RGBA"),
-        _levels((10, 20, 30), (255, 255, 255), (204, 204, 204), (233, 193, 153))),
-    "LA": ("la.png", lambda: Image.fromarray(np.array([[[0, 51], [100, 255]], [[7, 0], [255, 255]]], np.uint8), "LA"),
-           _grey(204, 100, 255, 255)),
+    "I;16": (
+        "g16.png",
+        lambda: Image.fromarray(np.array([[0, 257 * 128], [65535, 257 * 64]], np.uint16)),
+        _grey(0, 128, 255, 64),
+    ),
+    "I": (
+        "g32.tif",
+        lambda: Image.fromarray(np.array([[0, 65535], [70000, 257 * 10]], np.int32)),
+        _grey(0, 255, 255, 10),
+    ),
+    "F": ("f32.tif", lambda: Image.fromarray(np.array([[0.0, 0.2], [1.0, 2.0]], np.float32)), _grey(0, 51, 255, 255)),
+    "P": (
+        "pal.png",
+        lambda: _palette_image([[0, 1], [2, 1]], [(10, 20, 30), (200, 0, 100), (0, 255, 0)]),
+        _levels((10, 20, 30), (200, 0, 100), (0, 255, 0), (200, 0, 100)),
+    ),
+    "P+transparency": (
+        "palt.png",
+        lambda: _palette_image([[0, 1], [2, 1]], [(10, 20, 30), (200, 0, 100), (0, 0, 0)], 2),
+        _levels((10, 20, 30), (200, 0, 100), (255, 255, 255), (200, 0, 100)),
+    ),
+    "CMYK": (
+        "cmyk.tif",
+        lambda: Image.fromarray(
+            np.array([[[0, 0, 0, 0], [255, 0, 0, 0]], [[0, 255, 0, 0], [0, 0, 0, 255]]], np.uint8), "CMYK"
+        ),
+        _levels((255, 255, 255), (0, 255, 255), (255, 0, 255), (0, 0, 0)),
+    ),
+    "RGBA": (
+        "rgba.png",
+        lambda: Image.fromarray(
+            np.array([[[10, 20, 30, 255], [10, 20, 30, 0]], [[0, 0, 0, 51], [200, 100, 0, 102]]], np.uint8), "RGBA"
+        ),
+        _levels((10, 20, 30), (255, 255, 255), (204, 204, 204), (233, 193, 153)),
+    ),
+    "LA": (
+        "la.png",
+        lambda: Image.fromarray(np.array([[[0, 51], [100, 255]], [[7, 0], [255, 255]]], np.uint8), "LA"),
+        _grey(204, 100, 255, 255),
+    ),
     "L": ("l.png", lambda: Image.fromarray(np.array([[0, 7], [128, 255]], np.uint8), "L"), _grey(0, 7, 128, 255)),
-    "1": ("bw.png", lambda: Image.fromarray(np.array([[0, 255], [255, 0]], np.uint8), "L").convert("1"),
-          _grey(0, 255, 255, 0)),
+    "1": (
+        "bw.png",
+        lambda: Image.fromarray(np.array([[0, 255], [255, 0]], np.uint8), "L").convert("1"),
+        _grey(0, 255, 255, 0),
+    ),
 }
 
 

@@ -1,5 +1,6 @@
 """vq_image_autoencoder and image_vq_reconstruction in-process: shapes, losses, pooled
 metrics against brute force, summability across workers, the PNG grid."""
+
 import math
 import os
 

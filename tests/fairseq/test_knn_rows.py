@@ -2,6 +2,7 @@
 (BASE, 2 x 320 codes, K = 8) on one worker's batch of the recipe's size logs how many rows
 its KNN search saw, and warns, because one worker's batch has fewer rows than K * M (the
 reason the config picks neighbours over all workers)."""
+
 import logging
 
 import pytest
@@ -22,8 +23,9 @@ fairseq_knnvq.register_with_fairseq()
 def _variant(name):
     own = OmegaConf.load(CONFIG_DIR / "pretraining" / f"{name}.yaml")
     defaults = own.pop("defaults")
-    return OmegaConf.merge(*(own if d == "_self_" else OmegaConf.load(CONFIG_DIR / "pretraining" / f"{d}.yaml")
-                             for d in defaults))
+    return OmegaConf.merge(
+        *(own if d == "_self_" else OmegaConf.load(CONFIG_DIR / "pretraining" / f"{d}.yaml") for d in defaults)
+    )
 
 
 @pytest.mark.slow
@@ -31,8 +33,13 @@ def test_base_batch_logs_the_rows_its_knn_search_saw_and_warns(caplog):
     cfg = _variant("base_knn_ce")
     torch.manual_seed(0)
     model = Wav2Vec2KnnVqModel.build_model(merge_with_parent(Wav2Vec2KnnVqConfig(), cfg.model))
-    criterion = Wav2vecKnnVqCriterion(None, infonce=True, loss_weights=list(cfg.criterion.loss_weights),
-                                      knn_weight=cfg.criterion.knn_weight, knn_log_interval=1)
+    criterion = Wav2vecKnnVqCriterion(
+        None,
+        infonce=True,
+        loss_weights=list(cfg.criterion.loss_weights),
+        knn_weight=cfg.criterion.knn_weight,
+        knn_log_interval=1,
+    )
     # One worker's batch at the recipe's max_tokens: 5 crops of max_sample_size samples
     # (5 * 250,000 <= 1,400,000 < 6 * 250,000), as fairseq's batching by size makes them.
     max_tokens, crop = cfg.dataset.max_tokens, cfg.task.max_sample_size

@@ -1,5 +1,6 @@
 """Fine-tuning labels are checked against the dictionary before training (the same rule
 as knnvq-infer): units the dictionary lacks stop the run, naming file, lines and units."""
+
 from pathlib import Path
 
 import pytest
@@ -24,15 +25,17 @@ def test_find_unknown_units_lists_units_and_lines():
     assert found.line_numbers == (2, 4, 5) and found.num_lines == 5
     assert find_unknown_units(lines[:1] + lines[2:3], {"H", "E", "L", "O", "|", "A", "B"}) is None
     message = describe_unknown_units("x.ltr", found, "dict.ltr.txt")
-    assert message == ("x.ltr line 2 (and 2 more of its 5 lines: 4, 5) has units that dict.ltr.txt lacks: "
-                       "'1' '2' 'e' 'h' 'l' 'o' 'É'")
+    assert message == (
+        "x.ltr line 2 (and 2 more of its 5 lines: 4, 5) has units that dict.ltr.txt lacks: '1' '2' 'e' 'h' 'l' 'o' 'É'"
+    )
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     data = tmp_path_factory.mktemp("prepared")
-    prepare_librispeech.main([str(TINY_CORPUS), "--dest", str(data), "--split", "train=train",
-                              "--split", "dev=dev", "--no-progress"])
+    prepare_librispeech.main(
+        [str(TINY_CORPUS), "--dest", str(data), "--split", "train=train", "--split", "dev=dev", "--no-progress"]
+    )
     return data
 
 
@@ -60,10 +63,14 @@ def test_labels_outside_the_dictionary_stop_before_training(prepared, tmp_path):
         task_for(data).load_dataset("dev")
     message = str(raised.value)
     lowered = sorted({unit for unit in lines[2].split() if unit != unit.upper()})
-    assert message.startswith(f"{data / 'dev.ltr'} line 3 (and 1 more of its {len(lines)} lines: 7) has units that "
-                              f"{data / 'dict.ltr.txt'} lacks: ")
+    assert message.startswith(
+        f"{data / 'dev.ltr'} line 3 (and 1 more of its {len(lines)} lines: 7) has units that "
+        f"{data / 'dict.ltr.txt'} lacks: "
+    )
     unknown = sorted(set(lowered) | {"1", "É"})
-    shown = " ".join(repr(unit) for unit in unknown[:10]) + (f" ... ({len(unknown)} in all)" if len(unknown) > 10 else "")
+    shown = " ".join(repr(unit) for unit in unknown[:10]) + (
+        f" ... ({len(unknown)} in all)" if len(unknown) > 10 else ""
+    )
     assert f"lacks: {shown}. " in message
     assert "fairseq would train them as <unk>" in message and "knnvq-prepare-librispeech" in message
 
@@ -99,7 +106,7 @@ def test_w2v_path_that_is_not_a_pretraining_checkpoint_is_named(tmp_path):
         text: f"model.w2v_path {text} is not a checkpoint: neither a PyTorch zip archive nor a pickle; {fix}",
         no_cfg: f"model.w2v_path {no_cfg} is a PyTorch file but not a fairseq checkpoint",
         fine_tuned: f"model.w2v_path {fine_tuned} holds a 'wav2vec_ctc' model (e.g. an already fine-tuned or an "
-                    f"image model), not a wav2vec 2.0 pretraining checkpoint; {fix}",
+        f"image model), not a wav2vec 2.0 pretraining checkpoint; {fix}",
     }
     for path, expected in cases.items():
         with pytest.raises(PretrainedCheckpointError) as raised:

@@ -1,6 +1,7 @@
 """The one reader of fairseq's audio manifests (fairseq_knnvq.data.manifest.read_manifest):
 what Manifest.to_text writes reads back, lines are split as fairseq's FileAudioDataset
 splits them, and a file that is no manifest is refused with the line that is wrong."""
+
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,9 @@ from fairseq_knnvq.data.manifest import AudioEntry, Manifest, ManifestError, rea
 
 def test_round_trip_and_blank_lines(tmp_path: Path) -> None:
     root = tmp_path / "audio"
-    manifest = Manifest(root, (AudioEntry("a/1.flac", 16000, root / "a/1.flac"), AudioEntry("b 2.wav", 400, root / "b 2.wav")))
+    manifest = Manifest(
+        root, (AudioEntry("a/1.flac", 16000, root / "a/1.flac"), AudioEntry("b 2.wav", 400, root / "b 2.wav"))
+    )
     path = tmp_path / "train.tsv"
     path.write_text(manifest.to_text() + "\n\n", encoding="utf-8")
     assert read_manifest(path) == manifest
@@ -29,7 +32,11 @@ def test_an_empty_manifest_lists_no_files(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "text, reason",
-    [("", "the file is empty"), ("/root\na.flac\n", "line 2 is 'a.flac'"), ("/root\na.flac\t12\nb.flac\tx\n", "line 3 is 'b.flac\\tx'")],
+    [
+        ("", "the file is empty"),
+        ("/root\na.flac\n", "line 2 is 'a.flac'"),
+        ("/root\na.flac\t12\nb.flac\tx\n", "line 3 is 'b.flac\\tx'"),
+    ],
 )
 def test_what_is_no_manifest_is_named(tmp_path: Path, text: str, reason: str) -> None:
     path = tmp_path / "m.tsv"

@@ -17,6 +17,7 @@
 - ``fairseq-hydra-train`` with ``common.bf16=true`` on the CPU: 3 updates of the tiny
   pretraining, the KNN term in the logged loss with its weight.
 """
+
 import math
 
 import pytest
@@ -95,9 +96,7 @@ def quantizer_step(overrides, precision, smoothing="softmax"):
     """One training step of the quantizer: ``precision`` is float32, autocast (bf16
     autocast on the CPU), or a half dtype for the module and its input."""
     torch.manual_seed(0)
-    quantizer = SmoothedVectorQuantizer(
-        64, 32, TEMP, 2, False, 32, True, smoothing=smoothing, knn_k=4, **overrides
-    )
+    quantizer = SmoothedVectorQuantizer(64, 32, TEMP, 2, False, 32, True, smoothing=smoothing, knn_k=4, **overrides)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(4, 100, 64, generator=gen)
     upstream = torch.randn(4, 100, 32, generator=gen)
@@ -209,7 +208,8 @@ def test_half_precision_model_trains_the_brute_force_knn_loss(dtype):
 @pytest.mark.slow
 def test_fairseq_hydra_train_with_bf16_on_the_cpu(tiny_manifests, tmp_path):
     result = run_hydra_train(
-        CONFIG_DIR / "pretraining", "tiny_knn_ce",
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_ce",
         [f"task.data={tiny_manifests}", "common.bf16=true", "optimization.max_update=3", "common.log_interval=1"],
         run_dir=tmp_path / "run",
     )

@@ -1,5 +1,6 @@
 """Bad quantizer options of wav2vec2_knnvq stop before the model is built, naming the
 model.* option and a valid value."""
+
 import pytest
 
 import fairseq  # noqa: F401
@@ -11,9 +12,19 @@ from fairseq_knnvq.models.wav2vec2_knnvq import Wav2Vec2KnnVqConfig, Wav2Vec2Knn
 
 fairseq_knnvq.register_with_fairseq()
 
-SMALL = dict(conv_feature_layers="[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2", encoder_layers=1,
-             encoder_embed_dim=32, encoder_ffn_embed_dim=32, encoder_attention_heads=1, conv_pos=4,
-             conv_pos_groups=1, final_dim=16, latent_vars=8, latent_groups=2, quantize_targets=True)
+SMALL = dict(
+    conv_feature_layers="[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2",
+    encoder_layers=1,
+    encoder_embed_dim=32,
+    encoder_ffn_embed_dim=32,
+    encoder_attention_heads=1,
+    conv_pos=4,
+    conv_pos_groups=1,
+    final_dim=16,
+    latent_vars=8,
+    latent_groups=2,
+    quantize_targets=True,
+)
 
 
 def build(**options):
@@ -21,18 +32,29 @@ def build(**options):
     return Wav2Vec2KnnVqModel.build_model(cfg)
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(knn_k=0), "model.knn_k must be a positive integer (K, the smoothed vectors pulled towards each codebook "
-                    "vertex), got 0; e.g. model.knn_k=8"),
-    (dict(knn_k=-3), "model.knn_k must be a positive integer"),
-    (dict(latent_vars=0), "model.latent_vars must be an integer of at least 2 (codebook entries per group), got 0"),
-    (dict(latent_vars=1), "model.latent_vars must be an integer of at least 2 (codebook entries per group), got 1; "
-                          "e.g. model.latent_vars=320"),
-    (dict(latent_groups=0), "model.latent_groups must be a positive integer"),
-    (dict(latent_temp=[2.0, 0.5, 1.5]), "model.latent_temp (start, end, decay) needs start > 0, end > 0 and "
-                                        "0 < decay <= 1, got [2.0, 0.5, 1.5]"),
-    (dict(latent_temp=[0.0, 0.5, 0.9]), "needs start > 0"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (
+            dict(knn_k=0),
+            "model.knn_k must be a positive integer (K, the smoothed vectors pulled towards each codebook "
+            "vertex), got 0; e.g. model.knn_k=8",
+        ),
+        (dict(knn_k=-3), "model.knn_k must be a positive integer"),
+        (dict(latent_vars=0), "model.latent_vars must be an integer of at least 2 (codebook entries per group), got 0"),
+        (
+            dict(latent_vars=1),
+            "model.latent_vars must be an integer of at least 2 (codebook entries per group), got 1; "
+            "e.g. model.latent_vars=320",
+        ),
+        (dict(latent_groups=0), "model.latent_groups must be a positive integer"),
+        (
+            dict(latent_temp=[2.0, 0.5, 1.5]),
+            "model.latent_temp (start, end, decay) needs start > 0, end > 0 and 0 < decay <= 1, got [2.0, 0.5, 1.5]",
+        ),
+        (dict(latent_temp=[0.0, 0.5, 0.9]), "needs start > 0"),
+    ],
+)
 def test_bad_quantizer_option_is_named(options, message):
     with pytest.raises(ValueError) as raised:
         build(**options)

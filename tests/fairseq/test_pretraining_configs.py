@@ -1,6 +1,7 @@
 """The shipped pretraining and run configs: fairseq's BASE recipe except the quantizer,
 valid fields, the BASE model size, and run configs that keep the effective batch of 64
 GPUs and compose onto a pretraining config."""
+
 import pytest
 from omegaconf import OmegaConf
 
@@ -20,16 +21,23 @@ from fairseq_run import REPO_ROOT as REPO
 PRETRAINING_CONFIGS = REPO / "configs" / "pretraining"
 RUN_CONFIGS = REPO / "configs" / "run_config"
 STOCK_BASE_YAML = (
-    Path(fairseq.__file__).parent / "examples" / "wav2vec" / "config" / "pretraining"
-    / "wav2vec2_base_librispeech.yaml"
+    Path(fairseq.__file__).parent / "examples" / "wav2vec" / "config" / "pretraining" / "wav2vec2_base_librispeech.yaml"
 )
 
 # --- configs -------------------------------------------------------------------------
 
 QUANTIZER_KEYS = {
-    "common.user_dir", "criterion._name", "criterion.knn_weight", "model._name", "model.latent_groups",
-    "model.smoothing", "model.regularizer", "model.knn_k", "model.knn_distance",
-    "model.knn_input", "model.knn_global",
+    "common.user_dir",
+    "criterion._name",
+    "criterion.knn_weight",
+    "model._name",
+    "model.latent_groups",
+    "model.smoothing",
+    "model.regularizer",
+    "model.knn_k",
+    "model.knn_distance",
+    "model.knn_input",
+    "model.knn_global",
 }
 
 
@@ -49,7 +57,9 @@ def _files(path):
     list's order; fairseq's schema and the dataclass defaults are not added)."""
     own = OmegaConf.load(path)
     defaults = own.pop("defaults", ["_self_"])
-    return OmegaConf.merge(*(own if name == "_self_" else OmegaConf.load(path.parent / f"{name}.yaml") for name in defaults))
+    return OmegaConf.merge(
+        *(own if name == "_self_" else OmegaConf.load(path.parent / f"{name}.yaml") for name in defaults)
+    )
 
 
 def _load(path):
@@ -65,10 +75,10 @@ TINY_CONFIGS = _variants("tiny")
 
 
 def test_every_compared_variant_has_a_base_and_a_tiny_config():
-    names = {p.stem[len("base_"):] for p in BASE_CONFIGS}
+    names = {p.stem[len("base_") :] for p in BASE_CONFIGS}
     assert {"knn_ce", "knn_l2", "diversity", "gumbel", "ste"} <= names
     assert any(_load(p).get("model.latent_groups") == 1 for p in BASE_CONFIGS)
-    assert {p.stem[len("tiny_"):] for p in TINY_CONFIGS} == names
+    assert {p.stem[len("tiny_") :] for p in TINY_CONFIGS} == names
 
 
 @pytest.mark.parametrize("path", BASE_CONFIGS, ids=lambda p: p.stem)
@@ -132,9 +142,22 @@ def _compose(config_name, overrides, cfg_part="job"):
     from fairseq_run import console_script
 
     result = subprocess.run(
-        [console_script("fairseq-hydra-train"), "--config-dir", str(PRETRAINING_CONFIGS),
-         "--config-name", config_name, *overrides, "--cfg", cfg_part, "--resolve"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=120, cwd=str(REPO),
+        [
+            console_script("fairseq-hydra-train"),
+            "--config-dir",
+            str(PRETRAINING_CONFIGS),
+            "--config-name",
+            config_name,
+            *overrides,
+            "--cfg",
+            cfg_part,
+            "--resolve",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+        cwd=str(REPO),
     )
     assert result.returncode == 0, result.stderr[-4000:]
     return yaml.safe_load(result.stdout)
@@ -156,7 +179,9 @@ def test_slurm_run_configs_select_the_submitit_launcher(nodes):
         import hydra_plugins.hydra_submitit_launcher  # noqa: F401
     except ImportError:
         pytest.skip("hydra-submitit-launcher is not installed (pip install 'fairseq-knnvq[slurm]')")
-    cfg = _compose("base_knn_ce", ["hydra.searchpath=[file://configs]", f"+run_config=slurm_{nodes}", "task.data=/data"], "hydra")
+    cfg = _compose(
+        "base_knn_ce", ["hydra.searchpath=[file://configs]", f"+run_config=slurm_{nodes}", "task.data=/data"], "hydra"
+    )
     launcher = cfg["hydra"]["launcher"]
     assert launcher["_target_"].endswith("SlurmLauncher")
     assert launcher["nodes"] == nodes and launcher["tasks_per_node"] == 8

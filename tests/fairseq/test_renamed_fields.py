@@ -3,6 +3,7 @@
 ``temperature``) loads through fairseq as the same variant, with the same outputs, for
 pretraining, fine-tuning and images; fairseq would otherwise drop the unknown keys and
 build the default variant."""
+
 from pathlib import Path
 from typing import Any, Dict
 
@@ -27,7 +28,9 @@ def _config(group: str, name: str, overrides) -> Dict[str, Any]:
     fairseq_knnvq.register_with_fairseq()
     cfg = compose_like_fairseq_hydra_train(CONFIG_DIR / group, name, ["task.data=/data", *overrides])
     add_defaults(cfg)
-    job = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True, enum_to_str=True)
+    job = OmegaConf.to_container(
+        OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True, enum_to_str=True
+    )
     GlobalHydra.instance().clear()
     return job
 
@@ -39,13 +42,17 @@ def _save_with_old_names(path: Path, config: Dict[str, Any]):
     task = tasks.setup_task(OmegaConf.create(config["task"]))
     model = task.build_model(OmegaConf.create(config["model"]))
     renames = RENAMED_MODEL_FIELDS[config["model"]["_name"]]
-    old_model = {next((old for old, new in renames.items() if new == key), key): value for key, value in config["model"].items()}
+    old_model = {
+        next((old for old, new in renames.items() if new == key), key): value for key, value in config["model"].items()
+    }
     assert set(renames) <= set(old_model) and not set(renames.values()) & set(old_model)
     state = {
         "cfg": {**config, "model": old_model},
         "model": model.state_dict(),
         "args": None,
-        "optimizer_history": [{"criterion_name": "x", "optimizer_name": "x", "lr_scheduler_state": {}, "num_updates": 0}],
+        "optimizer_history": [
+            {"criterion_name": "x", "optimizer_name": "x", "lr_scheduler_state": {}, "num_updates": 0}
+        ],
         "extra_state": {"train_iterator": None},
         "last_optimizer_state": None,
     }
@@ -86,7 +93,11 @@ def test_old_image_checkpoint_loads_as_its_variant(tmp_path):
     saved = _save_with_old_names(path, config)
 
     (loaded,), _, _ = checkpoint_utils.load_model_ensemble_and_task([str(path)])
-    assert (loaded.cfg.latent_vars, loaded.cfg.latent_groups, list(loaded.cfg.latent_temp)) == (64, 2, [2.0, 0.5, 0.995])
+    assert (loaded.cfg.latent_vars, loaded.cfg.latent_groups, list(loaded.cfg.latent_temp)) == (
+        64,
+        2,
+        [2.0, 0.5, 0.995],
+    )
     assert loaded.quantizer.regularizer == "diversity"
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     expected, got = _outputs(saved, images), _outputs(loaded, images)
@@ -96,7 +107,9 @@ def test_old_image_checkpoint_loads_as_its_variant(tmp_path):
 
 def test_an_old_and_a_new_name_that_disagree_are_refused():
     cfg = OmegaConf.create({"_name": "wav2vec2_knnvq", "quantizer_regularizer": "diversity", "regularizer": "knn"})
-    with pytest.raises(ValueError, match="model.quantizer_regularizer .renamed model.regularizer in 0.2.0. is 'diversity'"):
+    with pytest.raises(
+        ValueError, match="model.quantizer_regularizer .renamed model.regularizer in 0.2.0. is 'diversity'"
+    ):
         rename_old_model_fields(cfg)
     same = OmegaConf.create({"_name": "wav2vec2_knnvq", "quantizer_regularizer": "knn", "regularizer": "knn"})
     rename_old_model_fields(same)

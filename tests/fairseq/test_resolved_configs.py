@@ -2,6 +2,7 @@
 configs were composed from one recipe file per scale: the snapshot in
 data/resolved_configs.json, with the field renames of 0.1.0 -> 0.2.0 applied to it through
 the one map below."""
+
 import json
 from pathlib import Path
 from typing import Any, Dict

@@ -3,6 +3,7 @@ its stale-lock detection, the options checked before training, torch's weights-o
 loading of fairseq checkpoints (old-style ones written by stock fairseq code load; a
 payload is refused, named, and never runs), and checkpoint copies that a failure cannot
 truncate. The same behaviour inside real runs is in tests/e2e/test_faults.py."""
+
 import argparse
 import logging
 import os
@@ -32,14 +33,22 @@ def lock(folder):
 
 
 def test_a_folder_in_use_is_refused_naming_the_process(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", f"""
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"""
 import sys, time
 sys.path[:0] = {sys.path!r}
 from fairseq_knnvq.folder_lock import FolderLock
 FolderLock({str(tmp_path)!r}, "run.lock", "training", "fix").acquire()
 print("held", flush=True)
 time.sleep(60)
-"""], stdout=subprocess.PIPE, text=True)
+""",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(FolderInUseError) as refused:
@@ -96,8 +105,12 @@ def test_stale_locks_are_taken_over(tmp_path, caplog, monkeypatch):
 
 
 def training_cfg(lr=(0.0005,), scheduler=None, max_update=100):
-    return OmegaConf.create({"optimization": {"lr": list(lr), "max_update": max_update},
-                             "lr_scheduler": scheduler or {"_name": "polynomial_decay"}})
+    return OmegaConf.create(
+        {
+            "optimization": {"lr": list(lr), "max_update": max_update},
+            "lr_scheduler": scheduler or {"_name": "polynomial_decay"},
+        }
+    )
 
 
 def test_learning_rate_must_be_positive():
@@ -118,7 +131,9 @@ def test_tri_stage_decay_phase_needs_an_update_as_fairseq_does():
         cfg = OmegaConf.structured(TriStageLRScheduleConfig(phase_ratio=ratios, max_update=max_update, lr=[0.01]))
         from fairseq.optim.sgd import SGD
 
-        optimizer = SGD(argparse.Namespace(lr=[0.01], momentum=0.0, weight_decay=0.0), [torch.nn.Parameter(torch.zeros(1))])
+        optimizer = SGD(
+            argparse.Namespace(lr=[0.01], momentum=0.0, weight_decay=0.0), [torch.nn.Parameter(torch.zeros(1))]
+        )
         try:
             TriStageLRSchedule(cfg, optimizer)
         except (ZeroDivisionError, AssertionError):  # 1 update: "please specify steps or phase_ratio"
@@ -130,8 +145,10 @@ def test_tri_stage_decay_phase_needs_an_update_as_fairseq_does():
         assert not fairseq_builds(max_update)
         with pytest.raises(RunFolderError) as refused:
             check_training_options(training_cfg(scheduler=scheduler, max_update=max_update))
-        assert "the tri_stage schedule needs at least one update in its decay phase: use " \
-               "optimization.max_update=4 or more" in str(refused.value)
+        assert (
+            "the tri_stage schedule needs at least one update in its decay phase: use "
+            "optimization.max_update=4 or more" in str(refused.value)
+        )
     assert fairseq_builds(4)
     check_training_options(training_cfg(scheduler=scheduler, max_update=4))
 
@@ -223,19 +240,27 @@ def test_identity_is_compared_only_when_the_folder_holds_checkpoints(tmp_path, m
     monkeypatch.setattr(HydraConfig.instance(), "cfg", None)
 
     def cfg(distance, data, max_update):
-        return OmegaConf.create({"task": {"_name": "audio_pretraining_knnvq", "data": data, "max_update": max_update},
-                                 "model": {"_name": "wav2vec2_knnvq", "knn_distance": distance},
-                                 "criterion": {"_name": "wav2vec_knnvq", "knn_log_interval": 10}})
+        return OmegaConf.create(
+            {
+                "task": {"_name": "audio_pretraining_knnvq", "data": data, "max_update": max_update},
+                "model": {"_name": "wav2vec2_knnvq", "knn_distance": distance},
+                "criterion": {"_name": "wav2vec_knnvq", "knn_log_interval": 10},
+            }
+        )
 
-    (tmp_path / "run.json").write_text(json.dumps({"config_name": "tiny_knn_ce", "identity": run_identity(cfg("ce", "/a", 8))}))
+    (tmp_path / "run.json").write_text(
+        json.dumps({"config_name": "tiny_knn_ce", "identity": run_identity(cfg("ce", "/a", 8))})
+    )
     check_same_run(tmp_path, cfg("l2", "/a", 8), None)  # no checkpoint: nothing to mix
     (tmp_path / "checkpoint_1_2.pt").write_bytes(b"")
     with pytest.raises(RunFolderError) as refused:
         check_same_run(tmp_path, cfg("l2", "/a", 8), None)
-    assert str(refused.value).startswith(f"{tmp_path} holds checkpoints of another run: tiny_knn_ce (from "
-                                         f"{tmp_path / 'run.json'}); this run is a run without a config name (not "
-                                         f"started by hydra). They differ in "
-                                         f"model.knn_distance: 'ce' there, 'l2' here. Give this run its own folder")
+    assert str(refused.value).startswith(
+        f"{tmp_path} holds checkpoints of another run: tiny_knn_ce (from "
+        f"{tmp_path / 'run.json'}); this run is a run without a config name (not "
+        f"started by hydra). They differ in "
+        f"model.knn_distance: 'ce' there, 'l2' here. Give this run its own folder"
+    )
     check_same_run(tmp_path, cfg("ce", "/moved/data", 20), None)  # a resume may move the data, train longer
 
 
@@ -255,7 +280,9 @@ def test_a_flipped_bit_is_found_although_torch_loads_the_file(tmp_path, caplog):
     flipped = torch.load(last, weights_only=True)["model"]["w"]
     assert not torch.equal(flipped, torch.arange(1000.0))  # torch took it
     message = damage_message(str(last))
-    assert message.startswith(f"{last} is damaged: its part ") and message.endswith("fails its CRC check (a disk or copy error)")
+    assert message.startswith(f"{last} is damaged: its part ") and message.endswith(
+        "fails its CRC check (a disk or copy error)"
+    )
     assert damage_message(str(intact)) is None
     with caplog.at_level(logging.WARNING):
         recover_unreadable_last(last)

@@ -3,6 +3,7 @@
 Real parts: the console scripts and ``fairseq-hydra-train`` on a copy of the shipped tiny
 corpus, one FLAC truncated (its header still promises every frame, so reading only the
 header accepts it) and others deleted after the manifests were written."""
+
 import shutil
 import subprocess
 from pathlib import Path
@@ -50,9 +51,21 @@ def codes(line: str) -> torch.Tensor:
 
 def prepare(corpus: Path, dest: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [console_script("knnvq-prepare-librispeech"), str(corpus), "--dest", str(dest),
-         "--split", "train=train", "--split", "valid=dev", "--no-progress"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+        [
+            console_script("knnvq-prepare-librispeech"),
+            str(corpus),
+            "--dest",
+            str(dest),
+            "--split",
+            "train=train",
+            "--split",
+            "valid=dev",
+            "--no-progress",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=300,
     )
 
 
@@ -70,8 +83,9 @@ def broken(tmp_path_factory):
     truncated = truncate(train[3])
     train[11].unlink()
     valid[5].unlink()
-    return dict(root=root, corpus=corpus, data=data, truncated=truncated, deleted_train=train[11],
-                deleted_valid=valid[5])
+    return dict(
+        root=root, corpus=corpus, data=data, truncated=truncated, deleted_train=train[11], deleted_valid=valid[5]
+    )
 
 
 def test_preparation_names_the_truncated_flac_and_writes_nothing(broken):
@@ -99,8 +113,9 @@ def test_wrapper_replaces_unreadable_items_by_the_next_readable_one(broken):
     # Labels move with their audio: the wrapper goes around AddTargetDataset.
     labels = (data / "train.ltr").read_text(encoding="utf-8").splitlines()
     encoded = [line.encode() for line in labels]  # what fairseq's task hands over
-    with_labels = ReplaceUnreadableDataset(AddTargetDataset(dataset, encoded, pad=0, eos=1, batch_targets=True,
-                                                            process_label=codes))
+    with_labels = ReplaceUnreadableDataset(
+        AddTargetDataset(dataset, encoded, pad=0, eos=1, batch_targets=True, process_label=codes)
+    )
     assert torch.equal(with_labels[3]["label"], codes(labels[4]))
     batch = with_labels.collater([with_labels[i] for i in (2, 3, 11)])
     assert batch["id"].tolist() == [2, 3, 11]
@@ -120,11 +135,18 @@ def test_pretraining_and_fine_tuning_keep_going_and_count_the_bad_files(broken, 
     data = broken["data"]
     bad_files = (broken["truncated"], broken["deleted_train"], broken["deleted_valid"])
     pretrain = run_hydra_train(
-        CONFIG_DIR / "pretraining", "tiny_knn_ce",
-        [f"task.data={data}", "optimization.max_epoch=2", "optimization.max_update=1000",
-         "common.log_interval=1", "dataset.num_workers=1",  # files are read in a worker process
-         f"checkpoint.save_dir={tmp_path / 'pretrain'}"],
-        run_dir=tmp_path / "pretrain_hydra", timeout=600,
+        CONFIG_DIR / "pretraining",
+        "tiny_knn_ce",
+        [
+            f"task.data={data}",
+            "optimization.max_epoch=2",
+            "optimization.max_update=1000",
+            "common.log_interval=1",
+            "dataset.num_workers=1",  # files are read in a worker process
+            f"checkpoint.save_dir={tmp_path / 'pretrain'}",
+        ],
+        run_dir=tmp_path / "pretrain_hydra",
+        timeout=600,
     )
     records = parse_json_log(pretrain.stdout)
     # Every epoch asks for each of the 20 training items once: 2 replaced per epoch.
@@ -138,11 +160,20 @@ def test_pretraining_and_fine_tuning_keep_going_and_count_the_bad_files(broken, 
     assert saved["optimizer_history"][-1]["num_updates"] == len(records_of(records, "train_inner"))
 
     finetune = run_hydra_train(
-        CONFIG_DIR / "finetuning", "tiny",
-        [f"task.data={data}", f"model.w2v_path={checkpoint}", "optimization.max_update=4",
-         "dataset.valid_subset=valid", "dataset.max_tokens=1000000", "dataset.validate_interval=1",
-         "common.log_interval=1", f"checkpoint.save_dir={tmp_path / 'finetune'}"],
-        run_dir=tmp_path / "finetune_hydra", timeout=600,
+        CONFIG_DIR / "finetuning",
+        "tiny",
+        [
+            f"task.data={data}",
+            f"model.w2v_path={checkpoint}",
+            "optimization.max_update=4",
+            "dataset.valid_subset=valid",
+            "dataset.max_tokens=1000000",
+            "dataset.validate_interval=1",
+            "common.log_interval=1",
+            f"checkpoint.save_dir={tmp_path / 'finetune'}",
+        ],
+        run_dir=tmp_path / "finetune_hydra",
+        timeout=600,
     )
     records = parse_json_log(finetune.stdout)
     # 1M frames hold all 20 files (padded): one update per epoch, 2 of its items replaced.
@@ -166,18 +197,37 @@ def test_two_workers_sum_the_count(broken, tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [
-        console_script("torchrun"), "--nproc_per_node=2", "--master_addr=127.0.0.1", f"--master_port={port}",
-        console_script("fairseq-hydra-train"), "--config-dir", str(CONFIG_DIR / "pretraining"),
-        "--config-name", "tiny_knn_ce", f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}",
-        f"hydra.run.dir={tmp_path / 'ddp'}", f"task.data={broken['data']}", "optimization.max_epoch=1",
-        "optimization.max_update=1000", "common.log_interval=1",
+        console_script("torchrun"),
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={port}",
+        console_script("fairseq-hydra-train"),
+        "--config-dir",
+        str(CONFIG_DIR / "pretraining"),
+        "--config-name",
+        "tiny_knn_ce",
+        f"common.user_dir={fairseq_knnvq.PLUGIN_DIR}",
+        f"hydra.run.dir={tmp_path / 'ddp'}",
+        f"task.data={broken['data']}",
+        "optimization.max_epoch=1",
+        "optimization.max_update=1000",
+        "common.log_interval=1",
         f"checkpoint.save_dir={tmp_path / 'checkpoints'}",
-        "distributed_training.distributed_world_size=2", "distributed_training.distributed_backend=gloo",
-        "distributed_training.distributed_init_method=env://", "distributed_training.distributed_no_spawn=true",
+        "distributed_training.distributed_world_size=2",
+        "distributed_training.distributed_backend=gloo",
+        "distributed_training.distributed_init_method=env://",
+        "distributed_training.distributed_no_spawn=true",
         "distributed_training.distributed_rank=${oc.env:RANK}",
     ]
-    result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=str(tmp_path))
+    result = subprocess.run(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+        cwd=str(tmp_path),
+    )
     assert result.returncode == 0, result.stdout[-6000:]
     records = parse_json_log(result.stdout)
     assert unreadable_counts(records, "train") == [2]

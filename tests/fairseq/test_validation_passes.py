@@ -10,6 +10,7 @@ fail with the task's ``can_reuse_epoch_itr`` override removed), and that the ima
 whose validation split is neither shuffled nor augmented, makes the same batches in
 every pass although its iterator is cached.
 """
+
 import json
 import logging
 
@@ -46,17 +47,27 @@ def build_trainer(manifests):
     cfg.dataset.skip_invalid_size_inputs_valid_test = True
     cfg.dataset.fixed_validation_seed = 7  # the same negatives in every pass
     cfg.distributed_training.ddp_backend = "legacy_ddp"
-    cfg.task = OmegaConf.structured(AudioPretrainingKnnvqConfig(
-        _name="audio_pretraining_knnvq", data=str(manifests), max_sample_size=MAX_SAMPLE_SIZE,
-        min_sample_size=8000, normalize=False,
-    ))
-    cfg.model = OmegaConf.structured(Wav2Vec2KnnVqConfig(
-        _name="wav2vec2_knnvq", **dict(TINY, regularizer="knn", smoothing="gumbel_hard", knn_k=4)
-    ))
-    cfg.criterion = OmegaConf.structured(Wav2VecKnnVqCriterionConfig(
-        _name="wav2vec_knnvq", infonce=True, loss_weights=[0.1, 10], knn_weight=0.1,
-        log_keys=["prob_perplexity", "code_perplexity", "temp"],
-    ))
+    cfg.task = OmegaConf.structured(
+        AudioPretrainingKnnvqConfig(
+            _name="audio_pretraining_knnvq",
+            data=str(manifests),
+            max_sample_size=MAX_SAMPLE_SIZE,
+            min_sample_size=8000,
+            normalize=False,
+        )
+    )
+    cfg.model = OmegaConf.structured(
+        Wav2Vec2KnnVqConfig(_name="wav2vec2_knnvq", **dict(TINY, regularizer="knn", smoothing="gumbel_hard", knn_k=4))
+    )
+    cfg.criterion = OmegaConf.structured(
+        Wav2VecKnnVqCriterionConfig(
+            _name="wav2vec_knnvq",
+            infonce=True,
+            loss_weights=[0.1, 10],
+            knn_weight=0.1,
+            log_keys=["prob_perplexity", "code_perplexity", "temp"],
+        )
+    )
     cfg.optimizer = OmegaConf.create({"_name": "adam"})
     cfg.lr_scheduler = OmegaConf.create({"_name": "fixed"})
     torch.manual_seed(cfg.common.seed)  # as fairseq does before it builds the task
@@ -81,11 +92,15 @@ def test_two_validation_passes_in_one_process_log_identical_records(tiny_manifes
         # torch seed, so the model counts its mask draws from 0 again.
         model._mask_calls = [None, 0]
         iterator = trainer.get_valid_iterator("valid")
-        batch_ids.append([batch["id"].tolist() for batch in iterator.next_epoch_itr(shuffle=False, set_dataset_epoch=False)])
+        batch_ids.append(
+            [batch["id"].tolist() for batch in iterator.next_epoch_itr(shuffle=False, set_dataset_epoch=False)]
+        )
         assert iterator.epoch == 1
         caplog.clear()
         validate(cfg, trainer, task, epoch_itr, ["valid"])
-        logged = [json.loads(r.getMessage()) for r in caplog.records if r.name == "valid" and r.getMessage().startswith("{")]
+        logged = [
+            json.loads(r.getMessage()) for r in caplog.records if r.name == "valid" and r.getMessage().startswith("{")
+        ]
         assert len(logged) == 1
         records.append({k: v for k, v in logged[0].items() if not k.endswith(TIMING_KEYS)})
 
@@ -102,8 +117,9 @@ def test_image_validation_batches_are_the_same_in_every_pass(tmp_path):
     from fairseq_knnvq.tasks.image_autoencoding import ImageAutoencodingConfig, ImageAutoencodingTask
 
     write_synthetic_image_folder(str(tmp_path), {"train": 4, "val": 7}, size=40, seed=3)
-    task = ImageAutoencodingTask(ImageAutoencodingConfig(data=str(tmp_path), image_size=32, seed=1,
-                                                         train_subset="train", max_update=1))
+    task = ImageAutoencodingTask(
+        ImageAutoencodingConfig(data=str(tmp_path), image_size=32, seed=1, train_subset="train", max_update=1)
+    )
     task.load_dataset("valid")
     passes = []
     for epoch in (1, 2):

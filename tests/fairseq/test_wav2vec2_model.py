@@ -1,6 +1,7 @@
 """wav2vec2_knnvq: parity with stock fairseq wav2vec 2.0 (weights, outputs, losses,
 gradients, padded batches), the KNN term of the masked frames, and padding kept out of
 the regulariser and the statistics."""
+
 import pytest
 import torch
 

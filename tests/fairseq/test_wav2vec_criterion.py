@@ -1,6 +1,7 @@
 """The wav2vec_knnvq criterion: the stock meaning of loss_weights plus knn_weight, both
 regularisers logged by name, and logged metrics that do not depend on how workers are
 synced (pooled usage over workers and over the whole validation subset)."""
+
 import pytest
 import torch
 
@@ -89,9 +90,10 @@ def test_logged_metrics_do_not_depend_on_how_workers_are_synced():
 
     gathered = _reduced(Wav2vecKnnVqCriterion.reduce_metrics, logs)
     summed = _reduced(Wav2vecKnnVqCriterion.reduce_metrics, _summed_like_fairseq(logs))
-    stock = _reduced(Wav2vecCriterion.reduce_metrics, [
-        {k: v for k, v in log.items() if k != COUNT_KEY and not k.startswith("_code_usage")} for log in logs
-    ])
+    stock = _reduced(
+        Wav2vecCriterion.reduce_metrics,
+        [{k: v for k, v in log.items() if k != COUNT_KEY and not k.startswith("_code_usage")} for log in logs],
+    )
     assert gathered.keys() == summed.keys()
     for key in gathered:
         assert summed[key] == pytest.approx(gathered[key], rel=1e-6, abs=1e-9), key
