@@ -50,27 +50,15 @@ from .verdict import COLLAPSED, FULL_USE, TIGHT, verdict  # noqa: F401 (the stud
 
 # Metrics reported by default, per task: usage, hard and soft perplexity side by side,
 # tightness, and the task's own measure.
-DEFAULT_METRICS = {
-    "speech": (
-        "code_usage",
-        "used_codes",
-        "used_codes_ceiling",
-        "pooled_code_perplexity",
-        "pooled_prob_perplexity",
-        "tightness_max_prob",
-        "accuracy",
-        "loss",
-    ),
-    "image": (
-        "code_usage",
-        "used_codes",
-        "used_codes_ceiling",
-        "pooled_code_perplexity",
-        "pooled_prob_perplexity",
-        "tightness_max_prob",
-        "psnr",
-    ),
-}
+USAGE_METRICS = (
+    "code_usage",
+    "used_codes",
+    "used_codes_ceiling",
+    "pooled_code_perplexity",
+    "pooled_prob_perplexity",
+    "tightness_max_prob",
+)
+DEFAULT_METRICS = {"speech": (*USAGE_METRICS, "accuracy", "loss"), "image": (*USAGE_METRICS, "psnr")}
 RESULT_FILE = "result.json"
 # The image task, whose data folder holds a folder (or a file list) per split.
 IMAGE_TASKS = ("image_autoencoding",)
