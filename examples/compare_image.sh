@@ -26,7 +26,7 @@ OUT=$(cd "$OUT" && pwd)
 
 if [ ! -d "$OUT/data/train" ]; then
   $PY -c "
-from fairseq_knnvq.data.image_folder import write_synthetic_image_folder
+from fairseq_knnvq.preparation.synthetic_images import write_synthetic_image_folder
 write_synthetic_image_folder('$OUT/data.tmp', {'train': 256, 'val': 64}, size=40, seed=0)
 "
   mv "$OUT/data.tmp" "$OUT/data"

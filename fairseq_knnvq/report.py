@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .data.manifest import ManifestError, read_manifest
+from .preparation.manifest import ManifestError, read_manifest
 from .files import atomic_path, atomic_write_text
 
 # Metrics plotted by default, in this order, with the axis label of each. The code
-# metrics are those of fairseq_knnvq.code_usage_logging (pooled over the log interval
+# metrics are those of fairseq_knnvq.criterions.usage_logging (pooled over the log interval
 # or the whole validation subset) and of fairseq's quantizer (per batch).
 DEFAULT_METRICS: Dict[str, str] = {
     "code_usage": "code usage (share of entries chosen)",

@@ -363,7 +363,7 @@ class Study:
     def nearest_fields(self, config: str, overrides: Sequence[str]) -> str:
         """For a compose failure: the overrides whose field the config lacks, with the
         nearest valid names (knnvq-train's check), as extra lines of the message."""
-        from .cli.train import override_problems
+        from .launch_checks import override_problems
 
         try:
             problems = override_problems(self.config_dir, config, overrides)

@@ -107,7 +107,7 @@ def prepare_speech(corpus: Path, data_dir: Path, progress: study.Progress) -> No
 
 
 def prepare_images(data_dir: Path, progress: study.Progress) -> None:
-    from fairseq_knnvq.data.image_folder import write_synthetic_image_folder
+    from fairseq_knnvq.preparation.synthetic_images import write_synthetic_image_folder
 
     progress(f"data: {sum(IMAGE_SPLITS.values())} generated {IMAGE_SIZE}x{IMAGE_SIZE} structured images -> {data_dir}")
     write_synthetic_image_folder(str(data_dir), IMAGE_SPLITS, size=IMAGE_SIZE, seed=0)

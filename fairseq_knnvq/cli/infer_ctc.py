@@ -60,8 +60,8 @@ from typing import Any, Sequence
 
 from fairseq_knnvq.cli.help_format import DefaultsHelpFormatter
 from fairseq_knnvq.cli.outputs import output_folder_problem
-from fairseq_knnvq.data.labels import describe_unknown_units, find_unknown_units
-from fairseq_knnvq.data.manifest import ManifestError, check_audio_files, list_problems, read_manifest
+from fairseq_knnvq.preparation.labels import describe_unknown_units, find_unknown_units
+from fairseq_knnvq.preparation.manifest import ManifestError, check_audio_files, list_problems, read_manifest
 from fairseq_knnvq.evaluation.beam_search import (
     BeamSearchError,
     BeamSearchOptions,

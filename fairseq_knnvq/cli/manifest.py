@@ -24,7 +24,7 @@ the same seeded train/valid split, plus what that script leaves to the user:
   rename: :mod:`fairseq_knnvq.files`), so an interrupted or failed run never leaves
   half a manifest behind.
 
-The work is done by :mod:`fairseq_knnvq.data.manifest`; the checks of ``--dest`` here are
+The work is done by :mod:`fairseq_knnvq.preparation.manifest`; the checks of ``--dest`` here are
 reused by ``knnvq-prepare-librispeech``.
 """
 
@@ -37,7 +37,7 @@ from typing import Mapping, Sequence
 
 from fairseq_knnvq.cli.help_format import DefaultsHelpFormatter
 from fairseq_knnvq.cli.outputs import output_folder_problem
-from fairseq_knnvq.data.manifest import (
+from fairseq_knnvq.preparation.manifest import (
     DEFAULT_SAMPLE_RATE,
     Manifest,
     ManifestError,

@@ -37,8 +37,8 @@ Every audio file is decoded to its end first (``--workers`` threads, as in
 run stops, naming the files, before anything is written. All outputs are written
 atomically, and a manifest of an earlier run left in ``--dest`` that shares audio with
 the training split stops the run too.
-The labels are made by :mod:`fairseq_knnvq.data.librispeech`, the manifests by
-:mod:`fairseq_knnvq.data.manifest`. Nothing here imports fairseq or torchaudio.
+The labels are made by :mod:`fairseq_knnvq.preparation.librispeech`, the manifests by
+:mod:`fairseq_knnvq.preparation.manifest`. Nothing here imports fairseq or torchaudio.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from fairseq_knnvq.cli.manifest import (
     refuse_stale_manifests,
     resample_folder,
 )
-from fairseq_knnvq.data.librispeech import (
+from fairseq_knnvq.preparation.librispeech import (
     LabelledSplit,
     PreparationError,
     attach_transcripts,
@@ -67,7 +67,7 @@ from fairseq_knnvq.data.librispeech import (
     letter_labels,
     train_sentencepiece,
 )
-from fairseq_knnvq.data.manifest import DEFAULT_SAMPLE_RATE, ManifestError, build_manifest
+from fairseq_knnvq.preparation.manifest import DEFAULT_SAMPLE_RATE, ManifestError, build_manifest
 from fairseq_knnvq.files import write_files_atomically
 
 UNIT_CHOICES = ("letter", "spm")

@@ -9,7 +9,7 @@ over all workers.
 Logged (every value is a sum, so logs are right across workers and over the whole
 validation subset): ``loss``, ``reconstruction_loss``, the quantizer's losses, ``temp``,
 ``mse`` and ``psnr`` derived from the pooled squared error, and the pooled codebook
-metrics of :mod:`fairseq_knnvq.code_usage_logging` (``code_usage``, ``used_codes``,
+metrics of :mod:`fairseq_knnvq.criterions.usage_logging` (``code_usage``, ``used_codes``,
 ``pooled_code_perplexity``, ``pooled_prob_perplexity``, ``tightness_*``).
 
 PSNR convention: images live in [-1, 1] (peak-to-peak 2) and the reconstruction is
@@ -35,8 +35,8 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
-from ..code_usage_logging import KNN_ROWS_KEYS, FewKnnRowsCheck, log_code_usage, usage_logging_output
-from ..evaluation.image_metrics import psnr_from_mse
+from .usage_logging import KNN_ROWS_KEYS, FewKnnRowsCheck, log_code_usage, usage_logging_output
+from ..image_metrics import psnr_from_mse
 from ..files import atomic_path
 
 logger = logging.getLogger(__name__)

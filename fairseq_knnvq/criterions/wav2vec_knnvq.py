@@ -9,7 +9,7 @@ extra losses); this class only supplies the weights and adds to the logging outp
   ``loss_weights: [0.1, 10]`` keep their meaning and the KNN term has its own weight;
 - ``knn_loss`` and ``diversity_loss`` (the unweighted regularisers, also for variants
   that do not train on them)
-  and the code usage sums of :mod:`fairseq_knnvq.code_usage_logging`, from which
+  and the code usage sums of :mod:`fairseq_knnvq.criterions.usage_logging`, from which
   ``code_usage``, ``used_codes``, ``pooled_code_perplexity``, ``pooled_prob_perplexity``,
   ``tightness_max_prob`` and ``tightness_vertex_l2`` are derived over all workers and,
   in validation, over the whole subset.
@@ -40,7 +40,7 @@ from fairseq.criterions import register_criterion
 from fairseq.criterions.wav2vec_criterion import Wav2vecCriterion, Wav2VecCriterionConfig
 from omegaconf import II
 
-from ..code_usage_logging import (
+from .usage_logging import (
     FewKnnRowsCheck,
     is_usage_key,
     knn_rows_logging_output,

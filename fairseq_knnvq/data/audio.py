@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from fairseq.data import BaseWrapperDataset, FairseqDataset, data_utils
 
-from .image_folder import MAX_REPLACEMENT_TRIES
+from .unreadable import MAX_REPLACEMENT_TRIES
 
 # Why an item whose audio decodes to NaN or inf samples is skipped like an unreadable one.
 NON_FINITE_REASON = "non-finite samples (NaN or inf)"

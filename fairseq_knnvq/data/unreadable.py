@@ -14,6 +14,9 @@ from typing import Sequence, Set
 
 logger = logging.getLogger(__name__)
 
+# How many following files (images, audio) to try before giving up on a run of unreadable ones.
+MAX_REPLACEMENT_TRIES = 32
+
 
 class UnreadableFileLog:
     """Warns once per unreadable file (``kind`` names what it is: "image", "audio file")."""

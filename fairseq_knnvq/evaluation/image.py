@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ..checkpoints import CheckpointError, load_model
-from .image_metrics import FeatureStats, InceptionFeatures, frechet_distance, psnr_from_mse, ssim
+from ..image_metrics import FeatureStats, InceptionFeatures, frechet_distance, psnr_from_mse, ssim
 
 logger = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import BaseFairseqModel, register_model
 
-from .. import dummy_batches
+from . import dummy_batches
 from ..preflight import RunConfigError
 from ..quantization import SmoothedVectorQuantizer, VQVAEQuantizer
 from .smoothed_quantizer_config import (
@@ -204,7 +204,7 @@ class VQImageAutoencoder(dummy_batches.MarksDummyBatches, BaseFairseqModel):
         """Quantizes a latent grid (B, C, h, w); ``x`` comes back in the same shape.
         ``is_dummy``: one of fairseq's dummy batches, whose positions the smoothed
         quantizer leaves out of its regulariser and statistics (an all-False mask; see
-        :class:`~fairseq_knnvq.dummy_batches.MarksDummyBatches`)."""
+        :class:`~fairseq_knnvq.models.dummy_batches.MarksDummyBatches`)."""
         bsz, chans, h, w = latents.shape
         positions = latents.flatten(2).transpose(1, 2)  # (B, h*w, C)
         if isinstance(self.quantizer, VQVAEQuantizer):

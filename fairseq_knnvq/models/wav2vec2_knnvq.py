@@ -27,7 +27,7 @@ from fairseq.data.data_utils import compute_mask_indices
 from fairseq.models import register_model
 from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 
-from .. import dummy_batches
+from . import dummy_batches
 from ..preflight import RunConfigError
 from ..quantization import SmoothedVectorQuantizer
 from .smoothed_quantizer_config import SmoothedQuantizerConfig, smoothed_quantizer_options

@@ -33,7 +33,7 @@ from fairseq.logging import metrics
 
 from ..checkpoint_safety import describe_load_error
 from ..data.audio import ReplaceUnreadableDataset
-from ..data.labels import describe_unknown_units, find_unknown_units
+from ..preparation.labels import describe_unknown_units, find_unknown_units
 from ..data.unreadable import UnreadableFileLog
 from ..preflight import RunConfigError, missing_manifest_split
 from .finished_run import MAX_UPDATE_HELP, StopWhenFinishedMixin

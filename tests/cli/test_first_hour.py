@@ -38,30 +38,25 @@ def assert_one_message(result: subprocess.CompletedProcess, message: str) -> Non
     assert "Traceback" not in output, output[-3000:]
 
 
+def prepare_tiny_corpus(dest: Path, *splits: str) -> Path:
+    from fairseq_knnvq.cli import prepare_librispeech
+
+    argv = [str(TINY_CORPUS), "--dest", str(dest), "--no-progress", "--workers", "1"]
+    prepare_librispeech.main(argv + [arg for split in splits for arg in ("--split", split)])
+    return dest
+
+
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
     """The tiny corpus prepared under the corpus's own folder names: train, dev and test
     (no valid.tsv, the split the shipped tiny configs validate on)."""
-    from fairseq_knnvq.cli import prepare_librispeech
+    return prepare_tiny_corpus(tmp_path_factory.mktemp("prepared"), "train=train", "dev=dev", "test=test")
 
-    dest = tmp_path_factory.mktemp("prepared")
-    prepare_librispeech.main(
-        [
-            str(TINY_CORPUS),
-            "--dest",
-            str(dest),
-            "--split",
-            "train=train",
-            "--split",
-            "dev=dev",
-            "--split",
-            "test=test",
-            "--no-progress",
-            "--workers",
-            "1",
-        ]
-    )
-    return dest
+
+@pytest.fixture(scope="module")
+def prepared_as_documented(tmp_path_factory) -> Path:
+    """The tiny corpus as the README prepares it: train, valid (its dev/) and test."""
+    return prepare_tiny_corpus(tmp_path_factory.mktemp("documented"), "train=train", "valid=dev", "test=test")
 
 
 # -- config names and fields ------------------------------------------------------------
@@ -196,7 +191,8 @@ def test_missing_split_messages():
     )
 
 
-def test_a_bad_w2v_path_is_one_message(prepared, tmp_path):
+def test_a_bad_w2v_path_is_one_message(prepared_as_documented, tmp_path):
+    prepared = prepared_as_documented
     result = launch(
         "knnvq-train",
         [
@@ -459,7 +455,7 @@ def test_a_bad_model_option_is_one_message(tmp_path):
 
 
 def test_only_the_plugins_own_raise_statements_count_as_its_checks():
-    from fairseq_knnvq.cli.train import raised_by_plugin_check
+    from fairseq_knnvq.launch_checks import raised_by_plugin_check
     from fairseq_knnvq.criterions.wav2vec_knnvq import Wav2vecKnnVqCriterion
 
     with pytest.raises(ValueError) as plugin_check:

@@ -1,5 +1,5 @@
 """Tests of ``knnvq-manifest`` (fairseq_knnvq.cli.manifest) and the manifest building of
-fairseq_knnvq.data.manifest on real audio files."""
+fairseq_knnvq.preparation.manifest on real audio files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 import soundfile
 
 from fairseq_knnvq.cli import manifest as manifest_cli
-from fairseq_knnvq.data.manifest import (
+from fairseq_knnvq.preparation.manifest import (
     ManifestError,
     build_manifest,
     check_audio_files,

@@ -12,7 +12,7 @@ import soundfile
 import yaml
 
 from fairseq_knnvq.cli import prepare_librispeech as prepare_cli
-from fairseq_knnvq.data.librispeech import letter_labels
+from fairseq_knnvq.preparation.librispeech import letter_labels
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_CORPUS = REPO_ROOT / "examples" / "tiny_corpus" / "LibriSpeech"

@@ -21,7 +21,7 @@ from fairseq.logging import progress_bar
 
 from fairseq_knnvq import report
 from fairseq_knnvq.cli import report as report_cli
-from fairseq_knnvq.data.manifest import read_manifest
+from fairseq_knnvq.preparation.manifest import read_manifest
 
 HYDRA_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # hydra/job_logging/default
 FAIRSEQ_TRAIN_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"  # fairseq_cli/train.py

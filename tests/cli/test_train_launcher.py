@@ -263,13 +263,13 @@ def test_every_shipped_config_composes_under_the_typed_schema(path):
 
     import fairseq  # noqa: F401
     import fairseq_knnvq
-    from fairseq_knnvq.cli import train
+    from fairseq_knnvq import launch_checks
 
     fairseq_knnvq.register_with_fairseq()
-    names, in_defaults = train.read_primary(path)
+    names, in_defaults = launch_checks.read_primary(path)
     overrides = ["task.data=/data"] + (["model.w2v_path=/w2v.pt"] if path.parent.name == "finetuning" else [])
-    _, chosen = train.rewrite_overrides(overrides, overrides, names, in_defaults)
-    typed = train.store_schema(path.stem, chosen)
+    _, chosen = launch_checks.rewrite_overrides(overrides, overrides, names, in_defaults)
+    typed = launch_checks.store_schema(path.stem, chosen)
     assert {"task", "model", "criterion"} <= set(typed)
     GlobalHydra.instance().clear()
     try:
@@ -284,7 +284,7 @@ def test_every_shipped_config_composes_under_the_typed_schema(path):
         ConfigStore.instance().repo.pop(f"{path.stem}.yaml", None)
     raw = yaml.safe_load(path.read_text())
     for group in typed:
-        dataclass = train.dataclass_registry(group)[chosen[group]]
+        dataclass = launch_checks.dataclass_registry(group)[chosen[group]]
         assert {field.name for field in dataclass.__dataclass_fields__.values()} <= set(cfg[group].keys()), group
         for key, value in (raw.get(group) or {}).items():  # this file's own values (not its defaults')
             if isinstance(value, str) and "${" in value:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from fairseq_knnvq import PLUGIN_DIR
-from fairseq_knnvq.data.image_folder import write_synthetic_image_folder
+from fairseq_knnvq.preparation.synthetic_images import write_synthetic_image_folder
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG_DIR = os.path.join(REPO, "configs", "image")

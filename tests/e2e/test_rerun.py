@@ -8,7 +8,7 @@ import pytest
 
 import fairseq  # noqa: F401
 import fairseq_knnvq
-from fairseq_knnvq.data.image_folder import write_synthetic_image_folder
+from fairseq_knnvq.preparation.synthetic_images import write_synthetic_image_folder
 from fairseq_run import CONFIG_DIR, parse_json_log, records_of, run_hydra_train
 
 fairseq_knnvq.register_with_fairseq()

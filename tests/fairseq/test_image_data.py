@@ -18,8 +18,8 @@ from fairseq_knnvq.data.image_folder import (
     UnreadableImageLog,
     find_split,
     list_image_folder,
-    write_synthetic_image_folder,
 )
+from fairseq_knnvq.preparation.synthetic_images import write_synthetic_image_folder
 from fairseq_knnvq.tasks.image_autoencoding import ImageAutoencodingConfig, ImageAutoencodingTask
 
 

@@ -47,7 +47,7 @@ def test_base_batch_logs_the_rows_its_knn_search_saw_and_warns(caplog):
     sample = {"id": torch.arange(clips), "net_input": {"source": 0.1 * torch.randn(clips, crop)}}
     model.train()
     k, entries = cfg.model.knn_k, 320
-    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="fairseq_knnvq.code_usage_logging"):
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="fairseq_knnvq.criterions.usage_logging"):
         _, sample_size, log = criterion(model, sample)
     # The rows the search saw are the masked frames that fairseq counts (sample_size: the
     # InfoNCE targets), counted here by fairseq's own code, not by the quantizer.

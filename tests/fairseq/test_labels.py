@@ -11,7 +11,7 @@ import fairseq_knnvq
 from fairseq.tasks.audio_finetuning import AudioFinetuningConfig
 
 from fairseq_knnvq.cli import prepare_librispeech
-from fairseq_knnvq.data.labels import describe_unknown_units, find_unknown_units
+from fairseq_knnvq.preparation.labels import describe_unknown_units, find_unknown_units
 from fairseq_knnvq.tasks.audio_resilient import AudioFinetuningKnnvqTask, LabelError
 from fairseq_run import TINY_CORPUS
 

@@ -1,4 +1,4 @@
-"""The one reader of fairseq's audio manifests (fairseq_knnvq.data.manifest.read_manifest):
+"""The one reader of fairseq's audio manifests (fairseq_knnvq.preparation.manifest.read_manifest):
 what Manifest.to_text writes reads back, lines are split as fairseq's FileAudioDataset
 splits them, and a file that is no manifest is refused with the line that is wrong."""
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fairseq_knnvq.data.manifest import AudioEntry, Manifest, ManifestError, read_manifest
+from fairseq_knnvq.preparation.manifest import AudioEntry, Manifest, ManifestError, read_manifest
 
 
 def test_round_trip_and_blank_lines(tmp_path: Path) -> None:

@@ -113,7 +113,7 @@ def test_two_validation_passes_in_one_process_log_identical_records(tiny_manifes
 def test_image_validation_batches_are_the_same_in_every_pass(tmp_path):
     """The image task keeps fairseq's cached iterator: its validation split is in file
     order and centre-cropped, so the advancing epoch changes nothing."""
-    from fairseq_knnvq.data.image_folder import write_synthetic_image_folder
+    from fairseq_knnvq.preparation.synthetic_images import write_synthetic_image_folder
     from fairseq_knnvq.tasks.image_autoencoding import ImageAutoencodingConfig, ImageAutoencodingTask
 
     write_synthetic_image_folder(str(tmp_path), {"train": 4, "val": 7}, size=40, seed=3)

@@ -1,4 +1,4 @@
-"""The image metrics (fairseq_knnvq.evaluation.image_metrics): SSIM against an
+"""The image metrics (fairseq_knnvq.image_metrics): SSIM against an
 independent scipy implementation, the Frechet distance against its closed form, and the
 rFID feature path with a real TorchScript module."""
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from fairseq_knnvq.evaluation.image_metrics import FeatureStats, InceptionFeatures, frechet_distance, ssim
+from fairseq_knnvq.image_metrics import FeatureStats, InceptionFeatures, frechet_distance, ssim
 
 
 def scipy_ssim(x: np.ndarray, y: np.ndarray, data_range: float) -> float:

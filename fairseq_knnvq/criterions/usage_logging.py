@@ -22,7 +22,7 @@ import torch
 
 from fairseq.logging import metrics
 
-from .quantization import CodeUsage, codebook_stats
+from ..quantization import CodeUsage, codebook_stats
 
 USAGE_KEY_PREFIX = "_code_usage_"
 _USAGE_KEY = re.compile(r"^_code_usage_(\d+)x(\d+)$")
