@@ -160,7 +160,6 @@ class ImageVQReconstructionCriterion(FairseqCriterion):
                 "ntokens": bsz,
                 "_sq_err": utils.item(clamped_err.sum()),
                 "_num_values": clamped_err.numel(),
-                "unreadable_images": len(sample.get("unreadable", ())),
             }
         )
         logging_output.update(usage_logging_output(net_output["usage_sums"]))
@@ -213,9 +212,6 @@ class ImageVQReconstructionCriterion(FairseqCriterion):
         metrics.log_derived(
             "psnr", lambda m: round(psnr_from_mse(m["_sq_err"].sum / max(1.0, m["_num_values"].sum)), 3)
         )
-        unreadable = total("unreadable_images")
-        if unreadable:
-            metrics.log_scalar_sum("unreadable_images", unreadable, round=0)
         log_code_usage(logging_outputs)
 
     @staticmethod

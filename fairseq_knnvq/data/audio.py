@@ -17,7 +17,7 @@ The wrapper also seeds the random crops of fairseq's collater (clips longer than
 ``max_sample_size``) from the run's seed, the batch's items and, for training splits,
 the epoch, so that a resumed run crops what the uninterrupted run cropped. Validation
 crops do not depend on the epoch, and the audio tasks give every validation pass a
-fresh iterator at epoch 1 (:mod:`fairseq_knnvq.tasks.audio_resilient`), so every pass
+fresh iterator at epoch 1 (:mod:`fairseq_knnvq.tasks.audio_data`), so every pass
 makes the same batches and crops them the same way.
 """
 

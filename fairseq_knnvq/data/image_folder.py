@@ -13,7 +13,7 @@ replaced by the next readable image of the split (training and validation: batch
 keep their size, which the KNN loss depends on) or dropped (evaluation: every image
 counts once). Either way the batch carries ``unreadable``: the files and the reasons,
 so that the main process can warn once per file and count them, also when the
-loading runs in data-loader worker processes (see :class:`UnreadableImageLog`).
+loading runs in data-loader worker processes (see :mod:`fairseq_knnvq.tasks.unreadable_files`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from PIL import Image
 
 from fairseq.data import FairseqDataset
 
-from .unreadable import MAX_REPLACEMENT_TRIES, UnreadableFileLog
+from .unreadable import MAX_REPLACEMENT_TRIES
 
 logger = logging.getLogger(__name__)
 
@@ -281,10 +281,3 @@ class ImageFolderDataset(FairseqDataset):
     @property
     def supports_prefetch(self) -> bool:
         return False
-
-
-class UnreadableImageLog(UnreadableFileLog):
-    """Warns once per unreadable image file and counts them (in the process that trains)."""
-
-    def __init__(self):
-        super().__init__("image")

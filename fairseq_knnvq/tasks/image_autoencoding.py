@@ -14,10 +14,11 @@ from omegaconf import II, MISSING
 from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 
-from ..data.image_folder import ImageFolderDataset, UnreadableImageLog, find_split
+from ..data.image_folder import ImageFolderDataset, find_split
 from .finished_run import MAX_UPDATE_HELP, StopWhenFinishedMixin
 from .renamed_fields import RenameOldModelFieldsMixin
 from .run_folder import GuardedRunMixin
+from .unreadable_files import CountUnreadableFilesMixin
 from .usage_verdict import LogUsageVerdictMixin
 
 logger = logging.getLogger(__name__)
@@ -62,16 +63,20 @@ class ImageAutoencodingConfig(FairseqDataclass):
 
 @register_task("image_autoencoding", dataclass=ImageAutoencodingConfig)
 class ImageAutoencodingTask(
-    RenameOldModelFieldsMixin, LogUsageVerdictMixin, GuardedRunMixin, StopWhenFinishedMixin, FairseqTask
+    RenameOldModelFieldsMixin,
+    LogUsageVerdictMixin,
+    GuardedRunMixin,
+    StopWhenFinishedMixin,
+    CountUnreadableFilesMixin,
+    FairseqTask,
 ):
-    """A model config with the 0.1.0 field names is renamed before fairseq reads it
-    (:mod:`fairseq_knnvq.tasks.renamed_fields`)."""
+    """Unreadable images are replaced by the next readable one, warned about once and
+    counted (:mod:`fairseq_knnvq.tasks.unreadable_files`); a model config with the 0.1.0
+    field names is renamed before fairseq reads it (:mod:`fairseq_knnvq.tasks.renamed_fields`)."""
+
+    unreadable_kind = "image"
 
     cfg: ImageAutoencodingConfig
-
-    def __init__(self, cfg: ImageAutoencodingConfig):
-        super().__init__(cfg)
-        self.unreadable = UnreadableImageLog()
 
     @classmethod
     def setup_task(cls, cfg: ImageAutoencodingConfig, **kwargs):
@@ -97,26 +102,6 @@ class ImageAutoencodingTask(
                 "image_autoencoding needs a batch size: set dataset.batch_size (images per batch and worker)"
             )
         return super().get_batch_iterator(dataset, max_tokens=max_tokens, max_sentences=max_sentences, **kwargs)
-
-    def _note_unreadable(self, sample) -> None:
-        if sample and sample.get("unreadable"):
-            self.unreadable.note(sample["unreadable"])
-
-    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        self._note_unreadable(sample)
-        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
-
-    def valid_step(self, sample, model, criterion):
-        self._note_unreadable(sample)
-        return super().valid_step(sample, model, criterion)
-
-    def begin_epoch(self, epoch, model):
-        super().begin_epoch(epoch, model)
-        if len(self.unreadable):
-            logger.warning(
-                f"{len(self.unreadable)} unreadable image file(s) skipped so far "
-                f"(replaced by the next readable image of their split)"
-            )
 
     def max_positions(self):
         return None

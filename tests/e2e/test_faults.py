@@ -279,7 +279,7 @@ def test_nan_audio_and_a_wrong_frame_count_are_skipped_and_counted(tiny_manifest
         == 1
     )
     train = records_of(parse_json_log(result.stdout), "train")
-    assert [int(r["train_unreadable_audio"]) for r in train] == [2]  # one epoch asks for each item once
+    assert [int(r["train_unreadable_files"]) for r in train] == [2]  # one epoch asks for each item once
     assert np.isfinite(float(train[0]["train_loss"]))
 
 

@@ -105,7 +105,7 @@ def test_tiny_config_trains_writes_grids_and_reloads(config, data_root, tmp_path
     bad = os.path.join(data_root, "train", "shapes", "corrupt.JPEG")
     assert log.count(f"skipping unreadable image {bad}") == 1
     epochs = json_logs(log, "train")
-    assert sum(float(e.get("train_unreadable_images", 0)) for e in epochs) >= 1
+    assert sum(float(e.get("train_unreadable_files", 0)) for e in epochs) >= 1
 
     # One grid per validation, named by the update, originals above reconstructions.
     for update in (VALIDATE_EVERY, MAX_UPDATE):

@@ -246,7 +246,7 @@ def test_image_mark_lasts_one_forward_call():
 def test_trainer_hook_is_installed_once():
     from fairseq.trainer import Trainer
 
-    from fairseq_knnvq import dummy_batches
+    from fairseq_knnvq.models import dummy_batches
 
     hooked = Trainer._prepare_sample
     assert getattr(hooked, dummy_batches._INSTALLED, False)

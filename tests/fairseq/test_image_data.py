@@ -15,10 +15,10 @@ from fairseq.data import data_utils
 
 from fairseq_knnvq.data.image_folder import (
     ImageFolderDataset,
-    UnreadableImageLog,
     find_split,
     list_image_folder,
 )
+from fairseq_knnvq.data.unreadable import UnreadableFileLog
 from fairseq_knnvq.preparation.synthetic_images import write_synthetic_image_folder
 from fairseq_knnvq.tasks.image_autoencoding import ImageAutoencodingConfig, ImageAutoencodingTask
 
@@ -144,7 +144,7 @@ def test_unreadable_image_is_replaced_in_training_and_dropped_in_evaluation(imag
 
 
 def test_unreadable_log_warns_once_per_file(caplog):
-    log = UnreadableImageLog()
+    log = UnreadableFileLog("image")
     with caplog.at_level(logging.WARNING):
         log.note([("/data/a.JPEG", "OSError: broken")])
         log.note([("/data/a.JPEG", "OSError: broken"), ("/data/b.JPEG", "OSError: broken")])

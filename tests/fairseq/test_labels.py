@@ -12,7 +12,7 @@ from fairseq.tasks.audio_finetuning import AudioFinetuningConfig
 
 from fairseq_knnvq.cli import prepare_librispeech
 from fairseq_knnvq.preparation.labels import describe_unknown_units, find_unknown_units
-from fairseq_knnvq.tasks.audio_resilient import AudioFinetuningKnnvqTask, LabelError
+from fairseq_knnvq.tasks.audio_finetuning_knnvq import AudioFinetuningKnnvqTask, LabelError
 from fairseq_run import TINY_CORPUS
 
 fairseq_knnvq.register_with_fairseq()
@@ -86,7 +86,7 @@ def test_w2v_path_that_is_not_a_pretraining_checkpoint_is_named(tmp_path):
 
     import torch
 
-    from fairseq_knnvq.tasks.audio_resilient import PretrainedCheckpointError, check_pretrained_checkpoint
+    from fairseq_knnvq.tasks.pretrained_checkpoint import PretrainedCheckpointError, check_pretrained_checkpoint
 
     fix = "give model.w2v_path the checkpoint_last.pt or checkpoint_best.pt of a pretraining run (configs/pretraining)"
     missing = tmp_path / "missing.pt"

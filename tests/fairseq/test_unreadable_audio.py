@@ -124,7 +124,7 @@ def test_wrapper_replaces_unreadable_items_by_the_next_readable_one(broken):
 
 
 def unreadable_counts(records, logger):
-    key = "unreadable_audio" if logger == "train_inner" else f"{logger}_unreadable_audio"
+    key = "unreadable_files" if logger == "train_inner" else f"{logger}_unreadable_files"
     return [int(r.get(key, 0)) for r in records_of(records, logger)]
 
 

@@ -36,7 +36,7 @@ def build_trainer(manifests):
 
     from fairseq_knnvq.criterions.wav2vec_knnvq import Wav2VecKnnVqCriterionConfig
     from fairseq_knnvq.models.wav2vec2_knnvq import Wav2Vec2KnnVqConfig
-    from fairseq_knnvq.tasks.audio_resilient import AudioPretrainingKnnvqConfig
+    from fairseq_knnvq.tasks.audio_pretraining_knnvq import AudioPretrainingKnnvqConfig
 
     cfg = OmegaConf.structured(FairseqConfig)
     cfg.common.cpu = True
