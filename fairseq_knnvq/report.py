@@ -48,26 +48,6 @@ DEFAULT_METRICS: Dict[str, str] = {
     "wer": "WER (%)",
     "uer": "UER (%)",
 }
-# Bookkeeping keys that are never plotted.
-_NOT_METRICS = {
-    "epoch",
-    "update",
-    "num_updates",
-    "wall",
-    "wps",
-    "ups",
-    "wpb",
-    "bsz",
-    "ntokens",
-    "nsentences",
-    "sample_size",
-    "train_wall",
-    "gb_free",
-    "clip",
-    "gnorm",
-    "lr",
-    "loss_scale",
-}
 # hydra: "[2026-01-01 10:00:00,000][train_inner][INFO] - {...}"
 _HYDRA_PREFIX = re.compile(r"\]\[([^\[\]]+)\]\[[A-Z]+\] - $")
 # fairseq-train: "2026-01-01 10:00:00 | INFO | train_inner | {...}"

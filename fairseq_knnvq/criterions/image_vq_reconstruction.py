@@ -36,6 +36,7 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
 from .usage_logging import KNN_ROWS_KEYS, FewKnnRowsCheck, log_code_usage, usage_logging_output
+from ..models.update_count import model_num_updates
 from ..image_metrics import psnr_from_mse
 from ..files import atomic_path
 
@@ -73,15 +74,6 @@ class ImageVQReconstructionConfig(FairseqDataclass):
 def _is_main_rank() -> bool:
     dist = torch.distributed
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _num_updates(model) -> Optional[int]:
-    while True:
-        if hasattr(model, "num_updates"):
-            return int(model.num_updates)
-        if not hasattr(model, "module"):
-            return None
-        model = model.module
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -166,7 +158,7 @@ class ImageVQReconstructionCriterion(FairseqCriterion):
         self.check_knn_rows(model, net_output)
 
         if model.training:
-            self._last_train_update = _num_updates(model)
+            self._last_train_update = model_num_updates(model)
         else:
             self._maybe_write_grid(model, images, recon)
         return loss, bsz, logging_output
@@ -178,7 +170,7 @@ class ImageVQReconstructionCriterion(FairseqCriterion):
         # the number of updates before the current step, after a checkpoint load the
         # number completed. Validation follows the last training step, so name the
         # grid by the updates completed.
-        num_updates = _num_updates(model)
+        num_updates = model_num_updates(model)
         if num_updates is None:
             return
         if self._last_train_update is not None:

@@ -35,7 +35,7 @@ class CodeUsage:
     """Summable statistics of one codebook with G groups of M entries.
 
     ``counts`` (G, M) int64: hard choices per entry. The other fields are optional sums
-    over the N vectors: ``prob_sums`` (G, M) of ``softmax(logits)``, ``smoothed_sums``
+    over the N vectors: ``prob_sums`` (G, M) of ``softmax(logits)``, ``max_prob_sums``
     (G,) of ``max_m p`` and ``vertex_l2_sums`` (G,) of the distance to the nearest vertex
     for the smoothed vectors ``p``.
     """

@@ -23,7 +23,7 @@ from .run_folder import GuardedRunMixin
 
 
 @dataclass
-class AudioFinetuningKnnvqConfig(AudioFinetuningConfig):
+class AudioFinetuningKnnVqConfig(AudioFinetuningConfig):
     max_update: int = field(
         default=II("optimization.max_update"),
         metadata={"help": MAX_UPDATE_HELP},
@@ -34,8 +34,8 @@ class LabelError(RunConfigError):
     """Fine-tuning labels that the dictionary cannot express; the message says how to fix it."""
 
 
-@register_task("audio_finetuning_knnvq", dataclass=AudioFinetuningKnnvqConfig)
-class AudioFinetuningKnnvqTask(GuardedRunMixin, StopWhenFinishedMixin, ResilientAudioDataMixin, AudioFinetuningTask):
+@register_task("audio_finetuning_knnvq", dataclass=AudioFinetuningKnnVqConfig)
+class AudioFinetuningKnnVqTask(GuardedRunMixin, StopWhenFinishedMixin, ResilientAudioDataMixin, AudioFinetuningTask):
     """fairseq's ``audio_finetuning``; unreadable files are replaced, logged and counted,
     and every split's labels are checked against the dictionary before it is loaded
     (fairseq would silently train units it lacks as ``<unk>``)."""

@@ -21,15 +21,15 @@ from .usage_verdict import LogUsageVerdictMixin
 
 
 @dataclass
-class AudioPretrainingKnnvqConfig(AudioPretrainingConfig):
+class AudioPretrainingKnnVqConfig(AudioPretrainingConfig):
     max_update: int = field(
         default=II("optimization.max_update"),
         metadata={"help": MAX_UPDATE_HELP},
     )
 
 
-@register_task("audio_pretraining_knnvq", dataclass=AudioPretrainingKnnvqConfig)
-class AudioPretrainingKnnvqTask(
+@register_task("audio_pretraining_knnvq", dataclass=AudioPretrainingKnnVqConfig)
+class AudioPretrainingKnnVqTask(
     RenameOldModelFieldsMixin,
     LogUsageVerdictMixin,
     GuardedRunMixin,

@@ -10,19 +10,11 @@ process before that update instead (exit status 0, with a log line saying why).
 import logging
 import sys
 
+from ..models.update_count import model_num_updates
+
 logger = logging.getLogger(__name__)
 
 MAX_UPDATE_HELP = "read from optimization.max_update: a run resumed at that update stops before training"
-
-
-def model_num_updates(model) -> int:
-    """The update count fairseq's trainer gave the model (``set_num_updates``, also
-    right after loading a checkpoint); 0 when no module keeps it."""
-    for module in model.modules():
-        value = getattr(module, "num_updates", None)
-        if isinstance(value, int):
-            return value
-    return 0
 
 
 class StopWhenFinishedMixin:
@@ -41,7 +33,7 @@ class StopWhenFinishedMixin:
 
     def begin_epoch(self, epoch, model):
         super().begin_epoch(epoch, model)
-        self._stop_if_finished(model_num_updates(model))
+        self._stop_if_finished(model_num_updates(model) or 0)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         # A model that keeps no update count: still stopped before its first update.

@@ -12,7 +12,7 @@ from fairseq.tasks.audio_finetuning import AudioFinetuningConfig
 
 from fairseq_knnvq.cli import prepare_librispeech
 from fairseq_knnvq.preparation.labels import describe_unknown_units, find_unknown_units
-from fairseq_knnvq.tasks.audio_finetuning_knnvq import AudioFinetuningKnnvqTask, LabelError
+from fairseq_knnvq.tasks.audio_finetuning_knnvq import AudioFinetuningKnnVqTask, LabelError
 from fairseq_run import TINY_CORPUS
 
 fairseq_knnvq.register_with_fairseq()
@@ -39,9 +39,9 @@ def prepared(tmp_path_factory):
     return data
 
 
-def task_for(data: Path) -> AudioFinetuningKnnvqTask:
+def task_for(data: Path) -> AudioFinetuningKnnVqTask:
     cfg = OmegaConf.structured(AudioFinetuningConfig(data=str(data), labels="ltr", tpu=False, seed=1))
-    return AudioFinetuningKnnvqTask.setup_task(cfg)
+    return AudioFinetuningKnnVqTask.setup_task(cfg)
 
 
 def test_prepared_labels_load(prepared):

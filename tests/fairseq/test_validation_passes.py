@@ -36,7 +36,7 @@ def build_trainer(manifests):
 
     from fairseq_knnvq.criterions.wav2vec_knnvq import Wav2VecKnnVqCriterionConfig
     from fairseq_knnvq.models.wav2vec2_knnvq import Wav2Vec2KnnVqConfig
-    from fairseq_knnvq.tasks.audio_pretraining_knnvq import AudioPretrainingKnnvqConfig
+    from fairseq_knnvq.tasks.audio_pretraining_knnvq import AudioPretrainingKnnVqConfig
 
     cfg = OmegaConf.structured(FairseqConfig)
     cfg.common.cpu = True
@@ -48,7 +48,7 @@ def build_trainer(manifests):
     cfg.dataset.fixed_validation_seed = 7  # the same negatives in every pass
     cfg.distributed_training.ddp_backend = "legacy_ddp"
     cfg.task = OmegaConf.structured(
-        AudioPretrainingKnnvqConfig(
+        AudioPretrainingKnnVqConfig(
             _name="audio_pretraining_knnvq",
             data=str(manifests),
             max_sample_size=MAX_SAMPLE_SIZE,
