@@ -3,7 +3,7 @@
 Usage is judged against its ceiling: the number of distinct codes that uniform use would
 show for the vectors the validation pass actually quantized (``used_codes_ceiling``,
 :func:`~fairseq_knnvq.quantization.uniform_usage_ceiling`). A pass over 1,000 vectors of
-a 320-entry group shows about 307 codes even under perfectly uniform use, so a verdict
+a 320-entry group shows about 306 codes even under perfectly uniform use, so a verdict
 against M would call such a codebook partly used. Records written before the ceiling was
 logged are judged against M (G * M entries).
 

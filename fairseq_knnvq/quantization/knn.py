@@ -408,6 +408,7 @@ def knn_vertex_loss(
             gives the value without a mask.
 
     Returns a scalar (at least float32) whose gradient flows through the selected
-    distances only.
+    distances only. With fewer valid rows than K, all valid rows count; with none the
+    loss is 0.
     """
     return KnnVertexLoss(k, distance, chunk_size, check_inputs=check_inputs)(logits, mask)
