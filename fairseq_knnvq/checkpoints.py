@@ -1,5 +1,4 @@
-"""Reading fairseq checkpoints of this plugin (or of stock wav2vec 2.0) outside training,
-and counting the codes a pretrained model's quantizer chooses.
+"""Reading fairseq checkpoints of this plugin (or of stock wav2vec 2.0) outside training.
 
 Every command that reads a checkpoint (``knnvq-report codes``, ``knnvq-infer``,
 ``knnvq-export-hf``, ``knnvq-eval-image``) goes through these steps:
@@ -16,20 +15,16 @@ Every command that reads a checkpoint (``knnvq-report codes``, ``knnvq-infer``,
    ``load_model_ensemble_and_task`` from that state, which a caller may have changed
    (another data folder, say).
 
-:func:`quantizer_usage` is ``Wav2Vec2Model.quantize`` (feature extractor, layer norm,
-quantizer) keeping the quantizer's whole output, so the counts are those of the model's
-own quantizer in evaluation mode (hard argmax codes).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional
 
 import torch
 
 from .checkpoint_safety import describe_load_error
-from .quantization import CodeUsage, count_codes
 
 
 class CheckpointError(Exception):
@@ -95,20 +90,3 @@ def min_input_samples(model: torch.nn.Module) -> int:
     for conv in reversed(convs):
         length = (length - 1) * conv.stride[0] + conv.kernel_size[0]
     return length
-
-
-@torch.no_grad()
-def quantizer_usage(model: torch.nn.Module, source: torch.Tensor) -> Tuple[CodeUsage, int]:
-    """The usage sums (on the CPU) of the codes that a wav2vec 2.0 model's quantizer
-    chooses for the audio ``source`` (1, samples), and the number of frames.
-
-    This plugin's quantizer returns its ``usage_sums``; fairseq's
-    ``GumbelVectorQuantizer`` returns none, so its ``targets`` are counted."""
-    quantizer = model.quantizer
-    features = model.feature_extractor(source).transpose(1, 2)
-    result = quantizer(model.layer_norm(features), produce_targets=True)
-    usage = result.get("usage_sums")
-    if usage is None:
-        usage = CodeUsage(counts=count_codes(result["targets"].reshape(-1, quantizer.groups), quantizer.num_vars))
-    usage = CodeUsage(**{name: (None if value is None else value.cpu()) for name, value in vars(usage).items()})
-    return usage, features.shape[1]

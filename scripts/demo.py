@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from fairseq_knnvq import study
-from fairseq_knnvq import report
+from fairseq_knnvq import code_histograms, report
 from fairseq_knnvq.files import atomic_write_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -386,7 +386,7 @@ def run_demo(args: argparse.Namespace) -> Dict[str, object]:
             report.write_curves_report(logs, report_dir / task)
         for name in args.speech_variants:
             checkpoint = study.Point(name, (), SEED).folder(out / "speech") / "checkpoints" / "checkpoint_last.pt"
-            code_counts[name] = report.write_code_report(
+            code_counts[name] = code_histograms.write_code_report(
                 checkpoint, speech_data / "test.tsv", report_dir / "speech", name=name
             )["stats"]
 

@@ -38,6 +38,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
         "library",
         (
             "checkpoints.py",
+            "code_histograms.py",
             "launch_checks.py",
             "report.py",
             "study.py",

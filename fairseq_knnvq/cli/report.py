@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .. import report
+from .. import code_histograms, report
 from .outputs import output_folder_problem
 
 
@@ -77,7 +77,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(Path(args.out / "final_values.md").read_text(encoding="utf-8"))
             print(f"wrote {len(written)} files to {args.out}: {', '.join(sorted(written))}")
         else:
-            codes = report.write_code_report(args.checkpoint, args.manifest, args.out, args.name, args.max_files)
+            codes = code_histograms.write_code_report(
+                args.checkpoint, args.manifest, args.out, args.name, args.max_files
+            )
             stats = codes["stats"]
             print(
                 f"{codes['name']}: {codes['frames']} frames from {codes['files']} files; "

@@ -117,7 +117,7 @@ class CodeUsage:
 
         Under any backend: the sums travel on the device the group's backend reduces
         on (:func:`collective_device`; NCCL takes CUDA tensors only, while
-        ``checkpoints.quantizer_usage`` returns CPU sums) and come back on the device
+        ``code_histograms.quantizer_usage`` returns CPU sums) and come back on the device
         of ``counts``."""
         import torch.distributed as dist
 

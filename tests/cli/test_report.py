@@ -19,7 +19,7 @@ from PIL import Image
 
 from fairseq.logging import progress_bar
 
-from fairseq_knnvq import report
+from fairseq_knnvq import code_histograms, report
 from fairseq_knnvq.cli import report as report_cli
 from fairseq_knnvq.preparation.manifest import read_manifest
 
@@ -277,7 +277,7 @@ def test_code_histogram_of_a_pretrained_checkpoint(tiny_manifests: Path, tmp_pat
     with Image.open(out / "knn_code_counts.png") as image:
         assert image.format == "PNG"
 
-    model, _ = report.load_pretrained(checkpoint)
+    model, _ = code_histograms.load_pretrained(checkpoint)
     files = [entry.source_path for entry in read_manifest(manifest).entries][:12]
     expected = torch.zeros(result["groups"], result["entries"], dtype=torch.long)
     frames = 0

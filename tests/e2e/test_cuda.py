@@ -221,7 +221,7 @@ def two_process_inputs():
 
 def cuda_worker_results(rank):
     """One worker: global KNN on CUDA logits; usage sums on the CPU (what
-    ``checkpoints.quantizer_usage`` returns) and on the GPU, all-reduced."""
+    ``code_histograms.quantizer_usage`` returns) and on the GPU, all-reduced."""
     backend = str(dist.get_backend())
     device = torch.device("cuda", rank if backend == "nccl" else 0)
     torch.cuda.set_device(device)
