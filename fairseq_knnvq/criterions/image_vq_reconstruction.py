@@ -16,17 +16,16 @@ PSNR convention: images live in [-1, 1] (peak-to-peak 2) and the reconstruction 
 clamped to that range, so ``psnr = 10 log10(2**2 / mse)``; this equals the usual PSNR
 of the same images scaled to [0, 1] (or 8-bit, up to rounding).
 
-At the first validation batch after each training stretch, rank 0 writes a PNG grid
-(originals above reconstructions) to ``grid_dir`` (default: ``checkpoint.save_dir``),
-named by the update number.
+The first images of each validation pass and their reconstructions become a PNG grid in
+``grid_dir`` (default: ``checkpoint.save_dir``), named by the update number: the
+criterion keeps them, the ``image_autoencoding`` task writes them after the step
+(:mod:`fairseq_knnvq.tasks.reconstruction_grids`).
 """
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 from omegaconf import II
 
@@ -36,9 +35,8 @@ from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.logging import metrics
 
 from .usage_logging import KNN_ROWS_KEYS, FewKnnRowsCheck, log_code_usage, usage_logging_output
-from ..models.update_count import model_num_updates
+from ..tasks.reconstruction_grids import ValidationGrids
 from ..image_metrics import psnr_from_mse
-from ..files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -71,36 +69,6 @@ class ImageVQReconstructionConfig(FairseqDataclass):
     )
 
 
-def _is_main_rank() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def write_reconstruction_grid(
-    originals: torch.Tensor, reconstructions: torch.Tensor, path: str, padding: int = 2
-) -> None:
-    """Writes a PNG: originals in the top row, reconstructions below; atomically (a
-    temporary file in the same folder, then a rename)."""
-    from PIL import Image
-
-    top, bottom = to_uint8(originals), to_uint8(reconstructions)
-    n, h, w, _ = top.shape
-    grid = np.full((2 * h + 3 * padding, n * (w + padding) + padding, 3), 255, dtype=np.uint8)
-    for row, images in enumerate((top, bottom)):
-        y = padding + row * (h + padding)
-        for i in range(n):
-            x = padding + i * (w + padding)
-            grid[y : y + h, x : x + w] = images[i]
-    with atomic_path(path) as partial:
-        Image.fromarray(grid).save(partial, format="PNG")
-
-
 @register_criterion("image_vq_reconstruction", dataclass=ImageVQReconstructionConfig)
 class ImageVQReconstructionCriterion(FairseqCriterion):
     def __init__(self, cfg: ImageVQReconstructionConfig, task):
@@ -111,10 +79,9 @@ class ImageVQReconstructionCriterion(FairseqCriterion):
             grid_dir = cfg.grid_dir
         except Exception:  # the interpolation has no checkpoint config to resolve against
             grid_dir = None
-        self.grid_dir = grid_dir or None
-        self.grid_images = cfg.grid_images
-        self._grid_written_at: Optional[int] = None
-        self._last_train_update: Optional[int] = None
+        # Keeps the first images of each validation pass and their reconstructions; the
+        # task writes them (ValidationGrids.write_pending) after the step.
+        self.validation_grids = ValidationGrids(grid_dir or None, cfg.grid_images)
         self.check_knn_rows = FewKnnRowsCheck()
 
     def forward(self, model, sample, reduce=True):
@@ -158,30 +125,10 @@ class ImageVQReconstructionCriterion(FairseqCriterion):
         self.check_knn_rows(model, net_output)
 
         if model.training:
-            self._last_train_update = model_num_updates(model)
+            self.validation_grids.note_training(model)
         else:
-            self._maybe_write_grid(model, images, recon)
+            self.validation_grids.keep(model, images, recon)
         return loss, bsz, logging_output
-
-    def _maybe_write_grid(self, model, images, recon) -> None:
-        if self.grid_dir is None or self.grid_images <= 0 or not _is_main_rank():
-            return
-        # The model holds the update count that fairseq last gave it: during training
-        # the number of updates before the current step, after a checkpoint load the
-        # number completed. Validation follows the last training step, so name the
-        # grid by the updates completed.
-        num_updates = model_num_updates(model)
-        if num_updates is None:
-            return
-        if self._last_train_update is not None:
-            num_updates = max(num_updates, self._last_train_update + 1)
-        if num_updates == self._grid_written_at:
-            return
-        self._grid_written_at = num_updates
-        n = min(self.grid_images, images.shape[0])
-        path = os.path.join(self.grid_dir, f"reconstructions_update{num_updates:07d}.png")
-        write_reconstruction_grid(images[:n], recon[:n], path)
-        logger.info(f"wrote validation reconstructions to {path}")
 
     @staticmethod
     def reduce_metrics(logging_outputs: List[Dict[str, Any]]) -> None:

@@ -103,6 +103,13 @@ class ImageAutoencodingTask(
             )
         return super().get_batch_iterator(dataset, max_tokens=max_tokens, max_sentences=max_sentences, **kwargs)
 
+    def valid_step(self, sample, model, criterion):
+        result = super().valid_step(sample, model, criterion)
+        grids = getattr(criterion, "validation_grids", None)
+        if grids is not None:  # the image criterion keeps, the task writes
+            grids.write_pending()
+        return result
+
     def max_positions(self):
         return None
 

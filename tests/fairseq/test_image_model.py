@@ -156,12 +156,20 @@ def test_pooled_metrics_match_brute_force_and_survive_worker_summation():
 
 
 def test_validation_grid_is_written_once_per_update(tmp_path):
+    """The criterion keeps the images, the task writes them after each validation step
+    (as ImageAutoencodingTask.valid_step does)."""
     model = make_model().eval()
     crit = make_criterion(grid_dir=str(tmp_path), grid_images=3)
+    grids = crit.validation_grids
+
+    def validate(batch):
+        crit(model, {"net_input": {"images": batch}})
+        return grids.write_pending()
+
     x = images(4, 16)
     model.set_num_updates(7)
-    crit(model, {"net_input": {"images": x}})
-    crit(model, {"net_input": {"images": images(4, 16, seed=9)}})  # same validation
+    assert validate(x) == str(tmp_path / "reconstructions_update0000007.png")
+    assert validate(images(4, 16, seed=9)) is None  # same validation
     files = sorted(os.listdir(tmp_path))
     assert files == ["reconstructions_update0000007.png"]
     grid = np.asarray(Image.open(tmp_path / files[0]))
@@ -173,12 +181,13 @@ def test_validation_grid_is_written_once_per_update(tmp_path):
     model.train()
     crit(model, {"net_input": {"images": x}})
     model.eval()
-    crit(model, {"net_input": {"images": x}})
+    validate(x)
     assert "reconstructions_update0000008.png" in os.listdir(tmp_path)
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
 
     no_grid = make_criterion(grid_dir=None)
     no_grid(model, {"net_input": {"images": x}})
+    assert no_grid.validation_grids.write_pending() is None
 
 
 def test_l1_reconstruction_loss():
