@@ -4,6 +4,7 @@
     python benchmarks/bench_memory.py            # N = 4096 frames; image step at batch 2 (about 20 min here)
     python benchmarks/bench_memory.py --quick    # N = 2048 frames; image step at batch 1 (about 8 min here)
     python benchmarks/bench_memory.py --no-image # the quantizer shapes only
+    python benchmarks/bench_memory.py --smoothing gumbel_hard --no-image  # the quantizer in gumbel_hard
 
 Each case runs one forward + backward pass in a fresh process and reports the peak
 resident memory above the inputs (method: ``harness.py``).
@@ -123,6 +124,13 @@ def main(argv=None) -> int:
         help="smoothing of the quantizer cases (the bare smoothing stays softmax, the least "
         "any smoothed quantizer computes)",
     )
+    parser.add_argument(
+        "--num-updates",
+        type=int,
+        default=0,
+        help="the quantizer cases run at the temperature of this update (wav2vec 2.0's schedule "
+        "(2, 0.5, 0.999995): 0 gives tau 2, 300000 tau 0.5); the bare smoothing stays at tau 2",
+    )
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/memory[_quick].json)")
     args = parser.parse_args(argv)
     out = args.out or os.path.join(h.HERE, "results", "memory_quick.json" if args.quick else "memory.json")
@@ -143,6 +151,9 @@ def main(argv=None) -> int:
         label = f"G=1 M={shape['entries']} N={shape['n']}" + (
             f", quantizer smoothing {args.smoothing}" if args.smoothing != "softmax" else ""
         )
+        if args.num_updates:
+            tau = max(h.TEMP[0] * h.TEMP[2] ** args.num_updates, h.TEMP[1])
+            label += f", quantizer at update {args.num_updates} (tau {tau:.3g})"
         logits_bytes = 4 * shape["n"] * shape["entries"]
         print(f"\n{label} (one N x M float32 tensor: {h.fmt_bytes(logits_bytes)})")
         cases = {
@@ -152,6 +163,7 @@ def main(argv=None) -> int:
                 groups=1,
                 vq_dim=64,
                 smoothing=args.smoothing if m.startswith("ours_") else "softmax",
+                **({"num_updates": args.num_updates} if m.startswith("ours_") and args.num_updates else {}),
                 **shape,
             )
             for m in methods(args.quick)

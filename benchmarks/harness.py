@@ -170,6 +170,7 @@ def build_step(c: Dict[str, Any], seed: int = 0) -> Callable[[], float]:
         regularizer, _, distance = method.partition("_knn_")
         regularizer = {"ours_none": "none", "ours_diversity": "diversity", "ours": "knn"}[regularizer]
         quantizer = _ours(c, regularizer, distance or "ce")
+        quantizer.set_num_updates(c.get("num_updates", 0))  # tau = the schedule's at that update
         key = {"none": None, "diversity": "diversity_loss", "knn": "knn_loss"}[regularizer]
     quantizer.to(device).train()
     x = torch.randn(1, n, dim).to(device)

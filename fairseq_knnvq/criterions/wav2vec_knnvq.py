@@ -22,6 +22,11 @@ default ``common.log_interval``). Elsewhere the step runs no KNN search (and, wi
 loss of the logged update, not a mean over the interval. (With fairseq's own ``wav2vec``
 criterion the model computes it in every step.)
 
+The added entries reach the host in one device-to-host copy per step
+(:func:`host_logging_output`): fairseq's criterion reads each value it logs with
+``.item()``, and fairseq's trainer reads every meter after every step, so values left on
+the device would each cost a host sync there.
+
 Every logging value is a sum, so the outputs are summed across workers (fairseq's fast
 all-reduce path, also the one that works for CPU/gloo training). fairseq's criterion
 averages keys such as ``temp`` or ``prob_perplexity`` by dividing by the number of
@@ -41,14 +46,15 @@ from fairseq.criterions.wav2vec_criterion import Wav2vecCriterion, Wav2VecCriter
 from omegaconf import II
 
 from .usage_logging import (
+    USAGE_KEY_PREFIX,
     FewKnnRowsCheck,
     is_usage_key,
     knn_rows_logging_output,
     log_code_usage,
-    usage_logging_output,
 )
 from ..models.wav2vec2_knnvq import EXTRA_LOSS_NAMES
 from ..preflight import RunConfigError
+from ..quantization import CodeUsage
 
 # Counts the logging outputs that were summed into one, for averages (see module doc).
 COUNT_KEY = "_num_logging_outputs"
@@ -162,20 +168,9 @@ class Wav2vecKnnVqCriterion(Wav2vecCriterion):
         tracking = getattr(model, "knn_tracking", None)
         with tracking(self.tracks_knn_loss(model)) if tracking is not None else contextlib.nullcontext():
             loss, sample_size, logging_output = super().forward(recorder, sample, reduce=reduce)
-        net_output = recorder.net_output
         logging_output[COUNT_KEY] = 1
-        # Detached tensors, not floats: no host sync here (fairseq's meters read them
-        # when a log line is written) and no autograd warning.
-        if "knn_loss" in net_output:
-            logging_output["knn_loss"] = net_output["knn_loss"].detach()
-        if "diversity_loss" in net_output:
-            # unweighted, under its own name for every variant (fairseq's loss_N numbering
-            # shifts with the terms a variant trains), so criteria compare on it
-            logging_output["diversity_loss"] = net_output["diversity_loss"].detach()
-        if "usage_sums" in net_output:
-            logging_output.update(usage_logging_output(net_output["usage_sums"]))
-        logging_output.update(knn_rows_logging_output(net_output))
-        self.check_knn_rows(model, net_output)
+        logging_output.update(host_logging_output(recorder.net_output))
+        self.check_knn_rows(model, logging_output)  # reads the host copy of knn_rows
         return loss, sample_size, logging_output
 
     @staticmethod
@@ -186,6 +181,30 @@ class Wav2vecKnnVqCriterion(Wav2vecCriterion):
 
     def logging_outputs_can_be_summed(self) -> bool:
         return True
+
+
+def host_logging_output(net_output: Mapping[str, Any]) -> Dict[str, Any]:
+    """The criterion's additions to fairseq's logging output, read back in one
+    device-to-host copy: ``knn_loss`` and ``diversity_loss`` (unweighted, under their own
+    names for every variant: fairseq's loss_N numbering shifts with the terms a variant
+    trains), ``knn_rows`` and ``knn_rows_per_vertex`` as floats, and the code usage sums
+    (the CPU tensor of :func:`~.usage_logging.usage_logging_output`). One host sync per
+    step on a GPU for all of them, where one per value would follow (fairseq's criterion
+    reads its values with ``.item()``; its trainer reads every meter after every step)."""
+    scalars = {key: net_output[key].detach() for key in ("knn_loss", "diversity_loss") if key in net_output}
+    scalars.update(knn_rows_logging_output(net_output))
+    usage: Optional[CodeUsage] = net_output.get("usage_sums")
+    parts = [value.double().reshape(1) for value in scalars.values()]
+    if usage is not None:
+        parts.append(usage.to_flat().detach())
+    if not parts:
+        return {}
+    values = torch.cat(parts).tolist()  # the one copy
+    logged: Dict[str, Any] = dict(zip(scalars, values))
+    if usage is not None:  # the entry of usage_logging_output, from the host copy
+        key = f"{USAGE_KEY_PREFIX}{usage.groups}x{usage.entries}"
+        logged[key] = torch.tensor(values[len(scalars) :], dtype=torch.float64)
+    return logged
 
 
 def pool_logging_outputs(logging_outputs: List[Mapping[str, Any]]) -> Dict[str, Any]:

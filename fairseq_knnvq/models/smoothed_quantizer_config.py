@@ -15,8 +15,10 @@ from typing import Any, Dict
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 
-from ..quantization import KNN_DISTANCES, REGULARIZERS, SMOOTHING_MODES
+from ..preflight import RunConfigError
+from ..quantization import KNN_DISTANCES, REGULARIZERS, SMOOTHING_MODES, TemperatureSchedule
 from ..quantization.quantizer import KNN_INPUTS
+from ..quantization.smoothing import TEMPERATURE_RULE
 
 SMOOTHING_CHOICES = ChoiceEnum(list(SMOOTHING_MODES))
 REGULARIZER_CHOICES = ChoiceEnum(list(REGULARIZERS))
@@ -78,3 +80,19 @@ def smoothed_quantizer_options(cfg: SmoothedQuantizerConfig) -> Dict[str, Any]:
         knn_input=str(cfg.knn_input),
         knn_global=bool(cfg.knn_global),
     )
+
+
+def checked_temperature(latent_temp: Any) -> TemperatureSchedule:
+    """``model.latent_temp`` as the quantizer's schedule, checked by the schedule's own
+    rule (:meth:`TemperatureSchedule.values_of`, :meth:`TemperatureSchedule.holds`).
+    Both models call it before building a module; a bad value raises
+    :class:`RunConfigError` naming the option and a valid value."""
+    example = "e.g. model.latent_temp='[2.0,0.5,0.999995]'"
+    values = TemperatureSchedule.values_of(latent_temp)
+    if values is None:
+        raise RunConfigError(f"model.latent_temp must be (start, end, decay), got {latent_temp!r}; {example}")
+    if not TemperatureSchedule.holds(*values):
+        raise RunConfigError(
+            f"model.latent_temp (start, end, decay) needs {TEMPERATURE_RULE}, got {latent_temp!r}; {example}"
+        )
+    return TemperatureSchedule(*values)

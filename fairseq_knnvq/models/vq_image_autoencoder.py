@@ -28,6 +28,7 @@ from ..quantization import SmoothedVectorQuantizer, VQVAEQuantizer
 from .smoothed_quantizer_config import (
     SMOOTHING_CHOICES,
     SmoothedQuantizerConfig,
+    checked_temperature,
     shared_field,
     smoothed_quantizer_options,
 )
@@ -157,6 +158,7 @@ class VQImageAutoencoder(dummy_batches.MarksDummyBatches, BaseFairseqModel):
             raise ValueError(
                 f"model.code_dim ({cfg.code_dim}) must be divisible by model.latent_groups ({cfg.latent_groups})"
             )
+        temperature = checked_temperature(cfg.latent_temp) if cfg.quantizer == "smoothed" else None
         self.cfg = cfg
         self.downsample_factor = cfg.downsample_factor
         self.encoder = Encoder(cfg)
@@ -173,7 +175,7 @@ class VQImageAutoencoder(dummy_batches.MarksDummyBatches, BaseFairseqModel):
             self.quantizer = SmoothedVectorQuantizer(
                 cfg.code_dim,
                 cfg.latent_vars,
-                temp=tuple(cfg.latent_temp),
+                temp=temperature,
                 groups=cfg.latent_groups,
                 combine_groups=False,
                 vq_dim=cfg.code_dim,

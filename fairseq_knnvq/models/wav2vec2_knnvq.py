@@ -21,6 +21,7 @@ import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
 
 from fairseq.data.data_utils import compute_mask_indices
@@ -30,7 +31,7 @@ from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 from . import dummy_batches
 from ..preflight import RunConfigError
 from ..quantization import SmoothedVectorQuantizer
-from .smoothed_quantizer_config import SmoothedQuantizerConfig, smoothed_quantizer_options
+from .smoothed_quantizer_config import SmoothedQuantizerConfig, checked_temperature, smoothed_quantizer_options
 
 # Positions of the terms in get_extra_losses (and in the criterion's weights).
 EXTRA_LOSS_NAMES = ("diversity", "features_pen", "knn")
@@ -67,7 +68,6 @@ def check_quantizer_options(cfg: Wav2Vec2KnnVqConfig) -> None:
     naming the ``model.*`` option and a valid value, before any module is built (a bad
     value otherwise fails deep inside the quantizer, or, ``latent_vars=1``, trains a
     codebook of one code per group)."""
-    import ast
 
     def positive(name: str, meaning: str, example: str, least: int = 1) -> None:
         value = getattr(cfg, name)
@@ -82,19 +82,7 @@ def check_quantizer_options(cfg: Wav2Vec2KnnVqConfig) -> None:
     positive("latent_vars", "codebook entries per group", "320", least=2)
     positive("latent_groups", "codebook groups", "2")
     positive("quantizer_depth", "layers of the quantizer's projection", "1")
-    temp = ast.literal_eval(cfg.latent_temp) if isinstance(cfg.latent_temp, str) else cfg.latent_temp
-    try:
-        start, end, decay = (float(t) for t in temp)
-    except (TypeError, ValueError):
-        raise RunConfigError(
-            f"model.latent_temp must be (start, end, decay), got {cfg.latent_temp!r}; "
-            "e.g. model.latent_temp='[2.0,0.5,0.999995]'"
-        ) from None
-    if not (start > 0 and end > 0 and 0 < decay <= 1):
-        raise RunConfigError(
-            f"model.latent_temp (start, end, decay) needs start > 0, end > 0 and 0 < decay <= 1, got "
-            f"{cfg.latent_temp!r}; e.g. model.latent_temp='[2.0,0.5,0.999995]'"
-        )
+    checked_temperature(cfg.latent_temp)
 
 
 @register_model("wav2vec2_knnvq", dataclass=Wav2Vec2KnnVqConfig)
@@ -156,11 +144,16 @@ class Wav2Vec2KnnVqModel(dummy_batches.MarksDummyBatches, Wav2Vec2Model):
         fairseq's ``compute_mask_indices`` draws from ``np.random.default_rng(None)`` (fresh
         OS entropy) unless it is given a seed; here it gets one per forward call, and
         fairseq's ``apply_mask`` then uses the masks as if they had been passed in. Channel
-        masks applied before the time masks (``mask_channel_before``) stay stock."""
+        masks applied before the time masks (``mask_channel_before``) stay stock. Nothing
+        here reads a tensor back to the host beyond what stock's masking reads (the
+        padding mask's row sums)."""
         if not self.cfg.seeded_masks:
             return super().apply_mask(x, padding_mask, mask_indices, mask_channel_indices)
         B, T, C = x.shape
         seed = self._mask_seed()
+        # fairseq seeds utterance i's generator with hash((seed, epoch, indices[i].item())):
+        # numpy indices give the same Python ints as torch.arange(B) without a tensor read
+        utterances = np.arange(B)
         if self.mask_prob > 0 and mask_indices is None:
             mask_indices = torch.from_numpy(
                 compute_mask_indices(
@@ -177,7 +170,7 @@ class Wav2Vec2KnnVqModel(dummy_batches.MarksDummyBatches, Wav2Vec2Model):
                     mask_dropout=self.cfg.mask_dropout,
                     seed=seed,
                     epoch=0,
-                    indices=torch.arange(B),
+                    indices=utterances,
                 )
             ).to(x.device)
         if self.mask_channel_prob > 0 and not self.mask_channel_before and mask_channel_indices is None:
@@ -192,7 +185,7 @@ class Wav2Vec2KnnVqModel(dummy_batches.MarksDummyBatches, Wav2Vec2Model):
                 min_space=self.mask_channel_min_space,
                 seed=seed,
                 epoch=1,
-                indices=torch.arange(B),
+                indices=utterances,
             )
             mask_channel_indices = torch.from_numpy(channels).to(x.device).unsqueeze(1).expand(-1, T, -1)
         return super().apply_mask(x, padding_mask, mask_indices, mask_channel_indices)
@@ -275,17 +268,23 @@ class Wav2Vec2KnnVqModel(dummy_batches.MarksDummyBatches, Wav2Vec2Model):
         if self._quantizer_outputs is not None:
             self._quantizer_outputs.append(output)
 
+    def _get_feat_extract_output_lengths(self, input_lengths: torch.LongTensor):
+        """fairseq's frame lengths of ``input_lengths`` samples. Within a forward call they
+        are also kept as the batch's valid frames (``_before_quantizer``): fairseq's forward
+        calls this exactly when the batch has padding (after its own
+        ``padding_mask.any()``, before any quantizer runs), so the padding costs no host
+        sync beyond stock's."""
+        lengths = super()._get_feat_extract_output_lengths(input_lengths)
+        if getattr(self, "_quantizer_outputs", None) is not None:
+            self._feature_lengths = lengths
+        return lengths
+
     def forward(self, source, padding_mask=None, mask=True, features_only=False, *args, **kwargs):
         is_dummy = self.take_dummy_mark()
         if features_only:
             return super().forward(source, padding_mask, mask, features_only, *args, **kwargs)
         self._quantizer_outputs = []
-        # Frame lengths as fairseq derives its feature-level padding mask from them.
-        self._feature_lengths = (
-            self._get_feat_extract_output_lengths((~padding_mask).long().sum(-1))
-            if padding_mask is not None and padding_mask.any()
-            else None
-        )
+        self._feature_lengths = None  # set by fairseq's forward when there is padding
         self._batch_is_dummy = is_dummy
         try:
             result = super().forward(source, padding_mask, mask, features_only, *args, **kwargs)

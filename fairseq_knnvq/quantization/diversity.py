@@ -17,6 +17,7 @@ output) the fairseq model and criterion read it from there.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -34,6 +35,7 @@ from .rows import (
     valid_count,
     without_autocast,
 )
+from .smoothing import default_generator, gumbel_noise_
 
 
 def entropy_perplexity(mean_probs: Tensor) -> Tensor:
@@ -89,11 +91,18 @@ def masked_mean_probs(logits: Tensor, mask: Optional[Tensor] = None) -> Tensor:
     rows, valid = as_rows(logits, mask)
     if not (torch.is_grad_enabled() and rows.requires_grad):
         return masked_prob_sums(rows, valid) / valid_count(rows, valid).clamp_min(1)
-    probs = F.softmax(at_least_float32(rows), dim=-1)
-    if valid is None:
-        return probs.mean(dim=0) if rows.shape[0] else probs.sum(dim=0)
-    weights = valid.to(probs.dtype)
-    return (probs * weights.view(-1, 1, 1)).sum(0) / weights.sum().clamp_min(1.0)
+    return _mean_of_probs(F.softmax(at_least_float32(rows), dim=-1), row_weights(rows, valid))
+
+
+def _mean_of_probs(probs: Tensor, weights: Optional[Tensor], in_place: bool = False) -> Tensor:
+    """``pbar`` of the whole ``(N, G, M)`` probabilities with fairseq's operations
+    (``.mean(0)``; with weights their weighted sum over their sum), so that every caller
+    rounds as stock wav2vec 2.0 does. ``in_place``: the weighting overwrites ``probs``
+    (the same values without a second N x G x M tensor)."""
+    if weights is None:
+        return probs.mean(dim=0) if probs.shape[0] else probs.sum(dim=0)
+    weighted = probs.mul_(weights.view(-1, 1, 1)) if in_place else probs * weights.view(-1, 1, 1)
+    return weighted.sum(0) / weights.sum().clamp_min(1.0)
 
 
 @without_autocast()
@@ -175,3 +184,118 @@ def tempered_softmax_and_mean_probs(logits: Tensor, tau: float, mask: Optional[T
         rows, float(tau), row_weights(rows, valid), valid_count(rows, valid)
     )
     return probs.view(logits.shape), mean
+
+
+class GumbelSoftmaxWithMeanProbs(torch.autograd.Function):
+    """The Gumbel smoothing ``s = (l + g) / tau``, ``p = softmax(s)`` (``g`` Gumbel(0, 1)
+    noise) and ``pbar``, the batch mean of ``q = softmax(l)``, as one autograd node that
+    keeps one N x G x M tensor and the generator state ``g`` was drawn from.
+
+    The noise is drawn from the default generator of the logits' device, as
+    :func:`~.smoothing.sample_gumbel_like` draws it (so ``p``, ``s`` and the generator
+    afterwards are those of the unfused computation, bit for bit), and ``pbar`` is
+    computed with :func:`masked_mean_probs`'s operations. The backward pass redraws the
+    same ``g`` from the saved state with a generator of its own (the caller's is not
+    touched), recovers ``q`` over blocks of rows from ``l = tau * s - g`` up to a per-row
+    constant,
+
+        q = softmax(tau * log p - g)    (or softmax(tau * s - g), see below),
+
+    and returns
+
+        dL/dl_n = (1/tau) p_n * (G_n - <p_n, G_n>) + (w_n / c) q_n * (gbar - <q_n, gbar>)
+
+    (``G``, ``gbar``: the gradients of ``p`` and of ``pbar``; ``w_n``, ``c``: the row
+    weights and their sum) written into the redrawn noise's buffer.
+
+    Underflow: where ``p`` underflows to 0 (or to a subnormal), ``log p`` no longer
+    gives ``l`` (``log p = -inf`` gives ``q = 0`` there). Such entries have ``s_m - s_top
+    < log(tiny)``, so ``q_m / q_top < exp(tau * log(tiny) + g_top - g_m)``. The node keeps
+    ``p`` only while ``tau * -log(tiny) >= -log(tiny of float32)`` (:func:`keeps_probs`:
+    tau >= 1 in float32), where that bound is below ``exp(-87.3 + 41) = 8e-21`` (the noise
+    of a float32 draw lies within [-4, 37]): zero to any tolerance on the gradient. Below,
+    it keeps ``s`` instead, from which ``p = softmax(s)`` and ``q = softmax(tau * s - g)``
+    follow at any temperature. Either is one N x G x M tensor; ``p`` is the one the
+    ``gumbel`` smoothing's codebook product keeps anyway.
+    """
+
+    @staticmethod
+    def forward(ctx, rows: Tensor, tau: float, weights: Optional[Tensor]):
+        rows32 = at_least_float32(rows)
+        mean = _mean_of_probs(F.softmax(rows32, dim=-1), weights, in_place=True)  # freed before the noise
+        generator = default_generator(rows32.device)
+        ctx.generator_state = generator.get_state()
+        noise = gumbel_noise_(torch.empty_like(rows32, memory_format=torch.legacy_contiguous_format))
+        smoothed = noise.add_(rows32).div_(tau)  # (l + g) / tau, rounded as the unfused form
+        probs = F.softmax(smoothed, dim=-1)
+        ctx.keeps_probs = keeps_probs(tau, probs.dtype)
+        ctx.save_for_backward(probs if ctx.keeps_probs else smoothed, weights)
+        ctx.tau, ctx.input_dtype = tau, rows.dtype
+        ctx.mark_non_differentiable(smoothed)
+        ctx.set_materialize_grads(False)  # no N x G x M of zeros for s (or an unused p)
+        return probs, mean, smoothed
+
+    @staticmethod
+    @once_differentiable
+    @without_autocast()
+    def backward(ctx, grad_probs: Optional[Tensor], grad_mean: Optional[Tensor], _grad_smoothed: Optional[Tensor]):
+        kept, weights = ctx.saved_tensors
+        tau = ctx.tau
+        generator = torch.Generator(device=kept.device)
+        generator.set_state(ctx.generator_state)
+        grad = gumbel_noise_(torch.empty_like(kept, memory_format=torch.legacy_contiguous_format), generator)
+        count = kept.shape[0] if weights is None else weights.sum().clamp_min(1.0)
+        for start, stop in row_blocks(kept, STATISTICS_BLOCK_ELEMENTS):
+            out = grad[start:stop]  # these rows' g, then their gradient
+            if ctx.keeps_probs:
+                probs = kept[start:stop]
+                r = probs.log().mul_(tau)  # -inf where p is 0: q = 0 there
+            else:
+                probs = F.softmax(kept[start:stop], dim=-1)
+                r = kept[start:stop].mul(tau)
+            q = F.softmax(r.sub_(out), dim=-1)  # softmax(l) of these rows
+            del r
+            if grad_probs is None:
+                out.zero_()
+            else:
+                out.copy_(torch._softmax_backward_data(grad_probs[start:stop], probs, -1, probs.dtype)).div_(tau)
+            if grad_mean is not None:
+                inner = grad_mean - torch.linalg.vecdot(q, grad_mean).unsqueeze(-1)
+                row_scale = 1.0 / count if weights is None else (weights[start:stop] / count).view(-1, 1, 1)
+                out.addcmul_(q.mul_(row_scale), inner)
+            del probs, q
+        return grad.to(ctx.input_dtype), None, None
+
+
+def keeps_probs(tau: float, dtype: torch.dtype) -> bool:
+    """Whether :class:`GumbelSoftmaxWithMeanProbs` keeps ``p`` (else ``s``) at ``tau``:
+    ``tau * -log(tiny) >= -log(tiny of float32)`` (tau >= 1 in float32, >= 0.123 in
+    float64)."""
+    return tau * -math.log(torch.finfo(dtype).tiny) >= -math.log(torch.finfo(torch.float32).tiny)
+
+
+def redraws_noise_on(device: torch.device) -> bool:
+    """Whether :func:`gumbel_softmax_and_mean_probs` runs on ``device`` (it redraws the
+    noise from a generator state: CPU and CUDA)."""
+    return default_generator(device) is not None
+
+
+@without_autocast()
+def gumbel_softmax_and_mean_probs(
+    logits: Tensor, tau: float, mask: Optional[Tensor] = None
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(p, masked_mean_probs(logits, mask), s)`` with ``s = (logits + g) / tau`` and
+    ``p = softmax(s)`` for Gumbel noise ``g`` drawn from the default generator, in one
+    autograd node (:class:`GumbelSoftmaxWithMeanProbs`): the values of
+    ``smoothed_logits_of(logits, "gumbel", tau)``, its softmax and
+    :func:`masked_mean_probs` computed apart (bit for bit, the generator included) and
+    their gradients, keeping one N x G x M tensor instead of two. ``s`` has no gradient.
+    Shapes as :func:`~.rows.as_rows`; ``p`` and ``s`` have the shape of ``logits`` (at
+    least float32), the mean is ``(G, M)``. CPU and CUDA (:func:`redraws_noise_on`)."""
+    if tau <= 0:
+        raise ValueError(f"temperature must be > 0, got {tau}")
+    if not redraws_noise_on(logits.device):
+        raise ValueError(f"gumbel_softmax_and_mean_probs runs on CPU and CUDA, not {logits.device.type}")
+    rows, valid = as_rows(logits, mask)
+    probs, mean, smoothed = GumbelSoftmaxWithMeanProbs.apply(rows, float(tau), row_weights(rows, valid))
+    return probs.view(logits.shape), mean, smoothed.view(logits.shape)

@@ -21,9 +21,11 @@ from torch.autograd.function import once_differentiable
 
 from .diversity import (
     entropy_perplexity,
+    gumbel_softmax_and_mean_probs,
     masked_mean_probs,
     masked_prob_sums,
     perplexity_and_diversity,
+    redraws_noise_on,
     tempered_softmax_and_mean_probs,
 )
 from .knn import KnnVertexLoss
@@ -336,12 +338,20 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         KNN loss on the smoothing's own soft vectors computes softmax and loss in one node
         (``SoftmaxWithSelectedDistance``; ``knn_loss`` is then set here); the diversity
         loss with a noise-free smoothing computes ``softmax(l / tau)`` and the batch mean
-        in one node (``TemperedSoftmaxWithMeanProbs``); ``gumbel_hard`` and ``ste`` in
+        in one node (``TemperedSoftmaxWithMeanProbs``), with a Gumbel smoothing the noisy
+        softmax and the batch mean (``GumbelSoftmaxWithMeanProbs``, which redraws the
+        noise in its backward pass; CPU and CUDA); ``gumbel_hard`` and ``ste`` in
         training keep the hard index and the soft vector (``StraightThroughCodewords``
         makes the codeword), not the straight-through selection."""
         tau = self.curr_temp
         train_diversity = self.regularizer == "diversity" and torch.is_grad_enabled()
         fused_diversity = self.training and train_diversity and self.smoothing in ("softmax", "ste")
+        noisy_diversity = (
+            self.training
+            and train_diversity
+            and self.smoothing in ("gumbel", "gumbel_hard")
+            and redraws_noise_on(logits32.device)
+        )
         straight = self.training and self.smoothing in ("gumbel_hard", "ste")
         choice = SmoothedChoice()
         # The batch-mean probabilities, before the smoothing's tensors exist: with gradient
@@ -351,7 +361,7 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
             with torch.no_grad():
                 choice.prob_sums = masked_prob_sums(logits32.detach(), flat_mask)
             choice.avg_probs = choice.prob_sums / num_counted.clamp_min(1)
-        elif not fused_diversity:
+        elif not (fused_diversity or noisy_diversity):
             choice.avg_probs = masked_mean_probs(logits32, flat_mask)
 
         if self.training and self.regularizer == "knn" and self.knn_input == "smoothed":
@@ -359,6 +369,10 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
             choice.soft, choice.knn_loss = self.knn.with_softmax(choice.smoothed_logits, flat_mask)
         elif fused_diversity:
             choice.soft, choice.avg_probs = tempered_softmax_and_mean_probs(logits32, tau, flat_mask)
+        elif noisy_diversity:
+            choice.soft, choice.avg_probs, choice.smoothed_logits = gumbel_softmax_and_mean_probs(
+                logits32, tau, flat_mask
+            )
         elif straight:
             choice.smoothed_logits = smoothed_logits_of(logits32, self.smoothing, tau)
             choice.soft = F.softmax(choice.smoothed_logits, dim=-1)

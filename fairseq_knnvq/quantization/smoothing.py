@@ -26,13 +26,17 @@ from torch import Tensor
 
 SMOOTHING_MODES: Tuple[str, ...] = ("softmax", "gumbel", "gumbel_hard", "ste")
 
-TemperatureSpec = Union[str, Sequence[float]]
+TemperatureSpec = Union[str, Sequence[float], "TemperatureSchedule"]
 
 
 def check_smoothing(mode: str) -> str:
     if mode not in SMOOTHING_MODES:
         raise ValueError(f"unknown smoothing {mode!r}; choose one of {', '.join(SMOOTHING_MODES)}")
     return mode
+
+
+# What a temperature schedule needs, in the words of every message that checks it.
+TEMPERATURE_RULE = "start > 0, end > 0 and 0 < decay <= 1"
 
 
 @dataclass(frozen=True)
@@ -43,20 +47,35 @@ class TemperatureSchedule:
     end: float = 0.5
     decay: float = 0.999995
 
+    @staticmethod
+    def values_of(spec: TemperatureSpec) -> Optional[Tuple[float, float, float]]:
+        """``(start, end, decay)`` from a sequence or fairseq's string form
+        (``"(2, 0.5, 0.999995)"``); None unless ``spec`` is three numbers."""
+        try:
+            values = tuple(float(v) for v in (ast.literal_eval(spec) if isinstance(spec, str) else spec))
+        except (TypeError, ValueError, SyntaxError):
+            return None
+        return values if len(values) == 3 else None
+
+    @staticmethod
+    def holds(start: float, end: float, decay: float) -> bool:
+        """Whether ``(start, end, decay)`` meets :data:`TEMPERATURE_RULE`."""
+        return start > 0 and end > 0 and 0 < decay <= 1
+
     @classmethod
     def parse(cls, spec: TemperatureSpec) -> "TemperatureSchedule":
-        """Accepts ``(start, end, decay)`` as a sequence or as fairseq's string form."""
+        """Accepts ``(start, end, decay)`` as a sequence or as fairseq's string form;
+        ValueError otherwise (the models' option ``latent_temp`` is checked by
+        ``models/smoothed_quantizer_config.py``'s ``checked_temperature``, with the same
+        rule and the option's name)."""
         if isinstance(spec, TemperatureSchedule):
             return spec
-        if isinstance(spec, str):
-            spec = ast.literal_eval(spec)
-        values = tuple(float(v) for v in spec)
-        if len(values) != 3:
-            raise ValueError(f"temperature must be (start, end, decay), got {len(values)} values: {spec}")
-        start, end, decay = values
-        if start <= 0 or end <= 0 or not 0 < decay <= 1:
-            raise ValueError(f"temperature needs start > 0, end > 0 and 0 < decay <= 1, got {values}")
-        return cls(start, end, decay)
+        values = cls.values_of(spec)
+        if values is None:
+            raise ValueError(f"temperature must be (start, end, decay), got {spec!r}")
+        if not cls.holds(*values):
+            raise ValueError(f"temperature needs {TEMPERATURE_RULE}, got {values}")
+        return cls(*values)
 
     def __call__(self, num_updates: int) -> float:
         return max(self.start * self.decay**num_updates, self.end)
@@ -66,6 +85,25 @@ def sample_gumbel_like(logits: Tensor) -> Tensor:
     """Gumbel(0, 1) noise drawn exactly as ``torch.nn.functional.gumbel_softmax`` draws
     it, so that a seeded run matches fairseq's GumbelVectorQuantizer bit for bit."""
     return -torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_().log()
+
+
+def gumbel_noise_(out: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    """Fills ``out`` with Gumbel(0, 1) noise in place, ``g = -log(E)``, ``E ~ Exp(1)``:
+    from the same generator state, the values :func:`sample_gumbel_like` draws for a
+    tensor of ``out``'s shape (in-place operations, same kernels), without a second
+    tensor."""
+    return out.exponential_(generator=generator).log_().neg_()
+
+
+def default_generator(device: torch.device) -> Optional[torch.Generator]:
+    """The generator that ``exponential_()`` draws from by default on ``device`` (CPU and
+    CUDA; None on other devices)."""
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.default_generators[index]
+    return None
 
 
 def onehot_argmax(logits: Tensor) -> Tensor:

@@ -4,13 +4,16 @@ On a GPU every ``.item()`` / ``int()`` / ``bool()`` of a tensor, ``nonzero()``, 
 indexing or ``masked_select`` (their output size depends on the data), ``bincount`` and
 ``unique`` wait for the device and stall the pipeline once per step. fairseq's own
 ``GumbelVectorQuantizer`` makes none of them. The CPU tests record the ATen operators of
-a forward + backward pass (a ``TorchDispatchMode`` sees the backward pass too) and fail
-on any of those; the detector is first shown to catch each kind. The ``cuda`` tests run
-the same steps under ``torch.cuda.set_sync_debug_mode("error")``.
+a forward + backward pass (a ``TorchDispatchMode`` sees the backward pass too) and the
+calls that copy a tensor to the host (``.cpu()``, ``.tolist()``, ``.numpy()``: no
+operator on a CPU tensor, so a ``TorchFunctionMode`` records them), and fail on any of
+those; the detector is first shown to catch each kind. The ``cuda`` tests run the same
+steps under ``torch.cuda.set_sync_debug_mode("error")``.
 
-Not seen by the CPU detector: ``Tensor.tolist()`` and device-to-host copies (``.cpu()``),
-which do not show up as a syncing operator on a CPU tensor; the ``cuda`` variant sees
-those as well.
+Not seen by the CPU detector: ``.to("cuda")`` / ``.to("cpu")`` (on a CPU-only machine the
+direction of a copy is unknown), and a host copy inside a backward pass.
+``tests/fairseq/test_host_sync_wav2vec2.py`` counts the same way for wav2vec 2.0's
+training step, stock against the plugin.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from typing import List
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fairseq.modules import GumbelVectorQuantizer
@@ -68,10 +72,29 @@ class SyncRecorder(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# Tensor methods that copy a tensor's values to the host (a sync on a GPU)
+HOST_COPIES = {"cpu", "tolist", "numpy"}
+
+
+class HostCopyRecorder(TorchFunctionMode):
+    """Records every call of :data:`HOST_COPIES` (the forward pass only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.found: List[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in HOST_COPIES:
+            self.found.append(f"Tensor.{func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
 def record_syncs(step) -> List[str]:
-    with SyncRecorder() as recorder:
+    """The syncing operators (:class:`SyncRecorder`) and host copies
+    (:class:`HostCopyRecorder`) of ``step()``, in that order."""
+    with HostCopyRecorder() as copies, SyncRecorder() as recorder:
         step()
-    return recorder.found
+    return recorder.found + copies.found
 
 
 # ---------------------------------------------------------------- the detector works
@@ -102,6 +125,9 @@ class SyncInBackward(torch.autograd.Function):
         (lambda x, m: torch.bincount(m.long()), "bincount"),
         (lambda x, m: torch.unique(m.long()), "unique"),
         (lambda x, m: SyncInBackward.apply(x).sum().backward(), "nonzero"),
+        (lambda x, m: x.detach().tolist(), "Tensor.tolist"),
+        (lambda x, m: x.detach().cpu(), "Tensor.cpu"),
+        (lambda x, m: m.numpy(), "Tensor.numpy"),
     ],
 )
 def test_the_detector_catches_each_kind_of_sync(step, expected):

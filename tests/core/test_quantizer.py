@@ -344,12 +344,14 @@ def test_vqvae_empty_batch():
     assert out["vq_loss"].item() == 0.0 and int(out["usage_sums"].counts.sum()) == 0
 
 
-@pytest.mark.parametrize("smoothing", ["softmax", "ste", "gumbel"])
+@pytest.mark.parametrize("smoothing", ["softmax", "ste", "gumbel", "gumbel_hard"])
 @pytest.mark.parametrize("masked", [False, True])
 def test_diversity_training_step_equals_autograd_reference(smoothing, masked):
-    """softmax / ste: the smoothing and the batch-mean softmax in one node that keeps
-    only softmax(l / tau) (TemperedSoftmaxWithMeanProbs); gumbel: plain autograd. Both
-    against the formulas written out with autograd, in float64."""
+    """The smoothing and the batch-mean softmax in one node: softmax / ste keep only
+    softmax(l / tau) (TemperedSoftmaxWithMeanProbs), gumbel / gumbel_hard only the noisy
+    softmax and redraw the noise in the backward pass (GumbelSoftmaxWithMeanProbs;
+    ``tests/core/test_gumbel_diversity_node.py``). Against the formulas written out with
+    autograd, in float64."""
     _, mine = make_pair(smoothing=smoothing, regularizer="diversity", track_knn_loss=False)
     mine = mine.double()
     mine.set_num_updates(50000)  # tau = 2 * 0.999995**50000 = 1.56
