@@ -112,7 +112,7 @@ def plot_code_counts(counts, path: Path, title: str) -> None:
             ax.bar(range(entries), sorted(row.tolist(), reverse=True), width=1.0, color=f"C{g}")
             ax.axhline(float(row.sum()) / entries, color="k", linestyle="--", linewidth=0.8, label="uniform use")
             ax.set_title(
-                f"group {g}: {int(stats['used_entries'])}/{entries} entries used, "
+                f"group {g}: {int(stats['used_codes'])}/{entries} entries used, "
                 f"code perplexity {stats['code_perplexity']:.1f}",
                 fontsize="medium",
             )
@@ -156,7 +156,7 @@ def write_code_report(
         # temperature, the one tightness is measured at (softmax(logits / temp)).
         "temperature": float(getattr(model.quantizer, "curr_temp", float("nan"))),
         "groups": usage.groups,
-        "entries": usage.entries,
+        "num_vars": usage.num_vars,
         "stats": stats,
         "per_group": per_group,
         "counts": usage.counts.tolist(),

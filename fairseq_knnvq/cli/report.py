@@ -83,12 +83,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             stats = codes["stats"]
             print(
                 f"{codes['name']}: {codes['frames']} frames from {codes['files']} files; "
-                f"{int(stats['used_entries'])}/{int(stats['num_entries'])} entries used "
-                f"(usage {stats['usage']:.3f}), code perplexity {stats['code_perplexity']:.2f}"
+                f"{int(stats['used_codes'])}/{int(stats['num_codes'])} entries used "
+                f"(usage {stats['code_usage']:.3f}), code perplexity {stats['code_perplexity']:.2f}"
             )
             for g, group in enumerate(codes["per_group"]):
                 print(
-                    f"  group {g}: {int(group['used_entries'])}/{codes['entries']} used, "
+                    f"  group {g}: {int(group['used_codes'])}/{codes['num_vars']} used, "
                     f"code perplexity {group['code_perplexity']:.2f}"
                 )
             print(f"wrote {args.out / (codes['name'] + '_code_counts.png')}")

@@ -27,16 +27,17 @@ from ..quantization import CodeUsage, codebook_stats
 USAGE_KEY_PREFIX = "_code_usage_"
 _USAGE_KEY = re.compile(r"^_code_usage_(\d+)x(\d+)$")
 
-# Metric name in the logs -> key of codebook_stats.
+# Metric name in the logs -> key of codebook_stats (the same name, except that the
+# perplexities of pooled sums are logged as pooled_*, beside fairseq's per-batch ones).
 LOGGED_STATS = {
-    "code_usage": "usage",
-    "used_codes": "used_entries",
+    "code_usage": "code_usage",
+    "used_codes": "used_codes",
     "pooled_code_perplexity": "code_perplexity",
     "pooled_prob_perplexity": "prob_perplexity",
     "tightness_max_prob": "tightness_max_prob",
     "tightness_vertex_l2": "tightness_vertex_l2",
-    "used_codes_ceiling": "used_entries_ceiling",
-    "code_usage_of_ceiling": "usage_of_ceiling",
+    "used_codes_ceiling": "used_codes_ceiling",
+    "code_usage_of_ceiling": "code_usage_of_ceiling",
 }
 
 # The rows one KNN search chose from (this worker's, or every worker's with knn_global)
@@ -108,7 +109,7 @@ class FewKnnRowsCheck:
 
 def usage_logging_output(usage: CodeUsage) -> Dict[str, torch.Tensor]:
     """The logging-output entry for one batch's code usage (a detached CPU tensor)."""
-    key = f"{USAGE_KEY_PREFIX}{usage.groups}x{usage.entries}"
+    key = f"{USAGE_KEY_PREFIX}{usage.groups}x{usage.num_vars}"
     return {key: usage.to_flat().detach().cpu()}
 
 

@@ -202,7 +202,7 @@ def host_logging_output(net_output: Mapping[str, Any]) -> Dict[str, Any]:
     values = torch.cat(parts).tolist()  # the one copy
     logged: Dict[str, Any] = dict(zip(scalars, values))
     if usage is not None:  # the entry of usage_logging_output, from the host copy
-        key = f"{USAGE_KEY_PREFIX}{usage.groups}x{usage.entries}"
+        key = f"{USAGE_KEY_PREFIX}{usage.groups}x{usage.num_vars}"
         logged[key] = torch.tensor(values[len(scalars) :], dtype=torch.float64)
     return logged
 

@@ -130,9 +130,9 @@ def evaluate(
         "psnr": psnr_from_mse(mse),
         "psnr_convention": "images in [-1, 1], PSNR = 10 log10(2^2 / MSE); equals PSNR of [0, 1] images",
         "ssim": ssim_sum / num_images,
-        "code_usage": stats["usage"],
-        "used_codes": int(stats["used_entries"]),
-        "num_codes": int(stats["num_entries"]),
+        "code_usage": stats["code_usage"],
+        "used_codes": int(stats["used_codes"]),
+        "num_codes": int(stats["num_codes"]),
         "code_perplexity": stats["code_perplexity"],
     }
     for key in ("prob_perplexity", "tightness_max_prob", "tightness_vertex_l2"):

@@ -4,7 +4,7 @@ Averaging per-batch or per-worker perplexities is wrong (perplexity is not linea
 everything here is kept as sums, :class:`CodeUsage`, that can be added together or
 all-reduced, and the metrics are derived once at the end:
 
-- usage: share of the G*M entries chosen (hard argmax) at least once
+- code usage: share of the G*M entries chosen (hard argmax) at least once
 - code perplexity: ``sum_g exp(H(counts_g / N))`` of the hard choices
 - prob perplexity: ``sum_g exp(H(mean_n p_n))`` of the soft probabilities
 - tightness: mean ``max_m p_{n,m}`` and mean ``d_L2`` to the nearest vertex,
@@ -50,7 +50,8 @@ class CodeUsage:
         return self.counts.shape[0]
 
     @property
-    def entries(self) -> int:
+    def num_vars(self) -> int:
+        """M, entries per group (fairseq's ``num_vars``)."""
         return self.counts.shape[1]
 
     @classmethod
@@ -66,8 +67,7 @@ class CodeUsage:
         ``softmax(logits)``, tightness of ``softmax(smoothed_logits)`` (default: logits).
         Shapes as for :func:`~fairseq_knnvq.quantization.knn_vertex_loss`."""
         rows, valid = as_rows(logits.detach(), mask)
-        entries = rows.shape[2]
-        counts = count_codes(rows.argmax(-1), entries, valid=valid, check=False)
+        counts = count_codes(rows.argmax(-1), rows.shape[2], mask=valid, check=False)
         prob_sums = masked_prob_sums(rows, valid).double()
         smoothed = rows if smoothed_logits is None else as_rows(smoothed_logits.detach(), mask)[0]
         max_prob_sums, vertex_l2_sums = tightness_sums(F.softmax(at_least_float32(smoothed), dim=-1), valid)
@@ -100,14 +100,14 @@ class CodeUsage:
         return torch.cat(parts)
 
     @classmethod
-    def from_flat(cls, flat: Tensor, groups: int, entries: int) -> "CodeUsage":
-        gm = groups * entries
+    def from_flat(cls, flat: Tensor, groups: int, num_vars: int) -> "CodeUsage":
+        gm = groups * num_vars
         expected = 2 * gm + 2 * groups
         if flat.numel() != expected:
-            raise ValueError(f"expected {expected} values for a {groups}x{entries} codebook")
+            raise ValueError(f"expected {expected} values for a {groups}x{num_vars} codebook")
         return cls(
-            counts=flat[:gm].round().long().view(groups, entries),
-            prob_sums=flat[gm : 2 * gm].view(groups, entries),
+            counts=flat[:gm].round().long().view(groups, num_vars),
+            prob_sums=flat[gm : 2 * gm].view(groups, num_vars),
             max_prob_sums=flat[2 * gm : 2 * gm + groups],
             vertex_l2_sums=flat[2 * gm + groups :],
         )
@@ -127,7 +127,7 @@ class CodeUsage:
         home = flat.device
         flat = flat.to(collective_device(dist.get_backend(group), home))
         dist.all_reduce(flat, group=group)
-        return CodeUsage.from_flat(flat.to(home), self.groups, self.entries)
+        return CodeUsage.from_flat(flat.to(home), self.groups, self.num_vars)
 
     def stats(self) -> Dict[str, float]:
         return codebook_stats(self)
@@ -197,11 +197,11 @@ def tightness_sums_of_logits(rows: Tensor, valid: Optional[Tensor] = None) -> Tu
     return max_sums, l2_sums
 
 
-def count_codes(indices: Tensor, num_entries: int, valid: Optional[Tensor] = None, check: bool = True) -> Tensor:
+def count_codes(indices: Tensor, num_vars: int, mask: Optional[Tensor] = None, check: bool = True) -> Tensor:
     """Histogram ``(G, M)`` int64 of integer codes ``(N, G)`` (or ``(N,)`` for one group).
 
-    ``valid`` ``(N,)`` bool: count only those rows. ``check``: raise ValueError for
-    codes outside ``[0, num_entries)`` (reads the codes back to the host; the quantizers
+    ``mask`` ``(N,)`` bool, True where valid: count only those rows. ``check``: raise ValueError for
+    codes outside ``[0, num_vars)`` (reads the codes back to the host; the quantizers
     pass False for their own argmax codes, which are in range by construction). Counts
     by ``scatter_add_`` rather than ``torch.bincount``, which syncs on GPUs.
     """
@@ -210,57 +210,58 @@ def count_codes(indices: Tensor, num_entries: int, valid: Optional[Tensor] = Non
     if indices.dim() == 1:
         indices = indices.unsqueeze(1)
     indices = indices.reshape(-1, indices.shape[-1])
-    if check and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_entries):
-        raise ValueError(f"code indices must lie in [0, {num_entries})")
+    if check and indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= num_vars):
+        raise ValueError(f"code indices must lie in [0, {num_vars})")
     groups = indices.shape[1]
-    offsets = torch.arange(groups, device=indices.device) * num_entries
+    offsets = torch.arange(groups, device=indices.device) * num_vars
     flat = (indices.long() + offsets).flatten()
-    counts = torch.zeros(groups * num_entries, dtype=torch.long, device=indices.device)
-    if valid is None:
+    counts = torch.zeros(groups * num_vars, dtype=torch.long, device=indices.device)
+    if mask is None:
         ones = torch.ones(1, dtype=torch.long, device=indices.device).expand(flat.numel())
     else:
-        if tuple(valid.shape) != (indices.shape[0],):
-            raise ValueError(f"valid must have shape ({indices.shape[0]},), got {tuple(valid.shape)}")
-        ones = valid.to(device=indices.device, dtype=torch.long).unsqueeze(1).expand(-1, groups).reshape(-1)
-    return counts.scatter_add_(0, flat, ones).view(groups, num_entries)
+        if tuple(mask.shape) != (indices.shape[0],):
+            raise ValueError(f"mask must have shape ({indices.shape[0]},), got {tuple(mask.shape)}")
+        ones = mask.to(device=indices.device, dtype=torch.long).unsqueeze(1).expand(-1, groups).reshape(-1)
+    return counts.scatter_add_(0, flat, ones).view(groups, num_vars)
 
 
-def uniform_usage_ceiling(num_counted: float, num_entries: int) -> float:
+def uniform_usage_ceiling(num_counted: float, num_vars: int) -> float:
     """``M * (1 - (1 - 1/M)^n)``: the expected number of distinct entries among ``n``
     draws from ``M`` equally likely entries (per group; a share, not a hard maximum:
     a run can exceed it by chance)."""
-    if num_entries < 1:
-        raise ValueError(f"num_entries must be >= 1, got {num_entries}")
+    if num_vars < 1:
+        raise ValueError(f"num_vars must be >= 1, got {num_vars}")
     if num_counted <= 0:
         return 0.0
-    if num_entries == 1:
+    if num_vars == 1:
         return 1.0
-    return num_entries * -math.expm1(num_counted * math.log1p(-1.0 / num_entries))
+    return num_vars * -math.expm1(num_counted * math.log1p(-1.0 / num_vars))
 
 
-def codebook_stats(codes: Union[CodeUsage, Tensor], num_entries: Optional[int] = None) -> Dict[str, float]:
+def codebook_stats(codes: Union[CodeUsage, Tensor], num_vars: Optional[int] = None) -> Dict[str, float]:
     """Codebook metrics.
 
     ``codes`` is a :class:`CodeUsage`, a count histogram ``(G, M)`` / ``(M,)`` (leave
-    ``num_entries`` out), or integer code indices ``(N,)`` / ``(..., G)`` together with
-    ``num_entries`` (M). Returns ``usage``, ``used_entries``, ``num_entries`` (G*M),
-    ``code_perplexity``, ``used_entries_ceiling`` (:func:`uniform_usage_ceiling` summed
-    over the groups) and ``usage_of_ceiling`` (``used_entries / used_entries_ceiling``)
+    ``num_vars`` out), or integer code indices ``(N,)`` / ``(..., G)`` together with
+    ``num_vars`` (M). Returns the names the logs use: ``code_usage`` (share of the G*M
+    entries used), ``used_codes``, ``num_codes`` (G*M), ``code_perplexity``,
+    ``used_codes_ceiling`` (:func:`uniform_usage_ceiling` summed over the groups) and
+    ``code_usage_of_ceiling`` (``used_codes / used_codes_ceiling``)
     and, when the soft sums are known, ``prob_perplexity``, ``tightness_max_prob`` and
     ``tightness_vertex_l2``.
     """
     if isinstance(codes, CodeUsage):
         usage = codes
     elif torch.is_tensor(codes):
-        if num_entries is None:
+        if num_vars is None:
             counts = codes if codes.dim() == 2 else codes.reshape(1, -1)
             if codes.dim() not in (1, 2) or codes.dtype.is_floating_point:
                 raise ValueError("a count histogram must be an integer tensor (G, M) or (M,)")
             usage = CodeUsage(counts=counts.long())
         else:
-            if num_entries < 1:
-                raise ValueError(f"num_entries must be >= 1, got {num_entries}")
-            usage = CodeUsage(counts=count_codes(codes, num_entries))
+            if num_vars < 1:
+                raise ValueError(f"num_vars must be >= 1, got {num_vars}")
+            usage = CodeUsage(counts=count_codes(codes, num_vars))
     else:
         raise ValueError(f"codes must be a CodeUsage or a tensor, got {type(codes).__name__}")
 
@@ -268,15 +269,15 @@ def codebook_stats(codes: Union[CodeUsage, Tensor], num_entries: Optional[int] =
     total = counts.sum(-1, keepdim=True)
     used = int((usage.counts > 0).sum())
     out: Dict[str, float] = {
-        "usage": used / counts.numel(),
-        "used_entries": float(used),
-        "num_entries": float(counts.numel()),
+        "code_usage": used / counts.numel(),
+        "used_codes": float(used),
+        "num_codes": float(counts.numel()),
         "code_perplexity": float(entropy_perplexity(counts / total.clamp_min(1.0))),
     }
     n = float(total[0, 0]) if counts.numel() else 0.0
-    ceiling = sum(uniform_usage_ceiling(float(t), usage.entries) for t in total.flatten())
-    out["used_entries_ceiling"] = ceiling
-    out["usage_of_ceiling"] = used / ceiling if ceiling > 0 else float("nan")
+    ceiling = sum(uniform_usage_ceiling(float(t), usage.num_vars) for t in total.flatten())
+    out["used_codes_ceiling"] = ceiling
+    out["code_usage_of_ceiling"] = used / ceiling if ceiling > 0 else float("nan")
     if usage.prob_sums is not None and n > 0:
         out["prob_perplexity"] = float(entropy_perplexity(usage.prob_sums.double() / n))
     if usage.max_prob_sums is not None and n > 0:

@@ -316,7 +316,7 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         flat_mask = None if mask is None else mask.reshape(-1)
         logits32 = logits.float()
         with torch.no_grad():
-            counts = count_codes(logits.argmax(-1), self.num_vars, valid=flat_mask, check=False)
+            counts = count_codes(logits.argmax(-1), self.num_vars, mask=flat_mask, check=False)
         num_counted = counts[0].sum()  # valid rows, a 0-d tensor
         choice = self._choose(logits32, flat_mask, num_counted)
         result: Dict[str, Any] = {

@@ -279,7 +279,7 @@ def test_code_histogram_of_a_pretrained_checkpoint(tiny_manifests: Path, tmp_pat
 
     model, _ = code_histograms.load_pretrained(checkpoint)
     files = [entry.source_path for entry in read_manifest(manifest).entries][:12]
-    expected = torch.zeros(result["groups"], result["entries"], dtype=torch.long)
+    expected = torch.zeros(result["groups"], result["num_vars"], dtype=torch.long)
     frames = 0
     with torch.no_grad():
         for path in files:
@@ -287,12 +287,12 @@ def test_code_histogram_of_a_pretrained_checkpoint(tiny_manifests: Path, tmp_pat
             _, targets = model.quantize(torch.from_numpy(wav).unsqueeze(0))  # (1, T, G)
             frames += targets.shape[1]
             for g in range(result["groups"]):
-                expected[g] += torch.bincount(targets[0, :, g], minlength=result["entries"])
+                expected[g] += torch.bincount(targets[0, :, g], minlength=result["num_vars"])
     assert result["files"] == 12 and result["frames"] == frames
     assert result["counts"] == expected.tolist()
     used = int((expected > 0).sum())
-    assert result["stats"]["used_entries"] == used
-    assert f"{used}/{result['groups'] * result['entries']} entries used" in printed
+    assert result["stats"]["used_codes"] == used
+    assert f"{used}/{result['groups'] * result['num_vars']} entries used" in printed
     # The model was loaded at its trained update count (fairseq sets it on load).
     assert result["temperature"] == pytest.approx(model.quantizer.curr_temp) and result["temperature"] < 2.0
 

@@ -234,7 +234,7 @@ def test_quantizer_with_knn_global_and_pooled_usage(workers):
             torch.testing.assert_close(g, grad_or_zeros(p), atol=1e-8, rtol=1e-4)
         assert got["usage"].keys() == expected_usage.keys()
         for key, value in expected_usage.items():
-            if key in ("usage", "used_entries", "num_entries", "code_perplexity"):  # from integer counts
+            if key in ("code_usage", "used_codes", "num_codes", "code_perplexity"):  # from integer counts
                 assert got["usage"][key] == pytest.approx(value, rel=1e-12), key
             else:  # sums of float32 probabilities
                 assert got["usage"][key] == pytest.approx(value, rel=1e-6), key

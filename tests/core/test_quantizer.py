@@ -130,7 +130,7 @@ def test_counts_mask_and_usage():
     expected = torch.stack([torch.bincount(out["targets"][mask][:, g], minlength=16) for g in range(2)])
     assert torch.equal(counts, expected)
     stats = codebook_stats(out["usage_sums"])
-    assert stats["usage"] == pytest.approx(float((counts > 0).float().mean()))
+    assert stats["code_usage"] == pytest.approx(float((counts > 0).float().mean()))
 
 
 def test_smoothing_modes():
@@ -183,15 +183,15 @@ def test_usage_sums_equal_concatenated_batch():
 
 def test_codebook_stats_from_indices_and_counts():
     indices = torch.tensor([[0, 1], [0, 1], [2, 1], [0, 3]])  # (N, G)
-    stats = codebook_stats(indices, num_entries=4)
-    assert stats["used_entries"] == 4 and stats["usage"] == 0.5
+    stats = codebook_stats(indices, num_vars=4)
+    assert stats["used_codes"] == 4 and stats["code_usage"] == 0.5
     probs_g0 = torch.tensor([3, 0, 1, 0]) / 4
     probs_g1 = torch.tensor([0, 3, 0, 1]) / 4
     expected = sum(torch.exp(-(p * torch.log(p + 1e-7)).sum()) for p in (probs_g0, probs_g1))
     assert stats["code_perplexity"] == pytest.approx(float(expected), rel=1e-6)
     counts = torch.tensor([[3, 0, 1, 0], [0, 3, 0, 1]])
     assert codebook_stats(counts) == pytest.approx(stats)
-    assert codebook_stats(torch.tensor([5, 0, 0]))["usage"] == pytest.approx(1 / 3)
+    assert codebook_stats(torch.tensor([5, 0, 0]))["code_usage"] == pytest.approx(1 / 3)
 
 
 def test_tightness_of_onehot_and_uniform():
@@ -216,7 +216,7 @@ def test_tightness_of_onehot_and_uniform():
         (lambda: SmoothedVectorQuantizer(8, 4)(torch.randn(2, 3, 5)), "input channels"),
         (lambda: SmoothedVectorQuantizer(8, 4)(torch.randn(2, 8)), "expected input"),
         (lambda: SmoothedVectorQuantizer(8, 4)(torch.randn(2, 3, 8), mask=torch.ones(3, 2, dtype=torch.bool)), "mask"),
-        (lambda: codebook_stats(torch.tensor([0, 5]), num_entries=4), r"\[0, 4\)"),
+        (lambda: codebook_stats(torch.tensor([0, 5]), num_vars=4), r"\[0, 4\)"),
         (lambda: VQVAEQuantizer(8, 4)(torch.randn(3, 7)), "expected input"),
         (lambda: SmoothedVectorQuantizer(8, 4, knn_chunk_size=0), "knn_chunk_size must be an integer >= 1"),
         (lambda: SmoothedVectorQuantizer(8, 4, knn_chunk_size=-1), "knn_chunk_size must be an integer >= 1"),

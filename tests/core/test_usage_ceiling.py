@@ -27,7 +27,7 @@ def test_ceiling_edge_cases():
     assert uniform_usage_ceiling(1, 320) == pytest.approx(1.0, rel=1e-12)  # one vector, one code
     assert uniform_usage_ceiling(5, 1) == 1.0
     assert uniform_usage_ceiling(1e7, 320) == pytest.approx(320.0, rel=1e-12)
-    with pytest.raises(ValueError, match="num_entries"):
+    with pytest.raises(ValueError, match="num_vars"):
         uniform_usage_ceiling(10, 0)
 
 
@@ -41,7 +41,7 @@ def test_codebook_stats_give_the_ceiling_of_the_vectors_counted():
     assert counts.sum(-1).tolist() == [1000, 1000]
     stats = codebook_stats(CodeUsage(counts=counts))
     ceiling = 2 * 320 * (1 - (1 - 1 / 320) ** 1000)
-    assert stats["used_entries"] == 620
-    assert stats["used_entries_ceiling"] == pytest.approx(ceiling, rel=1e-12)
-    assert stats["usage_of_ceiling"] == pytest.approx(620 / ceiling, rel=1e-12)
-    assert stats["used_entries_ceiling"] == pytest.approx(612.0, abs=0.1)  # not 640: 1,000 draws
+    assert stats["used_codes"] == 620
+    assert stats["used_codes_ceiling"] == pytest.approx(ceiling, rel=1e-12)
+    assert stats["code_usage_of_ceiling"] == pytest.approx(620 / ceiling, rel=1e-12)
+    assert stats["used_codes_ceiling"] == pytest.approx(612.0, abs=0.1)  # not 640: 1,000 draws
