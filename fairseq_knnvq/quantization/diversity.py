@@ -111,8 +111,8 @@ def diversity_loss(logits: Tensor, mask: Optional[Tensor] = None, check_inputs: 
 
     Groups as :func:`~.rows.as_rows` reads them: ``(N, M)`` is one group, ``(..., G, M)``
     has G; an all-True mask gives the value without a mask. ``check_inputs``: raise
-    ValueError on NaN / inf logits (a device sync; training loops pass False so that an
-    fp16 overflow reaches the loss scaler).
+    ValueError on NaN / inf logits (training loops pass False; why:
+    :class:`~.knn.KnnVertexLoss`).
     """
     rows, valid = as_rows(logits, mask)
     if check_inputs:

@@ -235,8 +235,7 @@ class SmoothedVectorQuantizer(CodebookIndexing, nn.Module):
         self.regularizer = _check_choice("regularizer", regularizer, REGULARIZERS)
         self.knn_input = _check_choice("knn_input", knn_input, KNN_INPUTS)
         check_chunk_size(knn_chunk_size, "knn_chunk_size")
-        # No finiteness check in the loss: under fp16 an overflow must reach fairseq's
-        # loss scaler, which skips the step, rather than stop the run.
+        # No finiteness check in the loss (why: KnnVertexLoss's check_inputs).
         self.knn = KnnVertexLoss(knn_k, knn_distance, knn_chunk_size, global_=knn_global, check_inputs=False)
         self.track_knn_loss = track_knn_loss
 
@@ -517,8 +516,7 @@ class VQVAEQuantizer(nn.Module):
     def forward(self, z: Tensor) -> Dict[str, Any]:
         if z.dim() < 2 or z.shape[-1] != self.dim:
             raise ValueError(f"expected input (..., {self.dim}), got {tuple(z.shape)}")
-        # No finiteness check: under fp16 an overflow must reach fairseq's loss scaler
-        # (which skips the step) instead of stopping the run, and a check syncs.
+        # No finiteness check (why: KnnVertexLoss's check_inputs).
         lead, input_dtype = z.shape[:-1], z.dtype
         z = at_least_float32(z)
         zg = z.reshape(-1, self.groups, self.dim // self.groups).transpose(0, 1)  # (G, N, d)
