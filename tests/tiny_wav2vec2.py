@@ -43,6 +43,16 @@ def knnvq_model(seed=0, **overrides):
     return Wav2Vec2KnnVqModel(Wav2Vec2KnnVqConfig(**{**TINY, **overrides}))
 
 
+def built_knnvq_model(**options):
+    """The plugin model at the TINY size through ``build_model`` from an OmegaConf config,
+    as fairseq builds it: the path that runs the model's option checks."""
+    from fairseq.dataclass.utils import merge_with_parent
+    from omegaconf import OmegaConf
+
+    cfg = merge_with_parent(Wav2Vec2KnnVqConfig(), OmegaConf.create({**TINY, **options}))
+    return Wav2Vec2KnnVqModel.build_model(cfg)
+
+
 def batch(model, batch_size=3, seed=0, padded_samples=0):
     """Audio, padding mask and fixed mask indices, all drawn from ``seed`` (fairseq main
     draws its masks from fresh OS entropy, so runs are compared on explicit masks)."""

@@ -3,33 +3,7 @@ model.* option and a valid value."""
 
 import pytest
 
-import fairseq  # noqa: F401
-import fairseq_knnvq
-from fairseq.dataclass.utils import merge_with_parent
-from omegaconf import OmegaConf
-
-from fairseq_knnvq.models.wav2vec2_knnvq import Wav2Vec2KnnVqConfig, Wav2Vec2KnnVqModel
-
-fairseq_knnvq.register_with_fairseq()
-
-SMALL = dict(
-    conv_feature_layers="[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2",
-    encoder_layers=1,
-    encoder_embed_dim=32,
-    encoder_ffn_embed_dim=32,
-    encoder_attention_heads=1,
-    conv_pos=4,
-    conv_pos_groups=1,
-    final_dim=16,
-    latent_vars=8,
-    latent_groups=2,
-    quantize_targets=True,
-)
-
-
-def build(**options):
-    cfg = merge_with_parent(Wav2Vec2KnnVqConfig(), OmegaConf.create(dict(SMALL, **options)))
-    return Wav2Vec2KnnVqModel.build_model(cfg)
+from tiny_wav2vec2 import built_knnvq_model as build
 
 
 @pytest.mark.parametrize(

@@ -11,26 +11,13 @@ from omegaconf import OmegaConf
 
 from fairseq_knnvq.models.smoothed_quantizer_config import checked_temperature
 from fairseq_knnvq.models.vq_image_autoencoder import VQImageAutoencoder, VQImageAutoencoderConfig
-from fairseq_knnvq.models.wav2vec2_knnvq import Wav2Vec2KnnVqConfig, Wav2Vec2KnnVqModel
 from fairseq_knnvq.preflight import RunConfigError
 from fairseq_knnvq.quantization import TemperatureSchedule
+from tiny_wav2vec2 import built_knnvq_model as build_speech
 
 fairseq_knnvq.register_with_fairseq()
 
 IMAGE = dict(channels=8, max_channels=16, num_res_blocks=1, code_dim=8, latent_vars=16, downsample_factor=4)
-SPEECH = dict(
-    conv_feature_layers="[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2",
-    encoder_layers=1,
-    encoder_embed_dim=32,
-    encoder_ffn_embed_dim=32,
-    encoder_attention_heads=1,
-    conv_pos=4,
-    conv_pos_groups=1,
-    final_dim=16,
-    latent_vars=8,
-    latent_groups=2,
-    quantize_targets=True,
-)
 EXAMPLE = "; e.g. model.latent_temp='[2.0,0.5,0.999995]'"
 BAD = [
     ([2.0, 0.5, 1.5], "model.latent_temp (start, end, decay) needs start > 0, end > 0 and 0 < decay <= 1, got "),
@@ -42,11 +29,6 @@ BAD = [
 def build_image(**options):
     cfg = merge_with_parent(VQImageAutoencoderConfig(), OmegaConf.create(dict(IMAGE, **options)))
     return VQImageAutoencoder.build_model(cfg)
-
-
-def build_speech(**options):
-    cfg = merge_with_parent(Wav2Vec2KnnVqConfig(), OmegaConf.create(dict(SPEECH, **options)))
-    return Wav2Vec2KnnVqModel.build_model(cfg)
 
 
 @pytest.mark.parametrize("build", [build_image, build_speech], ids=["image", "speech"])
